@@ -1,0 +1,106 @@
+"""What the nodes (and the CLI) hand to the pipeline: plain, validated settings objects.
+
+The loader nodes do not load weights; they return a :class:`DiTSpec` / :class:`VAESpec` describing what
+to load and how to run it.  The upscaler resolves them through the model manager, so a cached model is
+reused when the spec is unchanged, and ComfyUI's memory manager can evict it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+COLOR_CORRECTIONS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none")
+
+
+class SettingsError(ValueError):
+    """A user-facing setting is invalid; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """torch.compile options (the incumbent's SeedVR2TorchCompileSettings node)."""
+
+    backend: str = "inductor"
+    mode: str = "default"
+    fullgraph: bool = False
+    dynamic: bool = False
+    dynamo_cache_size_limit: int = 64
+    dynamo_recompile_limit: int = 128
+
+
+@dataclass(frozen=True)
+class DiTSpec:
+    """Which DiT file to use and how to run it."""
+
+    model: str                      # file name as listed in the models folder (or an absolute path)
+    device: str = "auto"            # "auto", "cpu", "cuda:N", "mps"
+    offload_device: str = "none"    # where the weights live between runs / swapped blocks live
+    cache_model: bool = False
+    blocks_to_swap: int = 0
+    swap_io_components: bool = False
+    attention_mode: str = "auto"
+    quantization: str = "disabled"
+    enable_optimizations: bool = True
+    compile: CompileSettings | None = None
+
+
+@dataclass(frozen=True)
+class VAESpec:
+    """Which VAE file to use and how to run it (tiling sizes are in pixels)."""
+
+    model: str
+    device: str = "auto"
+    offload_device: str = "none"
+    cache_model: bool = False
+    encode_tiled: bool = False
+    encode_tile_size: int = 1024
+    encode_tile_overlap: int = 128
+    decode_tiled: bool = False
+    decode_tile_size: int = 1024
+    decode_tile_overlap: int = 128
+    tile_debug: bool = False
+    enable_optimizations: bool = True
+    compile: CompileSettings | None = None
+
+
+@dataclass(frozen=True)
+class UpscaleSettings:
+    """Per-run settings of the upscaler node; defaults are the node's defaults."""
+
+    seed: int = 42
+    resolution: int = 1080
+    max_resolution: int = 0
+    batch_size: int = 5
+    uniform_batch_size: bool = False
+    color_correction: str = "lab"
+    temporal_overlap: int = 0
+    prepend_frames: int = 0
+    input_noise_scale: float = 0.0
+    latent_noise_scale: float = 0.0
+    offload_device: str = "cpu"     # where finished frames and between-phase latents are kept
+    enable_debug: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.resolution < 16:
+            raise SettingsError(f"resolution must be at least 16 pixels (got {self.resolution}).")
+        if self.max_resolution and self.max_resolution < 16:
+            raise SettingsError(
+                f"max_resolution must be 0 (no cap) or at least 16 pixels (got {self.max_resolution})."
+            )
+        if self.batch_size < 1:
+            raise SettingsError(f"batch_size must be at least 1 (got {self.batch_size}).")
+        if self.temporal_overlap < 0 or self.prepend_frames < 0:
+            raise SettingsError("temporal_overlap and prepend_frames must not be negative.")
+        if self.temporal_overlap and self.temporal_overlap >= self.batch_size:
+            raise SettingsError(
+                f"temporal_overlap ({self.temporal_overlap}) must be smaller than batch_size "
+                f"({self.batch_size}); raise batch_size or lower the overlap."
+            )
+        if self.color_correction not in COLOR_CORRECTIONS:
+            raise SettingsError(
+                f"color_correction {self.color_correction!r} is not one of {', '.join(COLOR_CORRECTIONS)}."
+            )
+        for name in ("input_noise_scale", "latent_noise_scale"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise SettingsError(f"{name} must be between 0 and 1 (got {value}).")

@@ -1,0 +1,84 @@
+"""Shared test fixtures: where the golden data lives and how outputs are compared.
+
+The golden files (tiny SeedVR2 models with the released architecture, inputs and outputs computed by
+the original implementation) live in ``../shared/golden`` beside the repository, or wherever
+``SEEDVR2_GOLDEN_DIR`` points.  Tests that need them skip with a message when they are absent.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+GOLDEN_DIR = Path(os.environ.get("SEEDVR2_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+
+
+def golden_path(name: str) -> Path:
+    path = GOLDEN_DIR / name
+    if not path.exists():
+        pytest.skip(f"golden file {path} not found (set SEEDVR2_GOLDEN_DIR)")
+    return path
+
+
+def load_golden(name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(golden_path(name)))
+
+
+def golden_meta(name: str) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(golden_path(name)), "pt") as f:
+        return json.loads(f.metadata()["golden"])
+
+
+def golden_cases(name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Split a ``<case>.<tensor>`` flat dict into ``{case: {tensor: value}}``."""
+    cases: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_golden(name).items():
+        case, tensor = key.split(".", 1)
+        cases.setdefault(case, {})[tensor] = value
+    return cases
+
+
+def golden_json(name: str) -> dict:
+    return json.loads(golden_path(name).read_text())
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error ||a - b|| / ||b|| in float64 (the golden README's metric)."""
+    a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+    assert a64.shape == b64.shape, f"shape {tuple(a64.shape)} != {tuple(b64.shape)}"
+    denom = b64.norm().item()
+    return (a64 - b64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def import_pack():
+    """Import the repository root as the package ``seedvr2_pack``, the way ComfyUI imports a custom
+    node folder, so that ``nodes/`` and its relative imports of ``src/`` resolve."""
+    name = "seedvr2_pack"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
