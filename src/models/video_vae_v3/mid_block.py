@@ -1,0 +1,49 @@
+"""The bottleneck of encoder and decoder: resnet, single-head spatial self-attention per frame, resnet."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ...optimization.matrix_ops import attention
+from .frame_norm import FrameGroupNorm
+from .resnet import NORM_EPS, ResnetBlock3D
+from .temporal_slicing import CausalMemory
+
+
+class MidBlockAttention(nn.Module):
+    """Self-attention among the H·W positions of each frame (one head of width C), added to the input."""
+
+    def __init__(self, channels: int, norm_num_groups: int) -> None:
+        super().__init__()
+        self.group_norm = FrameGroupNorm(norm_num_groups, channels, eps=NORM_EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        # Frames become the batch and positions the sequence: (B·T, 1 head, H·W, C).
+        tokens = self.group_norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)
+        q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+        del tokens
+        mixed = attention(q, k, v)
+        del q, k, v
+        mixed = self.to_out[0](mixed)
+        return x + mixed.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+class MidBlock3D(nn.Module):
+    """resnet -> attention -> resnet at constant width."""
+
+    def __init__(self, channels: int, norm_num_groups: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock3D(channels, channels, norm_num_groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([MidBlockAttention(channels, norm_num_groups)])
+
+    def forward(self, x: torch.Tensor, memory: Optional[CausalMemory] = None) -> torch.Tensor:
+        x = self.resnets[0](x, memory)
+        x = self.attentions[0](x)
+        return self.resnets[1](x, memory)
