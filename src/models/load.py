@@ -1,0 +1,103 @@
+"""Build the DiT or the VAE from a weight file: detect the architecture, build on ``meta``, load strictly."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CONFIG_METADATA_KEY, CheckpointError, CheckpointIndex, check_strict, float_dtype_rule, materialize, read_index, require_kind
+from .dit import NaDiT, NaDiTConfig
+from .video_vae_v3 import VAEConfig, VideoAutoencoder
+
+log = logging.getLogger("seedvr2")
+
+WINDOW_HINT_KEYS = ("window", "window_method")
+
+
+def _detect(index: CheckpointIndex, config_cls, what: str):
+    try:
+        config = config_cls.from_state_dict_shapes(index.shapes)
+    except ValueError as exc:
+        raise CheckpointError(f"{index.path.name}: not a usable {what} checkpoint: {exc}") from exc
+    # Per-layer windows cannot be seen in tensors; a file may record them in its metadata.
+    hint = {k: v for k, v in index.config_hint().items() if k in WINDOW_HINT_KEYS}
+    if hint and what == "DiT":
+        window = tuple(tuple(int(n) for n in w) for w in hint.get("window", config.window))
+        try:
+            config = replace(config, window=window, window_method=tuple(hint.get("window_method", config.window_method)))
+        except ValueError as exc:
+            raise CheckpointError(f"{index.path.name}: metadata {CONFIG_METADATA_KEY!r} is invalid: {exc}") from exc
+    return config
+
+
+def inspect_dit(path: str | os.PathLike) -> tuple[CheckpointIndex, NaDiTConfig]:
+    """Read a DiT file's index and detect its architecture (no tensor data is loaded)."""
+    index = read_index(path)
+    require_kind(index, "dit")
+    return index, _detect(index, NaDiTConfig, "DiT")
+
+
+def inspect_vae(path: str | os.PathLike) -> tuple[CheckpointIndex, VAEConfig]:
+    index = read_index(path)
+    require_kind(index, "vae")
+    return index, _detect(index, VAEConfig, "VAE")
+
+
+def load_dit(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quantization: str = "disabled",
+) -> NaDiT:
+    """Load a DiT checkpoint strictly; floating weights are stored in ``dtype``.
+
+    float8 weights stay in float8 when ``quantization`` asks for fp8 compute or storage; otherwise they are
+    upcast to ``dtype``.
+    """
+    index, config = inspect_dit(path)
+    with torch.device("meta"):
+        model = NaDiT(config)
+    rope = model.rope_frequency_buffers()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_strict(index.path, expected, index.shapes, optional=set(rope))
+    keep_fp8 = _prepare_quantized_layers(model, index, quantization, dtype)
+    materialize(model, index.path, device=device, dtype_for=float_dtype_rule(dtype, keep_fp8), overrides=rope)
+    return model.eval().requires_grad_(False)
+
+
+def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, quantization: str, dtype):
+    """Swap layers for quantized ones before loading; returns the rule saying which tensors keep file dtype."""
+    fp8_keys = {k for k, v in index.tensors.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+    if quantization == "disabled" and not fp8_keys:
+        return lambda key, tensor: False
+    from ..optimization import fp4_quantization
+
+    kept = fp4_quantization.prepare_model_for_weights(
+        model, {k: v.dtype for k, v in index.tensors.items()}, quantization, dtype
+    )
+    return lambda key, tensor: key in kept
+
+
+def load_vae(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> VideoAutoencoder:
+    """Load the VAE checkpoint strictly with floating weights in ``dtype``."""
+    index, config = inspect_vae(path)
+    with torch.device("meta"):
+        model = VideoAutoencoder(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_strict(index.path, expected, index.shapes)
+    materialize(model, index.path, device=device, dtype_for=float_dtype_rule(dtype))
+    return model.eval().requires_grad_(False)
+
+
+def model_file_kind(path: str | os.PathLike) -> str:
+    """"dit", "vae" or "unknown" for a weight file (header only for safetensors)."""
+    return read_index(Path(path)).kind
