@@ -1,0 +1,249 @@
+"""Attention backends: resolution, fallbacks, numerics against a float64 softmax reference, compile."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from src.optimization import matrix_ops
+from src.optimization.matrix_ops import (
+    AttentionBackend,
+    AttentionBackendUnavailableError,
+    UnknownAttentionBackendError,
+    attention,
+    attention_backend,
+    available_backends,
+    backend_names,
+    current_backend,
+    prepare_for_compile,
+    register_backend,
+    resolve_backend,
+    verify_backend,
+)
+
+LOGGER = matrix_ops.__name__
+CPU_BACKENDS = ("sdpa", "sdpa_flash", "sdpa_math", "sdpa_chunked", "auto")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry(monkeypatch):
+    """Every test starts with no remembered resolutions and leaves the registry as it found it."""
+    monkeypatch.setattr(matrix_ops, "_BACKENDS", dict(matrix_ops._BACKENDS))
+    matrix_ops.clear_backend_cache()
+    yield
+    matrix_ops.clear_backend_cache()
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v written out in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def qkv(batch, heads, q_len, k_len, head_dim, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, heads, q_len, head_dim, generator=generator)
+    k = torch.randn(batch, heads, k_len, head_dim, generator=generator)
+    v = torch.randn(batch, heads, k_len, head_dim, generator=generator)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def fallback_records(caplog):
+    return [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+
+
+def test_every_backend_name_resolves_on_cpu():
+    q = torch.zeros(1, 2, 8, 64)
+    runnable_here = {"sdpa", "sdpa_flash", "sdpa_math", "sdpa_chunked"}
+    for name in backend_names():
+        resolved = resolve_backend(name, q)
+        assert resolved == (name if name in runnable_here else "sdpa"), name
+
+
+@pytest.mark.parametrize("name", ["flash_attn_2", "flash_attn", "flash_attn_3", "xformers", "sageattn_2",
+                                  "sageattn_3", "sageattn_3_fp4", "sageattn_3_fp8", "flex", "sdpa_cudnn"])
+def test_missing_backend_falls_back_once_with_one_log_line(name, caplog):
+    q, k, v = qkv(2, 3, 40, 40, 64)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), attention_backend(name):
+        outputs = [attention(q, k, v) for _ in range(3)]
+    records = fallback_records(caplog)
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert repr(name) in message and "using 'sdpa'" in message and "cuda" in message
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for out in outputs:
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+
+
+def test_uninstalled_package_is_reported_with_an_install_hint(caplog):
+    register_backend(AttentionBackend("needs_package", lambda q, k, v: q, devices=("cpu",),
+                                      package="seedvr2_no_such_package", install_hint="pip install it"))
+    q, k, v = qkv(1, 2, 16, 16, 32)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), attention_backend("needs_package"):
+        out = attention(q, k, v)
+        attention(q, k, v)
+    assert len(fallback_records(caplog)) == 1
+    assert "seedvr2_no_such_package is not installed (pip install it)" in caplog.records[0].getMessage()
+    assert available_backends("cpu")["needs_package"] == "seedvr2_no_such_package is not installed (pip install it)"
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_backend_failing_at_run_time_falls_back_and_is_remembered(caplog):
+    calls = []
+
+    def broken_kernel(q, k, v):
+        calls.append(q.shape)
+        raise RuntimeError("unsupported shape")
+
+    register_backend(AttentionBackend("broken", broken_kernel, devices=("cpu",)))
+    q, k, v = qkv(2, 2, 24, 24, 32)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), attention_backend("broken"):
+        first = attention(q, k, v)
+        second = attention(q, k, v)
+        assert resolve_backend("broken", q) == "sdpa"
+    assert len(calls) == 1, "the failing kernel must not be retried for the same inputs"
+    records = fallback_records(caplog)
+    assert len(records) == 1 and "unsupported shape" in records[0].getMessage()
+    expected = reference_attention(q, k, v)
+    assert rel(first, expected) <= 1e-5 and rel(second, expected) <= 1e-5
+
+
+def test_out_of_memory_is_not_hidden_by_a_fallback():
+    def out_of_memory(q, k, v):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    register_backend(AttentionBackend("hungry", out_of_memory, devices=("cpu",)))
+    q, k, v = qkv(1, 1, 8, 8, 16)
+    with attention_backend("hungry"), pytest.raises(torch.cuda.OutOfMemoryError):
+        attention(q, k, v)
+
+
+def test_auto_on_cpu_is_the_plain_path(caplog):
+    for head_dim in (64, 128, 512):
+        q = torch.zeros(1, 1, 4, head_dim)
+        assert resolve_backend("auto", q) == "sdpa"
+    assert fallback_records(caplog) == []
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [
+    (2, 3, 77, 77, 64),     # DiT-like window batch
+    (3, 2, 40, 58, 128),    # queries and keys of different lengths
+    (4, 1, 96, 96, 512),    # the VAE mid-block: one 512-wide head per frame
+])
+def test_attention_matches_float64_softmax(name, shape):
+    q, k, v = qkv(*shape)
+    with attention_backend(name):
+        out = attention(q, k, v)
+    assert out.shape == (*shape[:3], shape[4])
+    assert rel(out, reference_attention(q, k, v)) <= 1e-5
+
+
+def test_chunked_queries_are_exact_across_chunk_boundaries(monkeypatch):
+    monkeypatch.setattr(matrix_ops, "CHUNK_SCORE_ELEMENTS", 2 * 1 * 50 * 7)  # 7 query rows per slice
+    q, k, v = qkv(2, 1, 45, 50, 512)
+    with attention_backend("sdpa_chunked"):
+        out = attention(q, k, v)
+    assert rel(out, reference_attention(q, k, v)) <= 1e-5
+
+
+def test_bfloat16_inputs_stay_within_the_half_precision_tier():
+    q, k, v = qkv(2, 4, 64, 64, 128, dtype=torch.bfloat16)
+    with attention_backend("sdpa_flash"):
+        out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    assert rel(out, reference_attention(q, k, v)) <= 1e-2
+
+
+def test_selection_is_scoped_and_nested():
+    assert current_backend() == "sdpa"
+    with attention_backend("sdpa_math"):
+        assert current_backend() == "sdpa_math"
+        with attention_backend("auto"):
+            assert current_backend() == "auto"
+        assert current_backend() == "sdpa_math"
+    assert current_backend() == "sdpa"
+
+
+def test_selection_is_restored_after_an_exception():
+    with pytest.raises(KeyError), attention_backend("sdpa_math"):
+        raise KeyError("boom")
+    assert current_backend() == "sdpa"
+
+
+def test_unknown_backend_name_is_a_clear_error():
+    with pytest.raises(UnknownAttentionBackendError, match="choose one of: auto, sdpa"), attention_backend("flash4"):
+        pass
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        resolve_backend("nope", torch.zeros(1, 1, 1, 8))
+
+
+def test_wrong_rank_is_a_clear_error():
+    x = torch.zeros(2, 8, 16)
+    with pytest.raises(ValueError, match=r"\(batch, heads, seq, head_dim\)"):
+        attention(x, x, x)
+
+
+def test_available_backends_lists_every_name_with_reasons():
+    reasons = available_backends("cpu", torch.float32, 128)
+    assert tuple(reasons) == backend_names()
+    for name in CPU_BACKENDS:
+        assert reasons[name] is None
+    assert reasons["flash_attn_2"] == "runs on cuda only, not cpu"
+    assert "no FP8 kernel" in reasons["sageattn_3_fp8"]
+
+
+def test_verify_backend_measures_kernel_error():
+    assert verify_backend("sdpa_math", "cpu", torch.float32) <= 1e-6
+    assert verify_backend("sdpa_chunked", "cpu", torch.float32, head_dim=512) <= 1e-6
+    assert 1e-5 < verify_backend("sdpa_flash", "cpu", torch.bfloat16) <= 1e-2
+    with pytest.raises(AttentionBackendUnavailableError, match="flash_attn_2: runs on cuda only"):
+        verify_backend("flash_attn_2", "cpu", torch.float16)
+
+
+def test_compiled_caller_follows_the_selected_backend():
+    """Under torch.compile the resolution runs at trace time (no graph break, even on a cold cache) and a
+    new selection recompiles."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append([str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"])
+        return graph_module.forward
+
+    def block(x):
+        q, k, v = (x * s for s in (1.0, 0.5, 2.0))
+        return attention(q, k, v) + 1
+
+    prepare_for_compile()
+    compiled = torch.compile(block, backend=counting_backend, fullgraph=True)
+    q, _, _ = qkv(1, 2, 20, 20, 32)
+    expected = reference_attention(q, q * 0.5, q * 2.0) + 1
+    assert rel(compiled(q), expected) <= 1e-5
+    with attention_backend("sdpa_math"):
+        assert rel(compiled(q), expected) <= 1e-5
+    assert len(graphs) == 2
+    assert "sdpa_kernel" not in " ".join(graphs[0]) and "sdpa_kernel" in " ".join(graphs[1])
+
+
+def test_library_kernels_run_outside_the_compiled_graph():
+    calls = []
+
+    def library_kernel(q, k, v):
+        calls.append(torch.compiler.is_compiling())
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    register_backend(AttentionBackend("library", library_kernel, devices=("cpu",)))
+    prepare_for_compile()
+    q, k, v = qkv(1, 2, 12, 12, 16)
+    with attention_backend("library"):
+        out = torch.compile(lambda a, b, c: attention(a, b, c) * 2, backend="eager")(q, k, v)
+    assert calls == [False], "a non-traceable kernel must run eagerly, as a graph break"
+    assert rel(out, 2 * reference_attention(q, k, v)) <= 1e-5
