@@ -199,3 +199,43 @@ def test_loading_assigns_without_extra_copies(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     reference = load_file(str(golden_path("dit3b_weights.safetensors")))
     assert torch.equal(model.state_dict()["txt_in.weight"], reference["txt_in.weight"].bfloat16())
+
+
+def test_fp8_file_keeps_fp8_storage_and_matches(tmp_path):
+    """A released-style fp8 file (plain casts) loads without an upcast copy; outputs follow the fp8 weights."""
+    state = load_golden("dit3b_weights.safetensors")
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 and k.startswith("blocks.") else v) for k, v in state.items()}
+    path = tmp_path / "seedvr2_ema_3b_fp8_e4m3fn.safetensors"
+    save_file(fp8, str(path))
+    model = load_dit(path)
+    stored = {p.dtype for n, p in model.named_parameters() if n.startswith("blocks.") and n.endswith("proj_qkv.vid.weight")}
+    assert stored == {torch.float8_e4m3fn}
+    upcast = {k: v.float() for k, v in fp8.items()}
+    reference_path = tmp_path / "upcast.safetensors"
+    save_file(upcast, str(reference_path))
+    out, _ = _dit_output(model)
+    ref, _ = _dit_output(load_dit(reference_path))
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_gguf_file_loads_through_the_loader(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    state = load_golden("dit3b_weights.safetensors")
+    path = tmp_path / "seedvr2_ema_3b-Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), "seedvr2")
+    for key, value in state.items():
+        array = value.numpy()
+        if value.ndim == 2 and key.startswith("blocks.") and value.shape[1] % 32 == 0:
+            packed = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(key, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(key, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = load_dit(path, quantization="gguf")
+    out, ref = _dit_output(model)
+    assert rel_err(out, ref) < 3e-2  # Q8_0 rounding only

@@ -64,22 +64,32 @@ def load_dit(
     rope = model.rope_frequency_buffers()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_strict(index.path, expected, index.shapes, optional=set(rope))
-    keep_fp8 = _prepare_quantized_layers(model, index, quantization, dtype)
-    materialize(model, index.path, device=device, dtype_for=float_dtype_rule(dtype, keep_fp8), overrides=rope)
+    keep_packed = _prepare_quantized_layers(model, index, quantization, dtype, torch.device(device))
+    materialize(model, index.path, device=device, dtype_for=float_dtype_rule(dtype, keep_packed), overrides=rope)
     return model.eval().requires_grad_(False)
 
 
-def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, quantization: str, dtype):
-    """Swap layers for quantized ones before loading; returns the rule saying which tensors keep file dtype."""
-    fp8_keys = {k for k, v in index.tensors.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
-    if quantization == "disabled" and not fp8_keys:
-        return lambda key, tensor: False
+def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, quantization: str,
+                              dtype: torch.dtype, device: torch.device):
+    """Swap Linear layers for quantized ones on the meta model before loading (GGUF files, fp8 weights,
+    or a quantization mode); returns the rule saying which tensors must keep the file's dtype."""
     from ..optimization import fp4_quantization
 
-    kept = fp4_quantization.prepare_model_for_weights(
-        model, {k: v.dtype for k, v in index.tensors.items()}, quantization, dtype
-    )
-    return lambda key, tensor: key in kept
+    if index.path.suffix.lower() == ".gguf":
+        from ..optimization import gguf
+
+        report = gguf.prepare_model_for_gguf(model, gguf.load_gguf_state_dict(index.path), compute_dtype=dtype)
+    else:
+        fp8_file = any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in index.tensors.values())
+        if quantization in ("disabled", "gguf") and not fp8_file:
+            return lambda key, tensor: False
+        mode = "disabled" if quantization == "gguf" else quantization
+        report = fp4_quantization.prepare_model_for_weights(
+            model, {k: v.dtype for k, v in index.tensors.items()}, mode, dtype, device=device
+        )
+    if report.layers:
+        log.info("SeedVR2: %s", report.summary())
+    return lambda key, tensor: key in report
 
 
 def load_vae(
