@@ -6,6 +6,9 @@ tests pass :class:`Progress` itself, which does nothing.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class Progress:
     """No-op progress sink; subclasses forward to a real progress bar."""
@@ -18,3 +21,8 @@ class Progress:
 
     def check_interrupt(self) -> None:
         """Raise if the user asked to stop; called between batches, tiles and layers."""
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Mark a timed part of a phase (e.g. "postprocess" inside decoding); benchmarks time these."""
+        yield

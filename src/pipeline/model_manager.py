@@ -1,0 +1,223 @@
+"""Loading, caching and placing the DiT and the VAE across the phases of a run.
+
+Inside ComfyUI every model we load is wrapped in ComfyUI's own ``ModelPatcher`` and placed with
+``comfy.model_management.load_models_gpu``: ComfyUI then knows how much VRAM we hold, can evict its own
+models to make room for ours, and evicts ours ("Unload models", or when another model needs the room).
+Outside ComfyUI (the CLI, the tests, the benchmark) models are moved with ``.to()``.
+
+Models are cached between runs when the spec says ``cache_model`` (parked on the offload device); without
+it they are dropped at the end of the run, so nothing outlives the workflow that loaded it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.load import load_dit, load_vae
+from .devices import resolve_device
+from .settings import DiTSpec, VAESpec
+
+log = logging.getLogger("seedvr2")
+
+try:  # ComfyUI present?
+    import comfy.model_management as comfy_mm
+    import comfy.model_patcher as comfy_patcher
+except ImportError:  # CLI / tests
+    comfy_mm = None
+    comfy_patcher = None
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on older GPUs, float32 on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+class _Holder(torch.nn.Module):
+    """Gives ComfyUI's ModelPatcher a module whose ``device`` attribute it may overwrite."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.inner = model
+        self.device = device
+
+
+@dataclass(eq=False)
+class ManagedModel:
+    """A loaded model, the devices it lives on, and how ComfyUI tracks it."""
+
+    kind: str
+    key: tuple
+    model: torch.nn.Module
+    device: torch.device
+    offload_device: torch.device | None
+    dtype: torch.dtype
+    cache: bool
+    patcher: object | None = None
+    info: dict = field(default_factory=dict)
+
+    def activate(self) -> torch.nn.Module:
+        """Make sure the weights are on the compute device (letting ComfyUI make room first)."""
+        if self.patcher is not None:
+            comfy_mm.load_models_gpu([self.patcher], force_full_load=True)
+        elif _module_device(self.model) != self.device:
+            self.model.to(self.device)
+        return self.model
+
+    def park(self) -> None:
+        """Move the weights to the offload device between phases, if one is set."""
+        if self.offload_device is None or _module_device(self.model) == self.offload_device:
+            return
+        if self.patcher is not None:
+            self.patcher.detach()
+            _forget_patcher(self.patcher)
+        else:
+            self.model.to(self.offload_device)
+        _empty_cache(self.device)
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _empty_cache(device: torch.device) -> None:
+    if comfy_mm is not None:
+        comfy_mm.soft_empty_cache()
+    elif device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _forget_patcher(patcher) -> None:
+    """Remove a detached patcher from ComfyUI's list of loaded models."""
+    for index, loaded in enumerate(list(comfy_mm.current_loaded_models)):
+        if loaded.model is patcher:
+            comfy_mm.current_loaded_models.pop(index)
+            break
+
+
+class ModelManager:
+    """Turns specs into loaded models; one per process (see :func:`default_manager`)."""
+
+    def __init__(self, resolve_path=None):
+        self._cache: dict[tuple, ManagedModel] = {}
+        self._resolve_path = resolve_path or _default_resolver
+
+    # ------------------------------------------------------------------ loading
+    def dit(self, spec: DiTSpec) -> ManagedModel:
+        device = torch.device(resolve_device(spec.device))
+        dtype = compute_dtype(device)
+        path = self._resolve_path(spec.model)
+        quantization = "gguf" if str(path).lower().endswith(".gguf") else spec.quantization
+        key = ("dit", _file_key(path), str(device), dtype, quantization)
+        cached = self._take(key)
+        if cached is not None:
+            return cached
+        load_device = _load_device(device, spec.offload_device, spec.blocks_to_swap > 0)
+        log.info("SeedVR2: loading DiT %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
+        model = load_dit(path, device=load_device, dtype=dtype, quantization=quantization)
+        managed = ManagedModel("dit", key, model, device, _offload(spec.offload_device), dtype, spec.cache_model,
+                               info={"path": path, "quantization": quantization, "config": model.config})
+        self._register(managed, allow_comfy=spec.blocks_to_swap == 0)
+        return managed
+
+    def vae(self, spec: VAESpec) -> ManagedModel:
+        device = torch.device(resolve_device(spec.device))
+        dtype = compute_dtype(device)
+        path = self._resolve_path(spec.model)
+        key = ("vae", _file_key(path), str(device), dtype)
+        cached = self._take(key)
+        if cached is not None:
+            return cached
+        load_device = _load_device(device, spec.offload_device, False)
+        log.info("SeedVR2: loading VAE %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
+        model = load_vae(path, device=load_device, dtype=dtype)
+        managed = ManagedModel("vae", key, model, device, _offload(spec.offload_device), dtype, spec.cache_model,
+                               info={"path": path})
+        self._register(managed, allow_comfy=True)
+        return managed
+
+    def _take(self, key: tuple) -> ManagedModel | None:
+        return self._cache.get(key)
+
+    def _register(self, managed: ManagedModel, allow_comfy: bool) -> None:
+        if comfy_mm is not None and comfy_patcher is not None and allow_comfy and managed.device.type != "cpu":
+            holder = _Holder(managed.model, _module_device(managed.model))
+            offload = managed.offload_device or comfy_mm.unet_offload_device()
+            managed.patcher = comfy_patcher.ModelPatcher(holder, load_device=managed.device, offload_device=offload)
+        if managed.cache:
+            self._cache[managed.key] = managed
+
+    # ------------------------------------------------------------------ release
+    def finish(self, *models: ManagedModel) -> None:
+        """End of a run: park cached models on their offload device, drop the others."""
+        for managed in models:
+            if managed is None:
+                continue
+            if managed.cache:
+                managed.park()
+                continue
+            self.drop(managed)
+
+    def drop(self, managed: ManagedModel) -> None:
+        self._cache.pop(managed.key, None)
+        if managed.patcher is not None:
+            managed.patcher.detach()
+            _forget_patcher(managed.patcher)
+            managed.patcher = None
+        device = managed.device
+        managed.model = None
+        _empty_cache(device)
+
+    def clear(self) -> None:
+        """Drop every cached model (tests, and ComfyUI's "free memory" hooks)."""
+        for managed in list(self._cache.values()):
+            self.drop(managed)
+
+
+def _default_resolver(name: str) -> Path:
+    """An existing path as is; otherwise a file of ./models/SEEDVR2, downloaded there if released."""
+    from ..models.download import ensure_model
+    from ..models.locate import DEFAULT_MODEL_DIR
+
+    path = Path(name)
+    return path if path.is_file() else ensure_model(name, [DEFAULT_MODEL_DIR])
+
+
+def _file_key(path: Path) -> tuple:
+    stat = os.stat(path) if path.exists() else None
+    return (str(path.resolve()) if path.exists() else str(path), stat.st_size if stat else 0,
+            int(stat.st_mtime) if stat else 0)
+
+
+def _offload(name: str) -> torch.device | None:
+    resolved = resolve_device(name, offload=True)
+    return None if resolved == "none" else torch.device(resolved)
+
+
+def _load_device(device: torch.device, offload: str, block_swap: bool) -> torch.device:
+    """Load straight to the compute device unless weights must start on the offload device."""
+    off = _offload(offload)
+    if block_swap and off is not None:
+        return off
+    return device
+
+
+_DEFAULT: ModelManager | None = None
+
+
+def default_manager() -> ModelManager:
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = ModelManager()
+    return _DEFAULT
+
+
