@@ -1,0 +1,482 @@
+#!/usr/bin/env python3
+"""SeedVR2 benchmark: attention backends, compile overhead, memory stability and a full upscale job.
+
+    python performance_test.py --model 3b --test-frames 33 --output results.json
+
+With no weights file the full-size model is built with random weights (the default), so the benchmark runs
+anywhere.  The end-to-end job is the real pipeline (the same code the nodes run), timed per phase with the
+optimizations on and off in one run; it reports time, peak VRAM, effective TFLOP/s, the ratio to the FLOP
+floor, and how far the optimized output is from the plain one.  Results print as a table and go to JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from src.benchmark.flops import dit_flops, vae_flops
+from src.benchmark.random_weights import random_dit, random_vae
+from src.models.dit import NaDiTConfig
+from src.models.video_vae_v3 import VAEConfig
+from src.optimization import matrix_ops
+from src.pipeline.frames import target_size
+from src.pipeline.model_manager import ManagedModel, ModelManager, compute_dtype
+from src.pipeline.progress import Progress
+from src.pipeline.settings import CompileSettings, DiTSpec, UpscaleSettings, VAESpec
+from src.pipeline.upscaler import upscale
+
+PHASES = ("encode", "upscale", "decode", "postprocess")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="3b", help="'3b', '7b' (random weights) or a DiT weights file")
+    p.add_argument("--vae", default=None, help="VAE weights file (default: random full-size VAE)")
+    p.add_argument("--test-frames", type=int, default=33, help="frames of the end-to-end clip")
+    p.add_argument("--input-size", default="640x360", help="WxH of the input clip")
+    p.add_argument("--resolution", type=int, default=1080, help="target shortest edge")
+    p.add_argument("--batch-size", type=int, default=0, help="frames per batch (0 = all test frames)")
+    p.add_argument("--iterations", type=int, default=3, help="timed repetitions of each job")
+    p.add_argument("--sections", default="attention,compile,e2e",
+                   help="comma list of: attention, compile, e2e, precision, vae_conv")
+    p.add_argument("--attention", default="auto", help="attention_mode of the optimized run")
+    p.add_argument("--quantization", default="disabled", help="quantization of the optimized run")
+    p.add_argument("--compile", action="store_true", help="torch.compile in the optimized run")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain (optimizations off) run")
+    p.add_argument("--decode-tile", type=int, default=0, help="VAE decode tile size (0 = untiled)")
+    p.add_argument("--encode-tile", type=int, default=0, help="VAE encode tile size (0 = untiled)")
+    p.add_argument("--dit-offload", default="none", help="DiT offload device between phases")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 matmul peak (0 = measure it)")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class PhaseRecorder(Progress):
+    """Times each pipeline phase (and the post-process sections) with device synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, float] = {p: 0.0 for p in PHASES}
+        self.peaks: dict[str, float] = {p: 0.0 for p in PHASES}
+        self._phase, self._start = None, 0.0
+
+    def _close(self) -> None:
+        if self._phase is not None:
+            sync(self.device)
+            self.times[self._phase] += time.perf_counter() - self._start
+            self.peaks[self._phase] = max(self.peaks[self._phase], peak_gb(self.device))
+
+    def start_phase(self, phase: str, total: int) -> None:
+        self._close()
+        reset_peak(self.device)
+        self._phase, self._start = phase, time.perf_counter()
+
+    def finish(self) -> None:
+        self._close()
+        self._phase = None
+        # The decode phase contains the post-process sections; report them apart.
+        self.times["decode"] -= self.times["postprocess"]
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        sync(self.device)
+        start = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] += time.perf_counter() - start
+        self.peaks[name] = max(self.peaks[name], peak_gb(self.device))
+
+
+def measure_peak_tflops(device: torch.device) -> float:
+    """bf16 matmul rate of this device (8192³, median of 10)."""
+    if device.type != "cuda":
+        return 0.0
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def cuda_time(fn, device: torch.device, repeat: int = 10) -> float:
+    """Median seconds of ``fn()`` (after two warm-up calls)."""
+    for _ in range(2):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------- models
+class PrebuiltManager(ModelManager):
+    """Hands the pipeline models built by the benchmark instead of loading files."""
+
+    def __init__(self, dit, vae, device):
+        super().__init__()
+        self._models = {"dit": dit, "vae": vae}
+        self._device = device
+
+    def _managed(self, kind):
+        model = self._models[kind]
+        return ManagedModel(kind, (kind,), model, self._device, None, compute_dtype(self._device), cache=True,
+                            info={"config": getattr(model, "config", None)})
+
+    def dit(self, spec):
+        return self._managed("dit")
+
+    def vae(self, spec):
+        return self._managed("vae")
+
+
+def build_models(args, device):
+    dtype = compute_dtype(device)
+    if args.model in ("3b", "7b"):
+        dit = random_dit(args.model, device, dtype)
+    else:
+        from src.models.load import load_dit
+
+        dit = load_dit(args.model, device=device, dtype=dtype, quantization=args.quantization)
+    if args.vae is None:
+        vae = random_vae(device, dtype)
+    else:
+        from src.models.load import load_vae
+
+        vae = load_vae(args.vae, device=device, dtype=dtype)
+    return dit, vae
+
+
+def test_clip(frames: int, width: int, height: int) -> torch.Tensor:
+    """A smooth moving test pattern (N, H, W, 3) in [0, 1]."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 3, max(2, height // 16), max(2, width // 16), generator=generator)
+    base = torch.nn.functional.interpolate(base, size=(height, width), mode="bicubic").clamp(0, 1)
+    shift = torch.arange(frames).view(-1, 1, 1, 1) * 2
+    clip = torch.stack([torch.roll(base[0], int(s), dims=-1) for s in shift.flatten()])
+    return clip.permute(0, 2, 3, 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------- sections
+def section_attention(args, device, dit_config) -> dict:
+    """Every available backend on the DiT's window batch and the VAE's single-head attention."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    in_w, in_h = map(int, args.input_size.split("x"))
+    out_h, out_w = target_size(in_h, in_w, args.resolution)
+    latent = (-(-args.test_frames // 4) if args.test_frames > 1 else 1, -(-out_h // 16) * 2, -(-out_w // 16) * 2)
+    from src.models.dit.windows import partition_windows
+
+    grid = (latent[0], latent[1] // 2, latent[2] // 2)
+    windows = partition_windows(grid, dit_config.window[0], dit_config.window_method[0])
+    sizes = sorted({math.prod(b - a for a, b in w) for w in windows})
+    window_tokens = max(sizes) + 58
+    shapes = {
+        "dit_windows": (len(windows), dit_config.heads, window_tokens, dit_config.head_dim),
+        "vae_mid": (1, 1, (out_h // 8) * (out_w // 8), 512),
+    }
+    results = {}
+    for label, shape in shapes.items():
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+        flops = 4 * shape[0] * shape[1] * shape[2] ** 2 * shape[3]
+        reference = None
+        with matrix_ops.attention_backend(matrix_ops.PLAIN):
+            reference = matrix_ops.attention(q, k, v).float()
+            plain = cuda_time(lambda: matrix_ops.attention(q, k, v), device, repeat=5)
+        rows = {"shape": list(shape), "plain_s": plain}
+        if label == "dit_windows":
+            # What the incumbent does: one SDPA call per window in a Python loop.
+            def per_window():
+                for i in range(shape[0]):
+                    torch.nn.functional.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1])
+            rows["per_window_loop_s"] = cuda_time(per_window, device, repeat=3)
+        for name, reason in matrix_ops.available_backends(device, dtype, shape[-1]).items():
+            if reason is not None:
+                rows[name] = {"available": False, "reason": reason}
+                continue
+            try:
+                with matrix_ops.attention_backend(name):
+                    out = matrix_ops.attention(q, k, v).float()
+                    seconds = cuda_time(lambda: matrix_ops.attention(q, k, v), device, repeat=5)
+            except Exception as exc:  # report and continue: the benchmark surveys every backend
+                rows[name] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"[:200]}
+                continue
+            err = ((out - reference).norm() / reference.norm()).item()
+            rows[name] = {"available": True, "seconds": seconds, "speedup_vs_plain": plain / seconds,
+                          "tflops": flops / seconds / 1e12, "rel_err_vs_plain": err}
+        results[label] = rows
+        del q, k, v, reference
+    return results
+
+
+def run_job(args, device, dit, vae, optimized: bool, iterations: int) -> dict:
+    in_w, in_h = map(int, args.input_size.split("x"))
+    clip = test_clip(args.test_frames, in_w, in_h)
+    batch = args.batch_size or args.test_frames
+    compile_settings = CompileSettings() if (optimized and args.compile) else None
+    dit_spec = DiTSpec(model=str(args.model), device=str(device), attention_mode=args.attention if optimized else "sdpa",
+                       enable_optimizations=optimized, compile=compile_settings, offload_device=args.dit_offload,
+                       quantization=args.quantization if optimized else "disabled")
+    vae_spec = VAESpec(model="vae", device=str(device), enable_optimizations=optimized, compile=compile_settings,
+                       decode_tiled=args.decode_tile > 0, decode_tile_size=args.decode_tile or 1024,
+                       encode_tiled=args.encode_tile > 0, encode_tile_size=args.encode_tile or 1024)
+    settings = UpscaleSettings(resolution=args.resolution, batch_size=batch, color_correction="lab", seed=42)
+    manager = PrebuiltManager(dit, vae, device)
+    runs, output = [], None
+    for _ in range(iterations + 1):  # the first run warms up (and compiles when asked)
+        recorder = PhaseRecorder(device)
+        reset_peak(device)
+        start = time.perf_counter()
+        output = upscale(clip, dit_spec, vae_spec, settings, progress=recorder, manager=manager)
+        sync(device)
+        recorder.finish()
+        runs.append({"total_s": time.perf_counter() - start, "times": dict(recorder.times),
+                     "peaks_gb": dict(recorder.peaks), "peak_gb": max(recorder.peaks.values())})
+    warmup, timed = runs[0], runs[1:]
+    summary = {"warmup_total_s": warmup["total_s"], "runs": timed}
+    for phase in PHASES:
+        summary[phase] = {"seconds": statistics.median(r["times"][phase] for r in timed),
+                          "peak_gb": max(r["peaks_gb"][phase] for r in timed)}
+    summary["gpu_seconds"] = sum(summary[p]["seconds"] for p in PHASES)
+    summary["peak_gb"] = max(r["peak_gb"] for r in timed)
+    summary["peak_gb_stdev"] = statistics.pstdev(r["peak_gb"] for r in timed)
+    summary["total_s_stdev"] = statistics.pstdev(r["total_s"] for r in timed)
+    return summary, output
+
+
+def section_e2e(args, device, dit, vae, peak_tflops) -> dict:
+    in_w, in_h = map(int, args.input_size.split("x"))
+    out_h, out_w = target_size(in_h, in_w, args.resolution)
+    pad_h, pad_w = -(-out_h // 16) * 16, -(-out_w // 16) * 16
+    frames = args.test_frames if args.test_frames % 4 == 1 else (args.test_frames // 4 + 1) * 4 + 1
+    latent = ((frames - 1) // 4 + 1, pad_h // 8, pad_w // 8)
+    flops = {"upscale": dit_flops(dit.config, latent)}
+    flops["encode"], flops["decode"] = vae_flops(vae.config, frames, pad_h, pad_w)
+    total_flops = sum(flops.values())
+    result = {"output_size": [out_w, out_h], "frames": args.test_frames, "flops_tflop": {k: v / 1e12 for k, v in flops.items()},
+              "floor_seconds": total_flops / (peak_tflops * 1e12) if peak_tflops else None}
+    outputs = {}
+    variants = ([] if args.no_plain else [("plain", False)]) + [("optimized", True)]
+    for label, optimized in variants:
+        summary, outputs[label] = run_job(args, device, dit, vae, optimized, args.iterations)
+        for phase, phase_flops in flops.items():
+            seconds = summary[phase]["seconds"]
+            summary[phase]["tflops"] = phase_flops / seconds / 1e12 if seconds else None
+            if peak_tflops:
+                summary[phase]["ratio_to_floor"] = seconds / (phase_flops / (peak_tflops * 1e12))
+        summary["tflops"] = total_flops / summary["gpu_seconds"] / 1e12
+        result[label] = summary
+    if "plain" in outputs:
+        a, b = outputs["optimized"].float(), outputs["plain"].float()
+        result["optimized_vs_plain"] = {"rel_l2": ((a - b).norm() / b.norm()).item(),
+                                        "max_abs_levels": ((a - b).abs().max() * 255).item(),
+                                        "mean_abs_levels": ((a - b).abs().mean() * 255).item()}
+        result["speedup"] = result["plain"]["gpu_seconds"] / result["optimized"]["gpu_seconds"]
+    return result
+
+
+def section_vae_conv(args, device) -> dict:
+    """The VAE's dominant kernel, a 3x3x3 convolution at full output resolution, in several layouts."""
+    in_w, in_h = map(int, args.input_size.split("x"))
+    out_h, out_w = target_size(in_h, in_w, args.resolution)
+    pad_h, pad_w = -(-out_h // 16) * 16, -(-out_w // 16) * 16
+    dtype = torch.bfloat16
+    results = {}
+    for channels, scale, frames in ((128, 1, 4), (256, 2, 4), (512, 4, 2)):
+        h, w = pad_h // scale, pad_w // scale
+        x = torch.randn(1, channels, frames + 2, h, w, device=device, dtype=dtype)
+        conv = torch.nn.Conv3d(channels, channels, 3, padding=(0, 1, 1)).to(device, dtype)
+        flops = 2 * channels * channels * 27 * frames * h * w
+        row = {}
+        with torch.no_grad():
+            row["ncdhw"] = cuda_time(lambda: conv(x), device, repeat=5)
+            x_cl = x.to(memory_format=torch.channels_last_3d)
+            conv_cl = conv.to(memory_format=torch.channels_last_3d)
+            row["channels_last_3d"] = cuda_time(lambda: conv_cl(x_cl), device, repeat=5)
+            # The same convolution as three 2-D convolutions over time taps (frames folded into the batch).
+            w2 = conv.weight.permute(2, 0, 1, 3, 4).contiguous()  # (kt, out, in, 3, 3)
+            frames_nhwc = x[0].transpose(0, 1).contiguous(memory_format=torch.channels_last)  # (T+2, C, H, W)
+
+            def taps():
+                out = torch.nn.functional.conv2d(frames_nhwc[0:frames], w2[0], padding=1)
+                out += torch.nn.functional.conv2d(frames_nhwc[1:frames + 1], w2[1], padding=1)
+                out += torch.nn.functional.conv2d(frames_nhwc[2:frames + 2], w2[2], padding=1)
+                return out
+            row["conv2d_taps_nhwc"] = cuda_time(taps, device, repeat=5)
+        results[f"c{channels}_{w}x{h}x{frames}"] = {k: {"seconds": v, "tflops": flops / v / 1e12} for k, v in row.items()}
+        del x, x_cl, conv, conv_cl, frames_nhwc
+    return results
+
+
+def section_compile(args, device, dit) -> dict:
+    """Cold compile time of the DiT's repeated block at the job's token count."""
+    from src.optimization import torch_compile
+
+    in_w, in_h = map(int, args.input_size.split("x"))
+    out_h, out_w = target_size(in_h, in_w, args.resolution)
+    t, h, w = ((args.test_frames - 1) // 4 + 1, -(-out_h // 16) * 2, -(-out_w // 16) * 2)
+    vid = torch.randn(t * h * w, dit.config.vid_in_channels, device=device)
+    txt = torch.randn(58, dit.config.txt_in_dim, device=device)
+    shapes = torch.tensor([[t, h, w]]), torch.tensor([[58]])
+    step = torch.tensor([1000.0], device=device)
+    with matrix_ops.attention_backend(args.attention):
+        eager = cuda_time(lambda: dit(vid, txt, *shapes, step), device, repeat=3)
+        torch_compile.compile_repeated_blocks(dit, CompileSettings())
+        sync(device)
+        start = time.perf_counter()
+        dit(vid, txt, *shapes, step)
+        sync(device)
+        first = time.perf_counter() - start
+        compiled = cuda_time(lambda: dit(vid, txt, *shapes, step), device, repeat=3)
+    torch_compile.uncompile(dit)
+    return {"eager_s": eager, "first_call_s": first, "compiled_s": compiled,
+            "compile_overhead_s": first - compiled, "speedup": eager / compiled}
+
+
+def section_precision(args, device) -> dict:
+    """bf16 against float32 for the full-size 3B DiT (1080p latent) and VAE (5 frames at 1080p)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    result = {}
+    in_w, in_h = map(int, args.input_size.split("x"))
+    out_h, out_w = target_size(in_h, in_w, args.resolution)
+    pad_h, pad_w = -(-out_h // 16) * 16, -(-out_w // 16) * 16
+    dit32 = random_dit(args.model if args.model in ("3b", "7b") else "3b", device, torch.float32)
+    t, h, w = ((args.test_frames - 1) // 4 + 1, pad_h // 8, pad_w // 8)
+    generator = torch.Generator().manual_seed(1)
+    vid = torch.randn(t * h * w, 33, generator=generator).to(device)
+    txt = torch.randn(58, 5120, generator=generator).to(device)
+    shapes = torch.tensor([[t, h, w]]), torch.tensor([[58]])
+    step = torch.tensor([1000.0], device=device)
+    with torch.no_grad():
+        ref = dit32(vid, txt, *shapes, step)
+        dit16 = dit32.to(torch.bfloat16)
+        del dit32
+        reset_peak(device)
+        with matrix_ops.attention_backend("sdpa"):
+            seconds = cuda_time(lambda: dit16(vid, txt, *shapes, step), device, repeat=3)
+            out = dit16(vid, txt, *shapes, step)
+    result["dit"] = {"latent": [t, h, w], "rel_l2": ((out - ref).norm() / ref.norm()).item(),
+                     "bf16_seconds": seconds, "bf16_peak_gb": peak_gb(device)}
+    del dit16, ref, out
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    # fp32 activations of the full-resolution decoder levels are large: check the VAE at half size.
+    vae32 = random_vae(device, torch.float32)
+    vae_h, vae_w = pad_h // 2 // 16 * 16, pad_w // 2 // 16 * 16
+    video = test_clip(5, vae_w, vae_h).permute(3, 0, 1, 2)[None].to(device) * 2 - 1
+    with torch.no_grad():
+        mean32, _ = vae32.encode(video)
+        dec32 = vae32.decode(mean32)
+        vae16 = vae32.to(torch.bfloat16)
+        reset_peak(device)
+        mean16, _ = vae16.encode(video)
+        dec16 = vae16.decode(mean32)
+    result["vae"] = {"frames": 5, "size": [vae_w, vae_h],
+                     "encode_rel_l2": ((mean16 - mean32).norm() / mean32.norm()).item(),
+                     "decode_rel_l2": ((dec16 - dec32).norm() / dec32.norm()).item(),
+                     "bf16_peak_gb": peak_gb(device)}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return result
+
+
+# --------------------------------------------------------------------------------------------- report
+def print_table(results: dict) -> None:
+    e2e = results.get("e2e")
+    if e2e:
+        print(f"\nEnd-to-end: {e2e['frames']} frames -> {e2e['output_size'][0]}x{e2e['output_size'][1]}, "
+              f"FLOPs (TFLOP) " + ", ".join(f"{k} {v:.0f}" for k, v in e2e["flops_tflop"].items()))
+        header = f"{'run':<10}" + "".join(f"{p:>14}" for p in PHASES) + f"{'total':>10}{'peak GB':>9}{'TFLOP/s':>9}"
+        print(header)
+        for label in ("plain", "optimized"):
+            if label not in e2e:
+                continue
+            r = e2e[label]
+            cells = "".join(f"{r[p]['seconds']:>8.2f}s/{r[p]['peak_gb']:>4.1f}G" for p in PHASES)
+            print(f"{label:<10}{cells}{r['gpu_seconds']:>9.2f}s{r['peak_gb']:>9.1f}{r['tflops']:>9.0f}")
+        if "speedup" in e2e:
+            o = e2e["optimized_vs_plain"]
+            print(f"speedup {e2e['speedup']:.2f}x; optimized vs plain: rel {o['rel_l2']:.2e}, "
+                  f"max {o['max_abs_levels']:.1f} levels, mean {o['mean_abs_levels']:.3f} levels")
+        if e2e.get("floor_seconds"):
+            print(f"FLOP floor {e2e['floor_seconds']:.2f}s at {results['peak_tflops']:.0f} TFLOP/s")
+    att = results.get("attention")
+    if att:
+        for label, rows in att.items():
+            print(f"\nAttention {label} {rows['shape']}: plain {rows['plain_s'] * 1e3:.2f} ms"
+                  + (f", per-window loop {rows['per_window_loop_s'] * 1e3:.2f} ms" if "per_window_loop_s" in rows else ""))
+            for name, row in rows.items():
+                if isinstance(row, dict) and row.get("available"):
+                    print(f"  {name:<16}{row['seconds'] * 1e3:>9.2f} ms {row['speedup_vs_plain']:>6.2f}x "
+                          f"{row['tflops']:>6.0f} TFLOP/s err {row['rel_err_vs_plain']:.1e}")
+    if "compile" in results:
+        c = results["compile"]
+        print(f"\nCompile: eager {c['eager_s']:.2f}s, first call {c['first_call_s']:.1f}s, compiled {c['compiled_s']:.2f}s "
+              f"(overhead {c['compile_overhead_s']:.1f}s, {c['speedup']:.2f}x)")
+    for key in ("precision", "vae_conv"):
+        if key in results:
+            print(f"\n{key}:", json.dumps(results[key], indent=1))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    results = {"args": vars(args), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__}
+    results["peak_tflops"] = args.peak_tflops or measure_peak_tflops(device)
+    if "precision" in sections:
+        results["precision"] = section_precision(args, device)
+    if "vae_conv" in sections:
+        results["vae_conv"] = section_vae_conv(args, device)
+    if {"attention", "compile", "e2e"} & set(sections):
+        dit, vae = build_models(args, device)
+        if "attention" in sections:
+            results["attention"] = section_attention(args, device, dit.config)
+        if "e2e" in sections:
+            results["e2e"] = section_e2e(args, device, dit, vae, results["peak_tflops"])
+        if "compile" in sections:
+            results["compile"] = section_compile(args, device, dit)
+    print_table(results)
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
