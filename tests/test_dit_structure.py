@@ -195,7 +195,12 @@ def test_window_plan_covers_every_token_once_and_groups_by_shape():
     assert sorted(seen_video) == list(range(total_video))
     assert len(seen_windows) == 12 + 3
     assert len({(g.shape, g.text_length) for g in plan.groups}) == len(plan.groups)
-    # Putting the windowed rows back in token order restores the identity.
-    windowed = torch.cat([g.token_index[:, : g.video_length].reshape(-1) for g in plan.groups])
-    assert torch.equal(windowed[plan.video_order], torch.arange(total_video))
+    # The scatter rows of all groups cover every video token once.
+    scattered = torch.cat([g.video_rows for g in plan.groups])
+    assert torch.equal(scattered.sort().values, torch.arange(total_video))
+    # Each video token knows its window-local offset and its window's extent.
+    for group in plan.groups:
+        extent = torch.tensor(group.shape).expand(group.video_rows.numel(), 3)
+        assert torch.equal(plan.video_extent[group.video_rows], extent)
+        assert (plan.video_offset[group.video_rows] < extent).all()
     torch.testing.assert_close(plan.text_weight, torch.tensor([1 / 12] * 7 + [1 / 3] * 3))

@@ -1,7 +1,8 @@
 """Joint window attention of video and text tokens (README §4.6).
 
 Each window attends over [its video tokens; all text tokens of its sample].  Windows are batched by shape
-(see :mod:`.window_plan`): one gather, one rope table and one attention call per group.  Video outputs go
+(see :mod:`.window_plan`): q and k are rotated once per token, then one gather and one attention call
+per group.  Video outputs go
 back to their token positions; a text token's output is the mean over its sample's windows.
 """
 from __future__ import annotations
@@ -30,38 +31,37 @@ class JointWindowAttention(nn.Module):
         self.norm_k = StreamPair(lambda: RMSNorm(config.head_dim, config.norm_eps), shared)
         self.rope = WindowRope(config)
 
-    def _qkv(self, x: torch.Tensor, video: bool) -> torch.Tensor:
-        """(tokens, dim) → (tokens, 3, heads, head_dim) with q and k normalised, with one stream's weights."""
-        pick = StreamPair.video if video else StreamPair.text
-        q, k, v = pick(self.proj_qkv)(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(1)
-        return torch.stack([pick(self.norm_q)(q), pick(self.norm_k)(k), v], dim=1)
+    def _qkv(self, vid: torch.Tensor, txt: torch.Tensor, plan: WindowPlan) -> tuple[torch.Tensor, ...]:
+        """q, k, v for the rows of [video; text], each (rows, heads, head_dim); q and k normalised and rotated."""
+        shape = (3, self.heads, self.head_dim)
+        q_vid, k_vid, v_vid = self.proj_qkv.video()(vid).unflatten(-1, shape).unbind(1)
+        q_txt, k_txt, v_txt = self.proj_qkv.text()(txt).unflatten(-1, shape).unbind(1)
+        q = torch.cat([self.norm_q.video()(q_vid), self.norm_q.text()(q_txt)])
+        k = torch.cat([self.norm_k.video()(k_vid), self.norm_k.text()(k_txt)])
+        v = torch.cat([v_vid, v_txt])
+        return self.rope(q, plan), self.rope(k, plan), v
 
     def forward(self, vid: torch.Tensor, txt: torch.Tensor, plan: WindowPlan,
                 video_queries_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend; returns projected (video, text) outputs, text None with ``video_queries_only``.
 
-        ``video_queries_only`` (the 3B's last block): text serves only as keys/values, so its queries,
-        output and text mean are skipped.
+        ``video_queries_only`` (the 3B's last block): text serves only as keys/values, so its output and
+        text mean are skipped.
         """
-        tokens = torch.cat([self._qkv(vid, video=True), self._qkv(txt, video=False)])   # rows of [video; text]
-        video_outputs = []
-        text_sum = None if video_queries_only else vid.new_zeros((txt.shape[0], self.heads * self.head_dim),
-                                                                 dtype=torch.float32)
+        q, k, v = self._qkv(vid, txt, plan)
+        inner = self.heads * self.head_dim
+        windowed = vid.new_empty((vid.shape[0], inner))
+        text_sum = None if video_queries_only else vid.new_zeros((txt.shape[0], inner), dtype=torch.float32)
         for group in plan.groups:
-            windows, video_length = group.token_index.shape[0], group.video_length
-            q, k, v = tokens[group.token_index].unbind(2)          # each (windows, seq, heads, head_dim)
-            if video_queries_only:
-                q = q[:, :video_length]
-            q = self.rope(q, group.shape, group.text_length)
-            k = self.rope(k, group.shape, group.text_length)
-            out = matrix_ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            index, video_length = group.token_index, group.video_length
+            queries = index[:, :video_length] if video_queries_only else index
+            out = matrix_ops.attention(q[queries].transpose(1, 2), k[index].transpose(1, 2), v[index].transpose(1, 2))
             out = out.transpose(1, 2).flatten(2)                  # (windows, queries, heads·head_dim)
-            video_outputs.append(out[:, :video_length].reshape(windows * video_length, -1))
+            windowed.index_copy_(0, group.video_rows, out[:, :video_length].reshape(-1, inner))
             if text_sum is not None:
-                text_sum.index_add_(0, group.text_rows, out[:, video_length:].reshape(-1, out.shape[-1]).float())
+                text_sum.index_add_(0, group.text_rows, out[:, video_length:].reshape(-1, inner).float())
 
-        windowed = video_outputs[0] if len(video_outputs) == 1 else torch.cat(video_outputs)
-        vid_out = self.proj_out.video()(windowed[plan.video_order])
+        vid_out = self.proj_out.video()(windowed)
         if text_sum is None:
             return vid_out, None
         txt_out = (text_sum * plan.text_weight[:, None]).to(vid.dtype)

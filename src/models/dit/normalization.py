@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``x / sqrt(mean(x²) + eps)`` over the last dim (times ``weight``), computed in float32, in x's dtype."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
+    """``x / sqrt(mean(x²) + eps)`` over the last dim (times ``weight``), statistics in float32, in x's dtype.
+
+    PyTorch's fused RMSNorm accumulates half-precision inputs in float32, so no float32 copy is made.
+    """
+    if weight is not None and weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class RMSNorm(nn.Module):

@@ -1,8 +1,9 @@
 """Rotary position embedding of the window attention (README §4.8).
 
 Frequency ``f_i`` rotates the consecutive channel pair (2i, 2i+1) of a head by ``position·f_i``; the head
-channels are grouped [temporal | height | width | untouched rest].  Positions are local to the window, so
-all windows of one shape (and text length) share one table.
+channels are grouped [temporal | height | width | untouched rest].  Positions are local to the window: each
+token's position comes from the layer's window plan, so the rotation runs once per token, before the
+windows are gathered.
 
 * ``mmrope3d`` (3B): frequencies ``10000^(-2i/axis_dim)``; a video token at window offset (t', h', w') sits
   at (L + t', h', w'), text token j at (j, j, j); both streams are rotated.
@@ -13,13 +14,14 @@ Tables are computed from the config constants in float32, never from the checkpo
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import nn
 
+from ...optimization import fused_kernels
 from .config import NaDiTConfig
+from .window_plan import WindowPlan
 
 
 def _frequencies(rope_type: str, axis_dim: int, device: torch.device | str | None) -> torch.Tensor:
@@ -34,42 +36,54 @@ def rope_frequencies(config: NaDiTConfig, device: torch.device | str | None = No
     return _frequencies(config.rope_type, config.rope_axis_dim, device)
 
 
-def _window_positions(rope_type: str, shape: tuple[int, int, int], text_length: int,
-                      device: torch.device) -> torch.Tensor:
-    """(rows, 3) float32 positions of the rotated rows of one window's sequence, per axis."""
+def token_positions(rope_type: str, plan: WindowPlan) -> torch.Tensor:
+    """(rows, 3) float32 positions of the rotated rows of ``[video; text]``, per axis, for one layer's windows.
+
+    Positions are local to each token's window; the 7B rotates video rows only (the text rows come last,
+    so its table simply stops after the video rows).
+    """
     if rope_type == "mmrope3d":
-        axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
-        axes[0] = axes[0] + text_length   # video frames follow the text positions
-    else:
-        axes = [torch.linspace(-1.0, 1.0, n, dtype=torch.float32, device=device) for n in shape]
-    video = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
-    if rope_type != "mmrope3d":
-        return video
-    text = torch.arange(text_length, dtype=torch.float32, device=device)[:, None].expand(-1, 3)
-    return torch.cat([video, text])
+        video = plan.video_offset.float()
+        video[:, 0] += plan.video_text_length.float()   # video frames follow the text positions
+        text = plan.text_position.float()[:, None].expand(-1, 3)
+        return torch.cat([video, text])
+    # linspace(-1, 1, n)[offset] (an axis of extent 1 sits at -1), looked up per distinct extent so the
+    # values are exactly torch.linspace's.
+    positions = torch.empty(plan.video_offset.shape, dtype=torch.float32, device=plan.video_offset.device)
+    for axis in range(3):
+        extent, offset = plan.video_extent[:, axis], plan.video_offset[:, axis]
+        for n in extent.unique().tolist():
+            rows = extent == n
+            table = torch.linspace(-1.0, 1.0, n, dtype=torch.float32, device=positions.device)
+            positions[rows, axis] = table[offset[rows]]
+    return positions
 
 
-@functools.lru_cache(maxsize=256)
-def rotary_table(rope_type: str, axis_dim: int, shape: tuple[int, int, int], text_length: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (rows, 3·n_freqs) float32, for a window of ``shape`` followed by its text."""
-    freqs = _frequencies(rope_type, axis_dim, device)
-    positions = _window_positions(rope_type, shape, text_length, device)
-    angles = (positions[:, :, None] * freqs).flatten(1)   # pair p: axis p // n_freqs, frequency p % n_freqs
-    return angles.cos(), angles.sin()
+def rotary_rows(rope_type: str, axis_dim: int, plan: WindowPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (rotated rows, 3·n_freqs) float32, cached on the plan (one per layer windowing)."""
+    key = ("rotary", rope_type, axis_dim)
+    if key not in plan.cache:
+        freqs = _frequencies(rope_type, axis_dim, plan.video_offset.device)
+        angles = (token_positions(rope_type, plan)[:, :, None] * freqs).flatten(1)  # pair p: axis p // n_freqs
+        plan.cache[key] = (angles.cos(), angles.sin())
+    return plan.cache[key]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the channel pairs of ``x`` (windows, seq, heads, head_dim) row by row with a table, in float32.
+    """Rotate the channel pairs of ``x`` (rows, heads, head_dim) row by row with a table, in float32.
 
     Rows beyond the table (text under the 7B rope) and channels beyond its pairs are left unchanged.
     """
-    rows, pairs = min(cos.shape[0], x.shape[1]), cos.shape[1]
-    x0, x1 = x[:, :rows, :, : 2 * pairs].float().unflatten(-1, (pairs, 2)).unbind(-1)
-    cos, sin = cos[:rows, None, :], sin[:rows, None, :]   # broadcast over windows and heads
-    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2).to(x.dtype)
-    out = torch.cat((rotated, x[:, :rows, :, 2 * pairs:]), dim=-1)
-    return out if rows == x.shape[1] else torch.cat((out, x[:, rows:]), dim=1)
+    fused = fused_kernels.rotary(x, cos, sin)   # one kernel when the optimization switch is on
+    if fused is not None:
+        return fused
+    rows, pairs = cos.shape
+    x0, x1 = x[:rows, :, : 2 * pairs].float().unflatten(-1, (pairs, 2)).unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]   # broadcast over heads
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    out = x.clone()
+    out[:rows, :, : 2 * pairs] = rotated
+    return out
 
 
 class RopeFrequencies(nn.Module):
@@ -89,7 +103,7 @@ class WindowRope(nn.Module):
         self.rope_type = config.rope_type
         self.axis_dim = config.rope_axis_dim
 
-    def forward(self, x: torch.Tensor, shape: tuple[int, int, int], text_length: int) -> torch.Tensor:
-        """Rotate ``x`` (windows, seq, heads, head_dim) for windows of ``shape`` followed by their text."""
-        cos, sin = rotary_table(self.rope_type, self.axis_dim, shape, text_length, x.device)
+    def forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        """Rotate ``x`` (rows of [video; text], heads, head_dim) by each row's window-local position."""
+        cos, sin = rotary_rows(self.rope_type, self.axis_dim, plan)
         return apply_rotary(x, cos, sin)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ class WindowGroup:
     shape: tuple[int, int, int]   # (wt, wh, ww) video tokens per window
     text_length: int
     token_index: torch.Tensor     # (n, S) int64 rows of [video; text]; S = wt·wh·ww + text_length
+    video_rows: torch.Tensor      # (n·wt·wh·ww,) int64 video token rows in window order, for the scatter back
     text_rows: torch.Tensor       # (n·text_length,) int64 rows of the text array, for the text mean
 
     @property
@@ -37,13 +38,17 @@ class WindowGroup:
         return math.prod(self.shape)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class WindowPlan:
-    """All window groups of one layer plus what is needed to put the outputs back."""
+    """All window groups of one layer, each video token's place in its window, and the text weights."""
 
     groups: tuple[WindowGroup, ...]
-    video_order: torch.Tensor     # (Lv,) row of each video token in the groups' concatenated video outputs
+    video_offset: torch.Tensor    # (Lv, 3) int64: (t', h', w') of each video token inside its window
+    video_extent: torch.Tensor    # (Lv, 3) int64: (wt, wh, ww) of the window holding each video token
+    video_text_length: torch.Tensor  # (Lv,) int64: text length of each video token's sample
+    text_position: torch.Tensor   # (Lt,) int64: index j of each text token within its sample's text
     text_weight: torch.Tensor     # (Lt,) float32: 1 / (windows of the token's sample), for the text mean
+    cache: dict = field(default_factory=dict)  # per-plan derived tables (rotary), filled on first use
 
 
 @functools.lru_cache(maxsize=64)
@@ -52,34 +57,37 @@ def window_plan(layout: PackedLayout, counts: tuple[int, int, int], method: str,
     """The (cached) window plan of a packed batch for one layer's window counts and method."""
     total_video = sum(layout.video_lengths)
     members: dict[tuple[int, int, int, int], list[torch.Tensor]] = {}
-    text_weight = []
+    offset = torch.empty((total_video, 3), dtype=torch.int64, device=_HOST)
+    extent = torch.empty((total_video, 3), dtype=torch.int64, device=_HOST)
+    video_text_length = torch.empty((total_video,), dtype=torch.int64, device=_HOST)
+    text_weight, text_position = [], []
     video_offset, text_offset = 0, total_video
     for grid, text_length, video_length in zip(layout.grids, layout.text_lengths, layout.video_lengths):
         token_grid = torch.arange(video_offset, video_offset + video_length, device=_HOST).view(grid)
         text_tokens = torch.arange(text_offset, text_offset + text_length, device=_HOST)
         windows = partition_windows(grid, counts, method)
         for (t0, t1), (h0, h1), (w0, w1) in windows:
+            shape = (t1 - t0, h1 - h0, w1 - w0)
             video_tokens = token_grid[t0:t1, h0:h1, w0:w1].reshape(-1)
-            key = (t1 - t0, h1 - h0, w1 - w0, text_length)
-            members.setdefault(key, []).append(torch.cat([video_tokens, text_tokens]))
+            local = torch.stack(torch.meshgrid(*(torch.arange(n, device=_HOST) for n in shape), indexing="ij"), -1)
+            offset[video_tokens] = local.reshape(-1, 3)
+            extent[video_tokens] = torch.tensor(shape, device=_HOST)
+            members.setdefault((*shape, text_length), []).append(torch.cat([video_tokens, text_tokens]))
+        video_text_length[video_offset:video_offset + video_length] = text_length
         text_weight.append(torch.full((text_length,), 1.0 / len(windows), dtype=torch.float32, device=_HOST))
+        text_position.append(torch.arange(text_length, device=_HOST))
         video_offset += video_length
         text_offset += text_length
 
-    index_per_group = {key: torch.stack(sequences) for key, sequences in members.items()}
-    # Every video token lies in exactly one window: invert the windowed order to scatter outputs back.
-    windowed_order = torch.cat([index[:, : wt * wh * ww].reshape(-1)
-                                for (wt, wh, ww, _), index in index_per_group.items()])
-    video_order = torch.empty_like(windowed_order)
-    video_order[windowed_order] = torch.arange(windowed_order.numel(), device=_HOST)
-
-    groups = tuple(
-        WindowGroup(
+    groups = []
+    for (wt, wh, ww, text_length), sequences in members.items():
+        index = torch.stack(sequences)
+        groups.append(WindowGroup(
             shape=(wt, wh, ww),
             text_length=text_length,
             token_index=index.to(device),
+            video_rows=index[:, : wt * wh * ww].reshape(-1).to(device),
             text_rows=(index[:, wt * wh * ww:].reshape(-1) - total_video).to(device),
-        )
-        for (wt, wh, ww, text_length), index in index_per_group.items()
-    )
-    return WindowPlan(groups, video_order.to(device), torch.cat(text_weight).to(device))
+        ))
+    return WindowPlan(tuple(groups), offset.to(device), extent.to(device), video_text_length.to(device),
+                      torch.cat(text_position).to(device), torch.cat(text_weight).to(device))
