@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=0, help="frames per batch (0 = all test frames)")
     p.add_argument("--iterations", type=int, default=3, help="timed repetitions of each job")
     p.add_argument("--sections", default="attention,compile,e2e",
-                   help="comma list of: attention, compile, e2e, precision, vae_conv")
+                   help="comma list of: attention, compile, e2e, precision, vae_conv, profile")
     p.add_argument("--attention", default="auto", help="attention_mode of the optimized run")
     p.add_argument("--quantization", default="disabled", help="quantization of the optimized run")
     p.add_argument("--compile", action="store_true", help="torch.compile in the optimized run")
@@ -344,6 +344,32 @@ def section_vae_conv(args, device) -> dict:
     return results
 
 
+def section_profile(args, device, dit, vae) -> dict:
+    """Top kernels of one DiT forward and one VAE decode chunk (torch.profiler), for finding hot spots."""
+    from torch.profiler import ProfilerActivity, profile
+
+    in_w, in_h = map(int, args.input_size.split("x"))
+    out_h, out_w = target_size(in_h, in_w, args.resolution)
+    t, h, w = ((args.test_frames - 1) // 4 + 1, -(-out_h // 16) * 2, -(-out_w // 16) * 2)
+    vid = torch.randn(t * h * w, dit.config.vid_in_channels, device=device)
+    txt = torch.randn(58, dit.config.txt_in_dim, device=device)
+    shapes = torch.tensor([[t, h, w]]), torch.tensor([[58]])
+    step = torch.tensor([1000.0], device=device)
+    latent = torch.randn(1, 16, 2, h, w, device=device)
+    jobs = {"dit": lambda: dit(vid, txt, *shapes, step), "vae_decode_2_latents": lambda: vae.decode(latent)}
+    tables = {}
+    with matrix_ops.attention_backend(args.attention), torch.no_grad():
+        for name, job in jobs.items():
+            job()
+            sync(device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                job()
+                sync(device)
+            tables[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            print(f"\nProfile {name}:\n{tables[name]}")
+    return tables
+
+
 def section_compile(args, device, dit) -> dict:
     """Cold compile time of the DiT's repeated block at the job's token count."""
     from src.optimization import torch_compile
@@ -470,6 +496,8 @@ def main(argv=None) -> int:
             results["attention"] = section_attention(args, device, dit.config)
         if "e2e" in sections:
             results["e2e"] = section_e2e(args, device, dit, vae, results["peak_tflops"])
+        if "profile" in sections:
+            results["profile"] = section_profile(args, device, dit, vae)
         if "compile" in sections:
             results["compile"] = section_compile(args, device, dit)
     print_table(results)

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..optimization import matrix_ops
+from ..optimization import fused_kernels, matrix_ops
 from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batches, prepend_mirrored
 from .color_correction import color_correct
 from .frames import crop, pad_to_multiple, resize_frames, target_size, to_model_range
@@ -195,7 +195,7 @@ class _Runner:
         model_fn = dit_velocity(dit.model, positive, negative)
         backend = self.dit_spec.attention_mode if self.dit_spec.enable_optimizations else matrix_ops.PLAIN
         results = []
-        with matrix_ops.attention_backend(backend):
+        with matrix_ops.attention_backend(backend), fused_kernels.fused(self.dit_spec.enable_optimizations):
             for index, cond in enumerate(conds):
                 progress.check_interrupt()
                 cond = cond.to(dit.device)
