@@ -1,0 +1,160 @@
+"""SeedVR2LoadDiTModel: choose the DiT weights and how to run them.
+
+Inputs, defaults and widget order are those of the earlier SeedVR2 node pack (v2.5.24), so its saved
+workflows load unchanged; ``quantization`` and ``enable_optimizations`` are new and come last.  The node
+loads nothing: it makes sure the file is there (downloading a released one) and returns a
+:class:`DiTSpec`; the upscaler loads and caches the model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..src.models.checkpoint import read_index, require_kind
+from ..src.models.registry import DEFAULT_DIT
+from ..src.pipeline.devices import (
+    compute_device_choices, device_name_problem, offload_device_choices, resolve_device,
+)
+from ..src.pipeline.settings import CompileSettings, DiTSpec, SettingsError
+from .model_folders import dit_choices, fetch_model, model_problem
+from .validation import validation_result
+
+ATTENTION_MODES = (
+    "auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn_2", "sageattn_3", "sageattn",
+    "sageattn_3_fp4", "sageattn_3_fp8", "flash_attn", "xformers", "flex",
+)
+QUANTIZATION_MODES = ("disabled", "fp8_e4m3fn", "fp4_experimental", "fp4_scaled", "fp4_scaled_fast", "gguf")
+
+
+def choose_quantization(model: str, quantization: str) -> str:
+    """The quantization mode to use: a .gguf file is always "gguf"; "gguf" needs a .gguf file."""
+    is_gguf = Path(model).suffix.lower() == ".gguf"
+    if is_gguf and quantization not in ("disabled", "gguf"):
+        raise SettingsError(
+            f"{model} is a GGUF file, which is already quantized; set quantization to 'disabled' or 'gguf', "
+            f"or pick a .safetensors model to use {quantization!r}."
+        )
+    if quantization == "gguf" and not is_gguf:
+        raise SettingsError(f"quantization 'gguf' needs a .gguf model file; {model} is not one.")
+    return "gguf" if is_gguf else quantization
+
+
+class SeedVR2LoadDiTModel:
+    """Select the SeedVR2 DiT (3B or 7B) and its device, offloading, attention and quantization."""
+
+    CATEGORY = "SEEDVR2"
+    DESCRIPTION = (
+        "Select the SeedVR2 DiT weights (3B or 7B; released files are downloaded on first use) and how "
+        "to run them. Connect to SeedVR2 Video Upscaler."
+    )
+    RETURN_TYPES = ("SEEDVR2_DIT",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        devices = compute_device_choices()
+        return {
+            "required": {
+                "model": (dit_choices(), {
+                    "default": DEFAULT_DIT,
+                    "tooltip": "DiT weights: 3B is faster, 7B finer; fp16 is exact, fp8 and GGUF save memory. "
+                               "Released files are downloaded into models/SEEDVR2 when missing.",
+                }),
+                "device": (devices, {
+                    "default": "auto",
+                    "tooltip": "Where the DiT runs. 'auto' = ComfyUI's device. A device this machine lacks "
+                               "(e.g. from a shared workflow) falls back to the best available one.",
+                }),
+            },
+            "optional": {
+                "blocks_to_swap": ("INT", {
+                    "default": 0, "min": 0, "max": 36, "step": 1,
+                    "tooltip": "Transformer blocks kept on the offload device and brought in one at a time "
+                               "(3B has 32, 7B 36): less VRAM, slower. Needs an offload_device.",
+                }),
+                "swap_io_components": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Also keep the input/output layers on the offload device. Needs an offload_device.",
+                }),
+                "offload_device": (offload_device_choices(), {
+                    "default": "none",
+                    "tooltip": "Where the DiT waits between runs and where swapped blocks live; "
+                               "'none' keeps it on its device.",
+                }),
+                "cache_model": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Keep the loaded DiT between runs (on the offload device, or on its device "
+                               "when offload_device is 'none').",
+                }),
+                "attention_mode": (list(ATTENTION_MODES), {
+                    "default": "auto",
+                    "tooltip": "Attention kernel. 'auto' picks the fastest installed one; a kernel that is "
+                               "not installed falls back to PyTorch SDPA.",
+                }),
+                "torch_compile_args": ("TORCH_COMPILE_ARGS", {
+                    "tooltip": "Optional settings from SeedVR2 Torch Compile Settings.",
+                }),
+                "quantization": (list(QUANTIZATION_MODES), {
+                    "default": "disabled",
+                    "tooltip": "Run the DiT with quantized weights: fp8 (GPUs with FP8 support), fp4 modes "
+                               "(Blackwell GPUs; others fall back to fp8). 'disabled' uses the file as it "
+                               "is. A .gguf file always runs as gguf.",
+                }),
+                "enable_optimizations": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Use the fast implementations (fused projections, batched window "
+                               "attention). Turn off only to compare with the plain reference path.",
+                }),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None):
+        """Checks the model file and the device names (naming them here skips ComfyUI's combo check, so
+        workflows saved on another machine, e.g. with "cuda:0", still validate)."""
+        return validation_result(
+            model=model_problem(model, "dit"),
+            device=device_name_problem(device),
+            offload_device=device_name_problem(offload_device, offload=True),
+        )
+
+    def load(
+        self,
+        model: str,
+        device: str,
+        blocks_to_swap: int = 0,
+        swap_io_components: bool = False,
+        offload_device: str = "none",
+        cache_model: bool = False,
+        attention_mode: str = "auto",
+        torch_compile_args: CompileSettings | None = None,
+        quantization: str = "disabled",
+        enable_optimizations: bool = True,
+    ) -> tuple[DiTSpec]:
+        """Resolve devices, fetch the file, check it holds a DiT, and return the spec."""
+        quantization = choose_quantization(model, quantization)
+        run_on = resolve_device(device)
+        offload_to = resolve_device(offload_device, offload=True)
+        if (blocks_to_swap > 0 or swap_io_components) and offload_to == "none":
+            raise SettingsError(
+                "blocks_to_swap / swap_io_components keep parts of the DiT on the offload device, but "
+                "offload_device is 'none'. Set offload_device to 'cpu', or blocks_to_swap to 0 and "
+                "swap_io_components off."
+            )
+        if offload_to == run_on:
+            blocks_to_swap, swap_io_components = 0, False  # swapping to the device it runs on changes nothing
+        path = fetch_model(model)
+        if path.suffix.lower() == ".safetensors":
+            require_kind(read_index(path), "dit")
+        spec = DiTSpec(
+            model=str(path),
+            device=run_on,
+            offload_device=offload_to,
+            cache_model=cache_model,
+            blocks_to_swap=blocks_to_swap,
+            swap_io_components=swap_io_components,
+            attention_mode=attention_mode,
+            quantization=quantization,
+            enable_optimizations=enable_optimizations,
+            compile=torch_compile_args,
+        )
+        return (spec,)

@@ -1,0 +1,61 @@
+"""Pipeline progress shown on the ComfyUI node, and the user's "Cancel" reaching the pipeline."""
+from __future__ import annotations
+
+from ..src.pipeline.progress import Progress
+
+try:
+    import comfy.model_management as model_management
+    import comfy.utils as comfy_utils
+except ImportError:  # not running inside ComfyUI: progress and interrupts are no-ops
+    comfy_utils = model_management = None
+
+
+class ComfyProgress(Progress):
+    """One node progress bar for the whole run, each phase owning a share of it.
+
+    The shares follow where the time goes on a GPU (decode is the slowest phase).  Within a phase the
+    bar moves per step (batch or tile).  The bar never moves back, even if a phase is started again.
+    """
+
+    PHASE_WEIGHTS = {"encode": 0.2, "upscale": 0.25, "decode": 0.5, "postprocess": 0.05}
+    BAR_STEPS = 1000
+
+    def __init__(self):
+        # ComfyUI attaches the bar to the node that is executing.
+        self._bar = comfy_utils.ProgressBar(self.BAR_STEPS) if comfy_utils else None
+        self._fraction_done = {phase: 0.0 for phase in self.PHASE_WEIGHTS}
+        self._phase: str | None = None
+        self._phase_total = 0
+        self._phase_steps = 0
+        self.position = 0
+
+    def start_phase(self, phase: str, total: int) -> None:
+        """A phase ("encode", "upscale", "decode", "postprocess") begins with ``total`` steps."""
+        self._phase, self._phase_total, self._phase_steps = phase, max(int(total), 0), 0
+        self._show()
+
+    def advance(self, steps: int = 1) -> None:
+        """``steps`` more steps of the current phase are done."""
+        if self._phase not in self._fraction_done:
+            return  # other phase names own no share of the bar
+        self._phase_steps += steps
+        fraction = min(self._phase_steps / self._phase_total, 1.0) if self._phase_total else 1.0
+        self._fraction_done[self._phase] = max(self._fraction_done[self._phase], fraction)
+        self._show()
+
+    def finish(self) -> None:
+        """The run is complete: fill the bar, including the share of phases the run had no use for (the
+        post-processing phase only runs for RGBA inputs)."""
+        self._fraction_done = dict.fromkeys(self._fraction_done, 1.0)
+        self._show()
+
+    def check_interrupt(self) -> None:
+        """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
+        if model_management is not None:
+            model_management.throw_exception_if_processing_interrupted()
+
+    def _show(self) -> None:
+        done = sum(self.PHASE_WEIGHTS[phase] * fraction for phase, fraction in self._fraction_done.items())
+        self.position = max(self.position, round(done * self.BAR_STEPS))
+        if self._bar is not None:
+            self._bar.update_absolute(self.position)

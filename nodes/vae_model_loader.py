@@ -1,0 +1,144 @@
+"""SeedVR2LoadVAEModel: choose the video VAE weights, device and spatial tiling.
+
+Inputs, defaults and widget order are those of the earlier SeedVR2 node pack (v2.5.24), so its saved
+workflows load unchanged; ``enable_optimizations`` is new and comes last.  Returns a :class:`VAESpec`.
+"""
+from __future__ import annotations
+
+from ..src.models.checkpoint import read_index, require_kind
+from ..src.models.registry import DEFAULT_VAE
+from ..src.pipeline.devices import (
+    compute_device_choices, device_name_problem, offload_device_choices, resolve_device,
+)
+from ..src.pipeline.settings import CompileSettings, SettingsError, VAESpec
+from .model_folders import fetch_model, model_problem, vae_choices
+from .validation import validation_result
+
+TILE_DEBUG_MODES = ("false", "encode", "decode")
+
+
+def _tile_inputs(phase: str, verb: str) -> dict:
+    return {
+        f"{phase}_tiled": ("BOOLEAN", {
+            "default": False,
+            "tooltip": f"{verb} each frame in overlapping tiles to bound memory at high resolution.",
+        }),
+        f"{phase}_tile_size": ("INT", {
+            "default": 1024, "min": 64, "step": 32,
+            "tooltip": f"Tile size in pixels for {phase} tiling (height and width).",
+        }),
+        f"{phase}_tile_overlap": ("INT", {
+            "default": 128, "min": 0, "step": 32,
+            "tooltip": "Overlap between neighbouring tiles in pixels; blended to hide seams.",
+        }),
+    }
+
+
+class SeedVR2LoadVAEModel:
+    """Select the SeedVR2 video VAE, its device, offloading and encode/decode tiling."""
+
+    CATEGORY = "SEEDVR2"
+    DESCRIPTION = (
+        "Select the SeedVR2 video VAE (downloaded on first use) with its device and tiling. "
+        "Connect to SeedVR2 Video Upscaler."
+    )
+    RETURN_TYPES = ("SEEDVR2_VAE",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (vae_choices(), {
+                    "default": DEFAULT_VAE,
+                    "tooltip": "VAE weights; the released file is downloaded into models/SEEDVR2 when missing.",
+                }),
+                "device": (compute_device_choices(), {
+                    "default": "auto",
+                    "tooltip": "Where the VAE runs. 'auto' = ComfyUI's device. A device this machine lacks "
+                               "falls back to the best available one.",
+                }),
+            },
+            "optional": {
+                **_tile_inputs("encode", "Encode"),
+                **_tile_inputs("decode", "Decode"),
+                "tile_debug": (list(TILE_DEBUG_MODES), {
+                    "default": "false",
+                    "tooltip": "Draw the encode or decode tile borders on the output, to tune tiling.",
+                }),
+                "offload_device": (offload_device_choices(), {
+                    "default": "none",
+                    "tooltip": "Where the VAE waits while the DiT runs and between runs; 'none' keeps it on "
+                               "its device.",
+                }),
+                "cache_model": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Keep the loaded VAE between runs (on the offload device, or on its device "
+                               "when offload_device is 'none').",
+                }),
+                "torch_compile_args": ("TORCH_COMPILE_ARGS", {
+                    "tooltip": "Optional settings from SeedVR2 Torch Compile Settings.",
+                }),
+                "enable_optimizations": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Use the fast implementations. Turn off only to compare with the plain "
+                               "reference path.",
+                }),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None):
+        """Checks the model file and the device names (naming them here skips ComfyUI's combo check, so
+        workflows saved on another machine, e.g. with "cuda:0", still validate)."""
+        return validation_result(
+            model=model_problem(model, "vae"),
+            device=device_name_problem(device),
+            offload_device=device_name_problem(offload_device, offload=True),
+        )
+
+    def load(
+        self,
+        model: str,
+        device: str,
+        encode_tiled: bool = False,
+        encode_tile_size: int = 1024,
+        encode_tile_overlap: int = 128,
+        decode_tiled: bool = False,
+        decode_tile_size: int = 1024,
+        decode_tile_overlap: int = 128,
+        tile_debug: str = "false",
+        offload_device: str = "none",
+        cache_model: bool = False,
+        torch_compile_args: CompileSettings | None = None,
+        enable_optimizations: bool = True,
+    ) -> tuple[VAESpec]:
+        """Resolve devices, check the tiling, fetch the file, check it holds a VAE, return the spec."""
+        for phase, tiled, size, overlap in (("encode", encode_tiled, encode_tile_size, encode_tile_overlap),
+                                            ("decode", decode_tiled, decode_tile_size, decode_tile_overlap)):
+            if tiled and overlap >= size:
+                raise SettingsError(
+                    f"{phase}_tile_overlap ({overlap}) must be smaller than {phase}_tile_size ({size}); "
+                    f"lower the overlap or raise the tile size."
+                )
+        run_on = resolve_device(device)
+        offload_to = resolve_device(offload_device, offload=True)
+        path = fetch_model(model)
+        if path.suffix.lower() == ".safetensors":
+            require_kind(read_index(path), "vae")
+        spec = VAESpec(
+            model=str(path),
+            device=run_on,
+            offload_device=offload_to,
+            cache_model=cache_model,
+            encode_tiled=encode_tiled,
+            encode_tile_size=encode_tile_size,
+            encode_tile_overlap=encode_tile_overlap,
+            decode_tiled=decode_tiled,
+            decode_tile_size=decode_tile_size,
+            decode_tile_overlap=decode_tile_overlap,
+            tile_debug=tile_debug != "false",
+            enable_optimizations=enable_optimizations,
+            compile=torch_compile_args,
+        )
+        return (spec,)

@@ -1,0 +1,99 @@
+"""Finding SeedVR2 weight files in model folders, without ComfyUI.
+
+ComfyUI hands us its ``seedvr2`` folders (``nodes/model_folders.py``); the command line uses
+``./models/SEEDVR2`` or ``--model_dir``.  Names are paths relative to a folder, with ``/`` separators,
+like ComfyUI's file lists; when several folders hold the same name, the first folder wins.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Mapping, Sequence
+
+from .checkpoint import CheckpointError, read_index
+from .registry import KNOWN_MODELS, has_model_extension
+
+DEFAULT_MODEL_DIR = Path("models") / "SEEDVR2"
+
+
+def is_hidden(name: str) -> bool:
+    """Whether a listed name lies in (or is) a dot-folder/file, e.g. the download staging folder."""
+    return any(part.startswith(".") for part in PurePosixPath(name).parts)
+
+
+def list_model_files(folders: Sequence[str | os.PathLike]) -> dict[str, Path]:
+    """Every weight file under ``folders`` (recursively, dot-folders skipped) as ``{name: path}``."""
+    found: dict[str, Path] = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for file in sorted(files):
+                if file.startswith(".") or not has_model_extension(file):
+                    continue
+                path = Path(root) / file
+                found.setdefault(path.relative_to(folder).as_posix(), path)
+    return dict(sorted(found.items()))
+
+
+def find_model_file(name: str, folders: Sequence[str | os.PathLike]) -> Path | None:
+    """The file called ``name`` (an absolute path, or a name relative to one of ``folders``), or None."""
+    candidate = Path(name)
+    if candidate.is_absolute():
+        return candidate if candidate.is_file() else None
+    if ".." in PurePosixPath(name).parts:
+        return None  # names never leave their folder
+    for folder in folders:
+        path = Path(folder) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """"dit", "vae" or "unknown": from the tensor names of a safetensors header, else from the file name.
+
+    GGUF files are only ever made of the DiT; pickles are too costly to open for a listing, so their
+    name decides ("vae" in it).  Cached per path, size and modification time.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return "unknown"
+    return _file_kind(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_kind(path: str, size: int, mtime_ns: int) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            return read_index(path).kind
+        except CheckpointError:
+            return "unknown"
+    if suffix == ".gguf":
+        return "dit"
+    return "vae" if "vae" in Path(path).name.lower() else "unknown"
+
+
+def model_choices(kind: str, files: Mapping[str, Path]) -> list[str]:
+    """Combo entries for a loader of ``kind``: the released files of that kind (downloadable even when
+    missing) first, then the other files found, sorted.  The VAE list takes files that hold a VAE; the
+    DiT list every other file, so that a DiT of unexpected layout can still be picked."""
+    if kind not in ("dit", "vae"):
+        raise ValueError(f"kind must be 'dit' or 'vae', not {kind!r}")
+    known = [info.filename for info in KNOWN_MODELS if info.kind == kind]
+    known_names = {info.filename for info in KNOWN_MODELS}
+    extra = [
+        name for name, path in files.items()
+        if name not in known_names and not is_hidden(name) and (file_kind(path) == "vae") == (kind == "vae")
+    ]
+    return known + sorted(extra)
+
+
+def describe_folders(folders: Iterable[str | os.PathLike]) -> str:
+    """Folders for an error message: "'a', 'b'"."""
+    return ", ".join(repr(str(f)) for f in folders) or "(no model folder configured)"
