@@ -26,7 +26,6 @@ from ui_workflow import image_upscale_workflow, video_upscale_workflow
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFY_RUN = Path(os.environ.get("COMFY_RUN", REPO_ROOT.parent / "shared" / "comfyui" / "comfy_run.py"))
-PIPELINE_READY = (REPO_ROOT / "src" / "pipeline" / "upscaler.py").is_file()
 NODES = ["SeedVR2VideoUpscaler", "SeedVR2LoadDiTModel", "SeedVR2LoadVAEModel", "SeedVR2TorchCompileSettings"]
 INTERRUPT_TITLE = "SeedVR2 interrupt target"
 WORKFLOW_TIMEOUT_S = 300
@@ -34,9 +33,6 @@ WORKFLOW_TIMEOUT_S = 300
 pytestmark = pytest.mark.skipif(
     not COMFYUI_DIR,
     reason="end-to-end tests need a ComfyUI 0.8.0 checkout: set COMFYUI_DIR (see shared/comfyui/README.md)",
-)
-needs_pipeline = pytest.mark.skipif(
-    not PIPELINE_READY, reason="src/pipeline/upscaler.py does not exist yet: only the import/object_info checks ran"
 )
 
 # Widget values in the earlier pack's order (doc §8), scaled down for a CPU and the tiny models.
@@ -200,7 +196,7 @@ def comfy(tmp_path_factory):
     write_video(inputs / "e2e_empty.mp4", 64, 36, frames=0)
     for asset in ("example_image.png", "example_clip.mp4"):
         (inputs / asset).write_bytes((REPO_ROOT / "assets" / asset).read_bytes())
-    workflows = build_workflows(root, import_pack().NODE_CLASS_MAPPINGS) if PIPELINE_READY else []
+    workflows = build_workflows(root, import_pack().NODE_CLASS_MAPPINGS)
 
     port = free_port()
     command = [
@@ -277,7 +273,6 @@ def output_file(run: dict) -> dict:
     return files[0]
 
 
-@needs_pipeline
 @pytest.mark.parametrize("key, size", [
     ("simple_image", (96, 64)),
     ("4k_image", (128, 128)),
@@ -290,7 +285,6 @@ def test_image_workflow_succeeds(comfy, key, size):
     assert (image["width"], image["height"]) == size
 
 
-@needs_pipeline
 def test_rgba_input_keeps_its_alpha(comfy):
     from PIL import Image
 
@@ -298,7 +292,6 @@ def test_rgba_input_keeps_its_alpha(comfy):
     assert Image.open(path).mode == "RGBA"
 
 
-@needs_pipeline
 @pytest.mark.parametrize("key, frames, size", [("hd_video", 13, (128, 72)), ("example_video", 21, (320, 180))])
 def test_video_workflow_succeeds(comfy, key, frames, size):
     run = comfy[2][key]
@@ -307,14 +300,12 @@ def test_video_workflow_succeeds(comfy, key, frames, size):
     assert (count, (width, height)) == (frames, size)
 
 
-@needs_pipeline
 def test_progress_bar_moves_during_the_upscale(comfy):
     ticks = [t for t in comfy[2]["hd_video"].get("progress_ticks", []) if t["max"] == 1000]
     values = [t["value"] for t in ticks]
     assert len(values) >= 4 and values == sorted(values) and values[-1] == 1000, ticks
 
 
-@needs_pipeline
 def test_vae_file_selected_as_dit_is_a_clear_loader_error(comfy):
     run = comfy[2]["wrong_model"]
     assert run["status"] == "failed"
@@ -323,7 +314,6 @@ def test_vae_file_selected_as_dit_is_a_clear_loader_error(comfy):
     assert "ema_vae_fp16.safetensors" in message and "VAE" in message
 
 
-@needs_pipeline
 def test_impossible_resolution_is_a_clear_error(comfy):
     run = comfy[2]["impossible_max_resolution"]
     node, message = node_error(run)
@@ -335,7 +325,6 @@ def test_impossible_resolution_is_a_clear_error(comfy):
     assert any(e["type"] == "value_bigger_than_max" and e["extra_info"]["input_name"] == "resolution" for e in errors)
 
 
-@needs_pipeline
 def test_unknown_device_name_is_rejected_at_validation(comfy):
     run = comfy[2]["bad_device"]
     assert run["failure"].startswith("prompt rejected"), explain(run)
@@ -344,7 +333,6 @@ def test_unknown_device_name_is_rejected_at_validation(comfy):
     assert details and all("device: 'tpu' is not a device" in d for d in details), errors
 
 
-@needs_pipeline
 def test_zero_frames_is_a_clear_error(comfy):
     run = comfy[2]["zero_frames"]
     node, message = node_error(run)
@@ -352,7 +340,6 @@ def test_zero_frames_is_a_clear_error(comfy):
     assert "no frames" in message
 
 
-@needs_pipeline
 def test_interrupt_stops_the_upscaler(comfy):
     run = comfy[2]["interrupt"]
     assert run["status"] == "failed" and run.get("status_str") == "error", explain(run)
@@ -361,7 +348,6 @@ def test_interrupt_stops_the_upscaler(comfy):
     assert run["wall_seconds"] < WORKFLOW_TIMEOUT_S / 2
 
 
-@needs_pipeline
 @pytest.mark.parametrize("key", ["after_wrong_model", "after_resolution", "after_zero_frames", "after_interrupt"])
 def test_server_stays_healthy_after_an_error(comfy, key):
     run = comfy[2][key]
