@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..models.load import load_dit, load_vae
+from ..optimization import stable_memory
 from .devices import resolve_device
 from .settings import DiTSpec, VAESpec
 
@@ -64,11 +65,14 @@ class ManagedModel:
     info: dict = field(default_factory=dict)
 
     def activate(self) -> torch.nn.Module:
-        """Make sure the weights are on the compute device (letting ComfyUI make room first)."""
+        """Make sure the weights are on the compute device (letting ComfyUI make room first).
+
+        With BlockSwap the swapped blocks stay in (pinned) host memory and stream in during the forward.
+        """
         if self.patcher is not None:
             comfy_mm.load_models_gpu([self.patcher], force_full_load=True)
         elif _module_device(self.model) != self.device:
-            self.model.to(self.device)
+            stable_memory.offload(self.model, self.device)
         return self.model
 
     def park(self) -> None:
@@ -79,7 +83,7 @@ class ManagedModel:
             self.patcher.detach()
             _forget_patcher(self.patcher)
         else:
-            self.model.to(self.offload_device)
+            stable_memory.offload(self.model, self.offload_device, pin_memory=True)
         _empty_cache(self.device)
 
 
@@ -117,16 +121,23 @@ class ModelManager:
         dtype = compute_dtype(device)
         path = self._resolve_path(spec.model)
         quantization = "gguf" if str(path).lower().endswith(".gguf") else spec.quantization
-        key = ("dit", _file_key(path), str(device), dtype, quantization)
+        key = ("dit", _file_key(path), str(device), dtype, quantization, spec.blocks_to_swap,
+               spec.swap_io_components, spec.offload_device)
         cached = self._take(key)
         if cached is not None:
             return cached
         load_device = _load_device(device, spec.offload_device, spec.blocks_to_swap > 0)
         log.info("SeedVR2: loading DiT %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
         model = load_dit(path, device=load_device, dtype=dtype, quantization=quantization)
-        managed = ManagedModel("dit", key, model, device, _offload(spec.offload_device), dtype, spec.cache_model,
+        offload_device = _offload(spec.offload_device)
+        managed = ManagedModel("dit", key, model, device, offload_device, dtype, spec.cache_model,
                                info={"path": path, "quantization": quantization, "config": model.config})
-        self._register(managed, allow_comfy=spec.blocks_to_swap == 0)
+        if spec.blocks_to_swap > 0 and offload_device is not None and offload_device != device:
+            io = [m for m in (model.vid_in, model.txt_in, model.emb_in, model.vid_out_norm, model.vid_out_ada,
+                              model.vid_out) if m is not None] if spec.swap_io_components else []
+            managed.info["block_swap"] = stable_memory.BlockSwap(model.blocks, spec.blocks_to_swap, device,
+                                                                 offload_device, swap_io=io)
+        self._register(managed, allow_comfy="block_swap" not in managed.info)
         return managed
 
     def vae(self, spec: VAESpec) -> ManagedModel:
@@ -169,6 +180,9 @@ class ModelManager:
 
     def drop(self, managed: ManagedModel) -> None:
         self._cache.pop(managed.key, None)
+        swap = managed.info.pop("block_swap", None)
+        if swap is not None:
+            swap.remove()
         if managed.patcher is not None:
             managed.patcher.detach()
             _forget_patcher(managed.patcher)
