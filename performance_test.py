@@ -52,7 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="auto", help="attention_mode of the optimized run")
     p.add_argument("--quantization", default="disabled", help="quantization of the optimized run")
     p.add_argument("--compile", action="store_true", help="torch.compile in the optimized run")
-    p.add_argument("--no-plain", action="store_true", help="skip the plain (optimizations off) run")
+    p.add_argument("--variants", default="plain,optimized",
+                   help="end-to-end runs, in order: plain, optimized, swapN (optimized with N DiT blocks "
+                        "swapped to pinned host memory), fp8 (optimized with fp8 matmuls; changes the model, "
+                        "so put it last)")
     p.add_argument("--decode-tile", type=int, default=0, help="VAE decode tile size (0 = untiled)")
     p.add_argument("--encode-tile", type=int, default=0, help="VAE encode tile size (0 = untiled)")
     p.add_argument("--dit-offload", default="none", help="DiT offload device between phases")
@@ -245,29 +248,44 @@ def section_attention(args, device, dit_config) -> dict:
     return results
 
 
-def run_job(args, device, dit, vae, optimized: bool, iterations: int) -> dict:
+def run_job(args, device, dit, vae, variant: str, iterations: int) -> dict:
+    """Time the real pipeline on the test clip for one variant (see --variants)."""
+    optimized = variant != "plain"
     in_w, in_h = map(int, args.input_size.split("x"))
     clip = test_clip(args.test_frames, in_w, in_h)
     batch = args.batch_size or args.test_frames
     compile_settings = CompileSettings() if (optimized and args.compile) else None
+    swap = int(variant[4:]) if variant.startswith("swap") else 0
+    if variant == "fp8":
+        from src.optimization.fp4_quantization import quantize_linears
+
+        print(quantize_linears(dit, "fp8_e4m3fn", compute_dtype=compute_dtype(device), device=device).summary())
     dit_spec = DiTSpec(model=str(args.model), device=str(device), attention_mode=args.attention if optimized else "sdpa",
-                       enable_optimizations=optimized, compile=compile_settings, offload_device=args.dit_offload,
-                       quantization=args.quantization if optimized else "disabled")
+                       enable_optimizations=optimized, compile=compile_settings, offload_device=args.dit_offload)
     vae_spec = VAESpec(model="vae", device=str(device), enable_optimizations=optimized, compile=compile_settings,
                        decode_tiled=args.decode_tile > 0, decode_tile_size=args.decode_tile or 1024,
                        encode_tiled=args.encode_tile > 0, encode_tile_size=args.encode_tile or 1024)
     settings = UpscaleSettings(resolution=args.resolution, batch_size=batch, color_correction="lab", seed=42)
     manager = PrebuiltManager(dit, vae, device)
+    block_swap = None
+    if swap:
+        from src.optimization.stable_memory import BlockSwap
+
+        block_swap = BlockSwap(dit.blocks, swap, device, "cpu")
     runs, output = [], None
-    for _ in range(iterations + 1):  # the first run warms up (and compiles when asked)
-        recorder = PhaseRecorder(device)
-        reset_peak(device)
-        start = time.perf_counter()
-        output = upscale(clip, dit_spec, vae_spec, settings, progress=recorder, manager=manager)
-        sync(device)
-        recorder.finish()
-        runs.append({"total_s": time.perf_counter() - start, "times": dict(recorder.times),
-                     "peaks_gb": dict(recorder.peaks), "peak_gb": max(recorder.peaks.values())})
+    try:
+        for _ in range(iterations + 1):  # the first run warms up (and compiles when asked)
+            recorder = PhaseRecorder(device)
+            reset_peak(device)
+            start = time.perf_counter()
+            output = upscale(clip, dit_spec, vae_spec, settings, progress=recorder, manager=manager)
+            sync(device)
+            recorder.finish()
+            runs.append({"total_s": time.perf_counter() - start, "times": dict(recorder.times),
+                         "peaks_gb": dict(recorder.peaks), "peak_gb": max(recorder.peaks.values())})
+    finally:
+        if block_swap is not None:
+            block_swap.remove()
     warmup, timed = runs[0], runs[1:]
     summary = {"warmup_total_s": warmup["total_s"], "runs": timed}
     for phase in PHASES:
@@ -292,9 +310,8 @@ def section_e2e(args, device, dit, vae, peak_tflops) -> dict:
     result = {"output_size": [out_w, out_h], "frames": args.test_frames, "flops_tflop": {k: v / 1e12 for k, v in flops.items()},
               "floor_seconds": total_flops / (peak_tflops * 1e12) if peak_tflops else None}
     outputs = {}
-    variants = ([] if args.no_plain else [("plain", False)]) + [("optimized", True)]
-    for label, optimized in variants:
-        summary, outputs[label] = run_job(args, device, dit, vae, optimized, args.iterations)
+    for label in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        summary, outputs[label] = run_job(args, device, dit, vae, label, args.iterations)
         for phase, phase_flops in flops.items():
             seconds = summary[phase]["seconds"]
             summary[phase]["tflops"] = phase_flops / seconds / 1e12 if seconds else None
@@ -303,11 +320,15 @@ def section_e2e(args, device, dit, vae, peak_tflops) -> dict:
         summary["tflops"] = total_flops / summary["gpu_seconds"] / 1e12
         result[label] = summary
     if "plain" in outputs:
-        a, b = outputs["optimized"].float(), outputs["plain"].float()
-        result["optimized_vs_plain"] = {"rel_l2": ((a - b).norm() / b.norm()).item(),
-                                        "max_abs_levels": ((a - b).abs().max() * 255).item(),
-                                        "mean_abs_levels": ((a - b).abs().mean() * 255).item()}
-        result["speedup"] = result["plain"]["gpu_seconds"] / result["optimized"]["gpu_seconds"]
+        b = outputs["plain"].float()
+        for label, out in outputs.items():
+            if label == "plain":
+                continue
+            a = out.float()
+            result[f"{label}_vs_plain"] = {"rel_l2": ((a - b).norm() / b.norm()).item(),
+                                           "max_abs_levels": ((a - b).abs().max() * 255).item(),
+                                           "mean_abs_levels": ((a - b).abs().mean() * 255).item(),
+                                           "speedup": result["plain"]["gpu_seconds"] / result[label]["gpu_seconds"]}
     return result
 
 
@@ -449,16 +470,15 @@ def print_table(results: dict) -> None:
               f"FLOPs (TFLOP) " + ", ".join(f"{k} {v:.0f}" for k, v in e2e["flops_tflop"].items()))
         header = f"{'run':<10}" + "".join(f"{p:>14}" for p in PHASES) + f"{'total':>10}{'peak GB':>9}{'TFLOP/s':>9}"
         print(header)
-        for label in ("plain", "optimized"):
-            if label not in e2e:
+        for label, r in e2e.items():
+            if not (isinstance(r, dict) and "gpu_seconds" in r):
                 continue
-            r = e2e[label]
             cells = "".join(f"{r[p]['seconds']:>8.2f}s/{r[p]['peak_gb']:>4.1f}G" for p in PHASES)
-            print(f"{label:<10}{cells}{r['gpu_seconds']:>9.2f}s{r['peak_gb']:>9.1f}{r['tflops']:>9.0f}")
-        if "speedup" in e2e:
-            o = e2e["optimized_vs_plain"]
-            print(f"speedup {e2e['speedup']:.2f}x; optimized vs plain: rel {o['rel_l2']:.2e}, "
-                  f"max {o['max_abs_levels']:.1f} levels, mean {o['mean_abs_levels']:.3f} levels")
+            print(f"{label[:10]:<10}{cells}{r['gpu_seconds']:>9.2f}s{r['peak_gb']:>9.1f}{r['tflops']:>9.0f}")
+        for key, o in e2e.items():
+            if key.endswith("_vs_plain"):
+                print(f"{key}: speedup {o['speedup']:.2f}x, rel {o['rel_l2']:.2e}, "
+                      f"max {o['max_abs_levels']:.1f} levels, mean {o['mean_abs_levels']:.3f} levels")
         if e2e.get("floor_seconds"):
             print(f"FLOP floor {e2e['floor_seconds']:.2f}s at {results['peak_tflops']:.0f} TFLOP/s")
     att = results.get("attention")
