@@ -240,7 +240,8 @@ def offload(model: nn.Module, device: torch.device | str, pin_memory: bool = Fal
             if tensor.device == device and (not pin or tensor.is_pinned()):
                 continue
             if pin:
-                moved = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                # Same strides as the source, so layouts such as channels_last_3d survive the round trip.
+                moved = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, pin_memory=True)
                 moved.copy_(tensor.detach(), non_blocking=True)
                 copied_from_gpu |= tensor.is_cuda
             else:

@@ -318,8 +318,8 @@ def _oom_advice(phase: str, spec) -> str:
 
 
 def _optimize(managed: ManagedModel, spec) -> None:
-    """Apply the optimization package's switches to a freshly loaded model (no-op when disabled)."""
-    if not spec.enable_optimizations or managed.info.get("optimized"):
+    """Apply the optimization package's switches to a freshly loaded model (once per model)."""
+    if managed.info.get("optimized") or not (spec.enable_optimizations or spec.compile is not None):
         return
     from ..optimization import apply
 

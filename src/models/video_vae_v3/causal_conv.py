@@ -1,12 +1,30 @@
 """Causal 3-D convolution: an output frame depends only on the current and earlier input frames."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
 from .temporal_slicing import CausalMemory
+
+if TYPE_CHECKING:
+    from ...optimization.vae_optimizer import VAERuntime
+
+
+@dataclass
+class PaddedInput:
+    """A causal convolution's input buffer: ``look_back`` history frames, then the new frames."""
+
+    frames: torch.Tensor
+    look_back: int
+    starts_clip: bool
+
+    @property
+    def new_frames(self) -> torch.Tensor:
+        """Where the producer of the new frames writes them."""
+        return self.frames[:, :, self.look_back:]
 
 
 class CausalConv3d(nn.Conv3d):
@@ -26,7 +44,7 @@ class CausalConv3d(nn.Conv3d):
         )
 
     def forward(self, x: torch.Tensor, memory: Optional[CausalMemory] = None) -> torch.Tensor:
-        if memory is not None and not memory.at_clip_start:
+        if memory is not None and memory.continues(self):
             history = memory.recall(self)
         else:
             history = x[:, :, :1].expand(-1, -1, self.kernel_size[0] - 1, -1, -1)
@@ -38,3 +56,71 @@ class CausalConv3d(nn.Conv3d):
             # on is the look-back of the next chunk (k_t - 1 frames for stride 1, k_t - stride when aligned).
             memory.keep(self, padded[:, :, out.shape[2] * self.stride[0]:].clone())
         return out
+
+    # ------------------------------------------------------------------ optimized path (see vae_optimizer)
+
+    @property
+    def lean_growth(self) -> float:
+        """Output width per frame relative to the input's, for sizing streamed pieces."""
+        return max(1.0, self.out_channels / self.in_channels)
+
+    def open_input(
+        self, memory: CausalMemory, new_shape: tuple[int, ...], like: torch.Tensor, runtime: "VAERuntime"
+    ) -> PaddedInput:
+        """Allocate the padded input for new frames of ``new_shape`` (B, C, T, H, W), history copied in; at
+        the clip start the history slots are filled from the first new frame by :meth:`convolve_input`."""
+        batch, channels, frames, height, width = new_shape
+        if memory.continues(self):
+            history = memory.recall(self)
+            look_back = history.shape[2]
+            buffer = runtime.empty((batch, channels, look_back + frames, height, width), like)
+            buffer[:, :, :look_back].copy_(history)
+            return PaddedInput(buffer, look_back, starts_clip=False)
+        look_back = self.kernel_size[0] - 1
+        buffer = runtime.empty((batch, channels, look_back + frames, height, width), like)
+        return PaddedInput(buffer, look_back, starts_clip=True)
+
+    def convolve_input(self, padded: PaddedInput, memory: CausalMemory, runtime: "VAERuntime") -> torch.Tensor:
+        """``forward``'s result from a filled :class:`PaddedInput`; keeps its tail for the next call."""
+        frames = padded.frames
+        if frames.shape[2] < self.kernel_size[0]:
+            # A strided convolution still collecting its next window (streamed one frame at a time).
+            self._repeat_first_frame(padded)
+            memory.keep(self, frames)
+            return frames.new_empty((frames.shape[0], self.out_channels, 0, *self._output_size(frames)))
+        out = self.convolve_padded(padded, runtime)
+        memory.keep(self, frames[:, :, out.shape[2] * self.stride[0]:].clone())
+        return out
+
+    def convolve_padded(self, padded: PaddedInput, runtime: "VAERuntime") -> torch.Tensor:
+        """Convolve a filled :class:`PaddedInput` (history slots repeated from the first frame at the clip
+        start); the caller keeps whatever the next call needs."""
+        self._repeat_first_frame(padded)
+        return runtime.conv3d(padded.frames, self)
+
+    @staticmethod
+    def _repeat_first_frame(padded: PaddedInput) -> None:
+        if padded.starts_clip:
+            look_back = padded.look_back
+            first = padded.frames[:, :, look_back:look_back + 1]
+            padded.frames[:, :, :look_back].copy_(first.expand(-1, -1, look_back, -1, -1))
+
+    def forward_lean(
+        self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime", norm: Optional[nn.GroupNorm] = None
+    ) -> torch.Tensor:
+        """``forward(SiLU(norm(x)))``, or ``forward(x)`` without ``norm``, with the normalised (or copied)
+        frames written straight into the padded input."""
+        channels = x.shape[1] if norm is not None else runtime.input_channels(x.shape[1])
+        padded = self.open_input(memory, (x.shape[0], channels, *x.shape[2:]), x, runtime)
+        if norm is not None:
+            runtime.normalize(x, norm, silu=True, out=padded.new_frames)
+        else:
+            padded.new_frames[:, :x.shape[1]].copy_(x)
+            padded.new_frames[:, x.shape[1]:].zero_()  # channel padding for cuDNN, if any
+        return self.convolve_input(padded, memory, runtime)
+
+    def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        return tuple(
+            (size + 2 * pad - kernel) // stride + 1
+            for size, pad, kernel, stride in zip(x.shape[3:], self.padding[1:], self.kernel_size[1:], self.stride[1:])
+        )

@@ -1,7 +1,8 @@
 """Decoder: latent (B, latent, t, h, w) -> video (B, 3, 4(t-1) + 1, 8h, 8w), values not clamped."""
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,10 @@ from .frame_norm import FrameGroupNorm
 from .mid_block import MidBlock3D
 from .resampling import Upsampler3D
 from .resnet import NORM_EPS, ResnetBlock3D
-from .temporal_slicing import CausalMemory
+from .temporal_slicing import CausalMemory, Stage, run_streamed
+
+if TYPE_CHECKING:
+    from ...optimization.vae_optimizer import VAERuntime
 
 
 class DecoderLevel(nn.Module):
@@ -37,6 +41,11 @@ class DecoderLevel(nn.Module):
         for upsampler in self.upsamplers:
             x = upsampler(x, memory)
         return x
+
+    def lean_stages(self, runtime: "VAERuntime") -> list[Stage]:
+        """The optimized path's steps, for streaming."""
+        blocks = (*self.resnets, *self.upsamplers)
+        return [Stage(partial(block.forward_lean, runtime=runtime), block.lean_growth) for block in blocks]
 
 
 class Decoder3D(nn.Module):
@@ -72,3 +81,12 @@ class Decoder3D(nn.Module):
             x = level(x, memory)
         x = F.silu(self.conv_norm_out(x), inplace=True)  # releases the widest full-resolution activation
         return self.conv_out(x, memory)
+
+    def forward_lean(self, z: torch.Tensor, memory: Optional[CausalMemory], runtime: "VAERuntime") -> torch.Tensor:
+        """``forward``'s result, streamed through the network in pieces of frames (``run_streamed``)."""
+        stages = [Stage(partial(self.conv_in.forward_lean, runtime=runtime), self.conv_in.lean_growth)]
+        stages += self.mid_block.lean_stages(runtime)
+        for level in self.up_blocks:
+            stages += level.lean_stages(runtime)
+        stages.append(Stage(partial(self.conv_out.forward_lean, runtime=runtime, norm=self.conv_norm_out)))
+        return run_streamed(stages, z, memory if memory is not None else CausalMemory(), runtime.piece_bytes)

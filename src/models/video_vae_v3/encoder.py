@@ -1,7 +1,8 @@
 """Encoder: video (B, 3, T, H, W) -> posterior moments (B, 2·latent, (T-1)/4 + 1, H/8, W/8)."""
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,10 @@ from .frame_norm import FrameGroupNorm
 from .mid_block import MidBlock3D
 from .resampling import Downsampler3D
 from .resnet import NORM_EPS, ResnetBlock3D
-from .temporal_slicing import CausalMemory
+from .temporal_slicing import CausalMemory, Stage, run_streamed
+
+if TYPE_CHECKING:
+    from ...optimization.vae_optimizer import VAERuntime
 
 
 class EncoderLevel(nn.Module):
@@ -37,6 +41,11 @@ class EncoderLevel(nn.Module):
         for downsampler in self.downsamplers:
             x = downsampler(x, memory)
         return x
+
+    def lean_stages(self, runtime: "VAERuntime") -> list[Stage]:
+        """The optimized path's steps, for streaming."""
+        blocks = (*self.resnets, *self.downsamplers)
+        return [Stage(partial(block.forward_lean, runtime=runtime), block.lean_growth) for block in blocks]
 
 
 class Encoder3D(nn.Module):
@@ -70,3 +79,12 @@ class Encoder3D(nn.Module):
         x = self.mid_block(x, memory)
         x = F.silu(self.conv_norm_out(x), inplace=True)
         return self.conv_out(x, memory)
+
+    def forward_lean(self, video: torch.Tensor, memory: Optional[CausalMemory], runtime: "VAERuntime") -> torch.Tensor:
+        """``forward``'s result, streamed through the network in pieces of frames (``run_streamed``)."""
+        stages = [Stage(partial(self.conv_in.forward_lean, runtime=runtime), self.conv_in.lean_growth)]
+        for level in self.down_blocks:
+            stages += level.lean_stages(runtime)
+        stages += self.mid_block.lean_stages(runtime)
+        stages.append(Stage(partial(self.conv_out.forward_lean, runtime=runtime, norm=self.conv_norm_out)))
+        return run_streamed(stages, video, memory if memory is not None else CausalMemory(), runtime.piece_bytes)

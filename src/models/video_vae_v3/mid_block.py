@@ -1,7 +1,8 @@
 """The bottleneck of encoder and decoder: resnet, single-head spatial self-attention per frame, resnet."""
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -9,7 +10,10 @@ from torch import nn
 from ...optimization.matrix_ops import attention
 from .frame_norm import FrameGroupNorm
 from .resnet import NORM_EPS, ResnetBlock3D
-from .temporal_slicing import CausalMemory
+from .temporal_slicing import CausalMemory, Stage
+
+if TYPE_CHECKING:
+    from ...optimization.vae_optimizer import VAERuntime
 
 
 class MidBlockAttention(nn.Module):
@@ -24,9 +28,17 @@ class MidBlockAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._attend(x, self.group_norm(x))
+
+    def forward_lean(self, x: torch.Tensor, runtime: "VAERuntime") -> torch.Tensor:
+        """``forward`` with the optimized path's vectorised per-frame GroupNorm."""
+        return self._attend(x, runtime.normalize(x, self.group_norm, silu=False))
+
+    def _attend(self, x: torch.Tensor, normalized: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         # Frames become the batch and positions the sequence: (B·T, 1 head, H·W, C).
-        tokens = self.group_norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)
+        tokens = normalized.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)
+        del normalized
         q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
         del tokens
         mixed = attention(q, k, v)
@@ -47,3 +59,11 @@ class MidBlock3D(nn.Module):
         x = self.resnets[0](x, memory)
         x = self.attentions[0](x)
         return self.resnets[1](x, memory)
+
+    def lean_stages(self, runtime: "VAERuntime") -> list[Stage]:
+        """The optimized path's steps, for streaming."""
+        return [
+            Stage(partial(self.resnets[0].forward_lean, runtime=runtime)),
+            Stage(lambda x, memory: self.attentions[0].forward_lean(x, runtime)),
+            Stage(partial(self.resnets[1].forward_lean, runtime=runtime)),
+        ]

@@ -1,7 +1,7 @@
 """The VAE's residual block: two causal 3x3x3 convolutions, each after per-frame GroupNorm and SiLU."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,9 @@ from torch import nn
 from .causal_conv import CausalConv3d
 from .frame_norm import FrameGroupNorm
 from .temporal_slicing import CausalMemory
+
+if TYPE_CHECKING:
+    from ...optimization.vae_optimizer import VAERuntime
 
 NORM_EPS = 1e-6
 
@@ -32,3 +35,18 @@ class ResnetBlock3D(nn.Module):
         h = F.silu(self.norm2(h), inplace=True)
         h = self.conv2(h, memory)
         return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+    @property
+    def lean_growth(self) -> float:
+        """Widest activation per frame relative to the input's, for sizing streamed pieces."""
+        return self.conv1.lean_growth
+
+    def forward_lean(self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime") -> torch.Tensor:
+        """``forward``'s result with at most x, one padded conv input, one output and its look-back alive."""
+        h = self.conv1.forward_lean(x, memory, runtime, norm=self.norm1)
+        padded = self.conv2.open_input(memory, h.shape, h, runtime)
+        runtime.normalize(h, self.norm2, silu=True, out=padded.new_frames)
+        del h  # its normalised copy in the padded input is all conv2 needs
+        out = self.conv2.convolve_input(padded, memory, runtime)
+        del padded
+        return out.add_(x if self.conv_shortcut is None else runtime.conv3d(x, self.conv_shortcut))

@@ -4,32 +4,48 @@ Every causal convolution looks back ``k_t - 1`` frames.  At the start of a clip 
 the first frame; in a later chunk they are the last frames the convolution saw in the previous chunk.
 :class:`CausalMemory` carries them over, so chunks can be as short as one latent frame while the output
 equals evaluating the whole clip at once (up to float summation order).
+
+Whether a convolution continues a clip is decided per convolution (has it kept frames?), so the optimized
+path can also split a chunk further into pieces that run depth-first through the network
+(:func:`run_streamed`) with the same result.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 
 class CausalMemory:
-    """The trailing input frames of every causal convolution, kept for the next chunk of the same clip."""
+    """The trailing input frames of every causal convolution, kept for the next chunk of the same clip.
+
+    The optimized path may keep a more compact record from which a convolution recomputes them (the
+    upsampler keeps its pre-upscale frames); whoever keeps a record for a convolution also reads it.
+    """
 
     def __init__(self) -> None:
-        self._frames: dict[nn.Module, torch.Tensor] = {}
+        self._frames: dict[nn.Module, Any] = {}
         self.at_clip_start = True
 
-    def recall(self, conv: nn.Module) -> torch.Tensor:
-        """The frames ``conv`` kept from the previous chunk (removed from memory: they are used once)."""
-        if conv not in self._frames:
+    def continues(self, conv: nn.Module) -> bool:
+        """True when ``conv`` kept frames from an earlier call on this clip, False when it starts the clip."""
+        if conv in self._frames:
+            return True
+        if not self.at_clip_start:
             raise RuntimeError(
                 "causal memory has no frames for a convolution in a continuation chunk; chunks of one clip "
                 "must run through the same model in order, starting with a fresh CausalMemory."
             )
+        return False
+
+    def recall(self, conv: nn.Module) -> Any:
+        """The frames ``conv`` kept from its previous call (removed from memory: they are used once)."""
+        if not self.continues(conv):
+            raise RuntimeError("causal memory: recall() of a convolution that starts the clip; ask continues() first.")
         return self._frames.pop(conv)
 
-    def keep(self, conv: nn.Module, frames: torch.Tensor) -> None:
+    def keep(self, conv: nn.Module, frames: Any) -> None:
         """Store ``frames`` (a small copy, so the chunk's activations can be freed) for ``conv``'s next chunk."""
         self._frames[conv] = frames
 
@@ -79,3 +95,47 @@ def run_sliced(
     if filled != out_frames:
         raise RuntimeError(f"temporal slicing produced {filled} frames, expected {out_frames}.")
     return out
+
+
+
+class Stage(NamedTuple):
+    """One step of a streamed network: ``run(x, memory)``.  ``growth``: how much wider its widest activation
+    is, per frame, than its input (e.g. 4 for an upsampler), which sizes the pieces it is given."""
+
+    run: Callable[[torch.Tensor, CausalMemory], torch.Tensor]
+    growth: float = 1.0
+
+
+def run_streamed(stages: Sequence[Stage], clip: torch.Tensor, memory: CausalMemory, piece_bytes: int) -> torch.Tensor:
+    """Run ``clip`` (B, C, T, ...) through ``stages`` depth first, in pieces of frames.
+
+    Before each stage the input is split into pieces of as many frames as keep the stage's widest activation
+    within ``piece_bytes`` (at least one frame), and every piece runs through all the remaining stages
+    before the next one starts: memory follows the piece, not the chunk, and the causal memory makes the
+    result equal to running each stage on the whole clip.  A stage may return no frames (a strided
+    convolution still collecting its window); its piece then ends there.
+    """
+    outputs: list[torch.Tensor] = []
+
+    def run(x: torch.Tensor, first_stage: int) -> None:
+        for index in range(first_stage, len(stages)):
+            if x.shape[2] == 0:
+                return
+            stage = stages[index]
+            frame_bytes = x[:, :, 0].numel() * x.element_size() * stage.growth
+            frames = max(1, int(piece_bytes // frame_bytes))
+            if x.shape[2] > frames:
+                for piece in x.split(frames, dim=2):
+                    run(piece, index)
+                return
+            x = stage.run(x, memory)
+        if x.shape[2]:
+            outputs.append(x)
+
+    run(clip, 0)
+    if not outputs:
+        raise RuntimeError(
+            f"a clip chunk of {clip.shape[2]} frames produced no output frames: the strided temporal convolutions "
+            f"need more input; run clips through VideoAutoencoder.encode/decode, whose chunks always produce output."
+        )
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
