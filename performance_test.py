@@ -311,7 +311,16 @@ def section_e2e(args, device, dit, vae, peak_tflops) -> dict:
               "floor_seconds": total_flops / (peak_tflops * 1e12) if peak_tflops else None}
     outputs = {}
     for label in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        summary, outputs[label] = run_job(args, device, dit, vae, label, args.iterations)
+        try:
+            summary, outputs[label] = run_job(args, device, dit, vae, label, args.iterations)
+        except Exception as exc:  # report the failure and measure the remaining variants
+            import traceback
+
+            traceback.print_exc()
+            result[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         for phase, phase_flops in flops.items():
             seconds = summary[phase]["seconds"]
             summary[phase]["tflops"] = phase_flops / seconds / 1e12 if seconds else None
