@@ -161,3 +161,27 @@ def test_estimate_is_a_close_upper_bound(model, inputs, monkeypatch, direction, 
         CONFIG, direction, SIZE, SIZE, frames=FRAMES, dtype=torch.float32, piece_bytes=piece_bytes, fused_norm=False
     )
     assert measured <= estimate <= 1.4 * measured  # 1.05 .. 1.15 measured
+
+
+def test_causal_memory_is_freed_without_the_cycle_collector():
+    """Nothing may keep a clip's CausalMemory (gigabytes at 1080p) alive after encode/decode returns, not even
+    until the next garbage collection: run with the cycle collector off and look for survivors."""
+    import gc
+
+    from conftest import golden_path
+    from src.models.load import load_vae
+    from src.models.video_vae_v3.temporal_slicing import CausalMemory
+    from src.optimization.vae_optimizer import optimize_vae
+
+    vae = load_vae(golden_path("vae_weights.safetensors"))
+    optimize_vae(vae, piece_bytes=1)  # one frame per piece: the deepest recursion
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    gc.collect()
+    gc.disable()
+    try:
+        mean, _ = vae.encode(video)
+        vae.decode(mean)
+        survivors = [o for o in gc.get_objects() if isinstance(o, CausalMemory)]
+    finally:
+        gc.enable()
+    assert survivors == []

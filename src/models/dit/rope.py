@@ -47,16 +47,14 @@ def token_positions(rope_type: str, plan: WindowPlan) -> torch.Tensor:
         video[:, 0] += plan.video_text_length.float()   # video frames follow the text positions
         text = plan.text_position.float()[:, None].expand(-1, 3)
         return torch.cat([video, text])
-    # linspace(-1, 1, n)[offset] (an axis of extent 1 sits at -1), looked up per distinct extent so the
-    # values are exactly torch.linspace's.
-    positions = torch.empty(plan.video_offset.shape, dtype=torch.float32, device=plan.video_offset.device)
-    for axis in range(3):
-        extent, offset = plan.video_extent[:, axis], plan.video_offset[:, axis]
-        for n in extent.unique().tolist():
-            rows = extent == n
-            table = torch.linspace(-1.0, 1.0, n, dtype=torch.float32, device=positions.device)
-            positions[rows, axis] = table[offset[rows]]
-    return positions
+    # linspace(-1, 1, n)[offset] (an axis of extent 1 sits at -1), read from a table of torch.linspace values
+    # built on the host from the plan's window extents, so the values are exactly linspace's.
+    longest = max(max(group.shape) for group in plan.groups)
+    table = torch.zeros(longest + 1, longest)
+    for n in range(1, longest + 1):
+        table[n, :n] = torch.linspace(-1.0, 1.0, n)
+    table = table.to(plan.video_offset.device)
+    return table[plan.video_extent, plan.video_offset]
 
 
 def rotary_rows(rope_type: str, axis_dim: int, plan: WindowPlan) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,6 +106,28 @@ class Stage(NamedTuple):
     growth: float = 1.0
 
 
+def _run_pieces(stages: Sequence[Stage], x: torch.Tensor, first_stage: int, memory: CausalMemory,
+                piece_bytes: int, outputs: list[torch.Tensor]) -> None:
+    """Run ``x`` from ``stages[first_stage]`` on, splitting it into pieces before any stage it would overflow.
+
+    A plain recursive function, not a closure: a self-referencing closure would form a reference cycle
+    that keeps the causal memory (gigabytes at 1080p) alive until Python's cycle collector happens to run.
+    """
+    for index in range(first_stage, len(stages)):
+        if x.shape[2] == 0:
+            return
+        stage = stages[index]
+        frame_bytes = x[:, :, 0].numel() * x.element_size() * stage.growth
+        frames = max(1, int(piece_bytes // frame_bytes))
+        if x.shape[2] > frames:
+            for piece in x.split(frames, dim=2):
+                _run_pieces(stages, piece, index, memory, piece_bytes, outputs)
+            return
+        x = stage.run(x, memory)
+    if x.shape[2]:
+        outputs.append(x)
+
+
 def run_streamed(stages: Sequence[Stage], clip: torch.Tensor, memory: CausalMemory, piece_bytes: int) -> torch.Tensor:
     """Run ``clip`` (B, C, T, ...) through ``stages`` depth first, in pieces of frames.
 
@@ -116,23 +138,7 @@ def run_streamed(stages: Sequence[Stage], clip: torch.Tensor, memory: CausalMemo
     convolution still collecting its window); its piece then ends there.
     """
     outputs: list[torch.Tensor] = []
-
-    def run(x: torch.Tensor, first_stage: int) -> None:
-        for index in range(first_stage, len(stages)):
-            if x.shape[2] == 0:
-                return
-            stage = stages[index]
-            frame_bytes = x[:, :, 0].numel() * x.element_size() * stage.growth
-            frames = max(1, int(piece_bytes // frame_bytes))
-            if x.shape[2] > frames:
-                for piece in x.split(frames, dim=2):
-                    run(piece, index)
-                return
-            x = stage.run(x, memory)
-        if x.shape[2]:
-            outputs.append(x)
-
-    run(clip, 0)
+    _run_pieces(stages, clip, 0, memory, piece_bytes, outputs)
     if not outputs:
         raise RuntimeError(
             f"a clip chunk of {clip.shape[2]} frames produced no output frames: the strided temporal convolutions "
