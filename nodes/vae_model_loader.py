@@ -11,10 +11,10 @@ from ..src.pipeline.devices import (
     compute_device_choices, device_name_problem, offload_device_choices, resolve_device,
 )
 from ..src.pipeline.settings import CompileSettings, SettingsError, VAESpec
+from ..src.pipeline.tile_debug import TILE_DEBUG_MODES
 from .model_folders import fetch_model, model_problem, vae_choices
 from .validation import validation_result
 
-TILE_DEBUG_MODES = ("false", "encode", "decode")
 
 
 def _tile_inputs(phase: str, verb: str) -> dict:
@@ -137,7 +137,7 @@ class SeedVR2LoadVAEModel:
             decode_tiled=decode_tiled,
             decode_tile_size=decode_tile_size,
             decode_tile_overlap=decode_tile_overlap,
-            tile_debug=tile_debug != "false",
+            tile_debug=tile_debug,
             enable_optimizations=enable_optimizations,
             compile=torch_compile_args,
         )

@@ -417,10 +417,10 @@ def test_vae_loader_builds_its_spec(models, cpu_only):
     assert spec == settings.VAESpec(
         model=str(models / "ema_vae_fp16.safetensors"), device="cpu", offload_device="cpu", cache_model=True,
         encode_tiled=True, encode_tile_size=512, encode_tile_overlap=64, decode_tiled=True, decode_tile_size=768,
-        decode_tile_overlap=96, tile_debug=True,
+        decode_tile_overlap=96, tile_debug="decode",
     )
     (plain,) = nodes["SeedVR2LoadVAEModel"]().load("ema_vae_fp16.safetensors", "cpu", tile_debug="false")
-    assert plain.tile_debug is False and plain.encode_tiled is False
+    assert plain.tile_debug == "false" and plain.encode_tiled is False
 
 
 def test_tile_overlap_must_be_smaller_than_the_tile(models, cpu_only):

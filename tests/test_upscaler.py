@@ -157,3 +157,22 @@ def test_dit_out_of_memory_gives_advice(specs, manager, monkeypatch):
     monkeypatch.setattr(upscaler_module, "restore_latent", boom)
     with pytest.raises(UpscaleError, match="blocks_to_swap.*Your workflow is unchanged"):
         run(specs, manager, _clip(1), resolution=24, batch_size=1)
+
+
+def test_tile_debug_draws_the_decode_tiles(specs, manager):
+    from src.pipeline.tile_debug import tile_boxes
+
+    dit, vae = specs
+    tiled = VAESpec(model=vae.model, device="cpu", cache_model=True, decode_tiled=True, decode_tile_size=64,
+                    decode_tile_overlap=16, tile_debug="decode")
+    out = upscale(_clip(1, 48, 80), dit, tiled, UpscaleSettings(resolution=96, batch_size=1), manager=manager)
+    assert out.shape == (1, 96, 160, 3)
+    boxes = tile_boxes((96, 160), 64, 16)
+    assert len(boxes) > 1
+    blue = torch.tensor([0.0, 0.0, 1.0])
+    for top, bottom, left, right in boxes:
+        assert torch.equal(out[0, top, left:min(right, 160)], blue.expand(min(right, 160) - left, 3))
+    plain = upscale(_clip(1, 48, 80), dit, VAESpec(model=vae.model, device="cpu", cache_model=True, decode_tiled=True,
+                    decode_tile_size=64, decode_tile_overlap=16), UpscaleSettings(resolution=96, batch_size=1),
+                    manager=manager)
+    assert not torch.equal(plain[0, 0, :160], blue.expand(160, 3))

@@ -57,7 +57,7 @@ class VAESpec:
     decode_tiled: bool = False
     decode_tile_size: int = 1024
     decode_tile_overlap: int = 128
-    tile_debug: bool = False
+    tile_debug: str = "false"       # "false", "encode" or "decode": draw that direction's VAE tiles
     enable_optimizations: bool = True
     compile: CompileSettings | None = None
 

@@ -28,6 +28,7 @@ from .progress import Progress
 from .restoration import VAETiling, decode_latent, dit_velocity, draw_randoms, encode_condition, restore_latent
 from .settings import DiTSpec, SettingsError, UpscaleSettings, VAESpec
 from .text_embeddings import text_embeddings
+from .tile_debug import draw_tiles, tile_boxes
 
 log = logging.getLogger("seedvr2")
 
@@ -227,6 +228,7 @@ class _Runner:
                 del decoded
                 style = to_model_range(self._batch_pixels(extended, batch, geometry, vae.device))
                 frames = color_correct(frames, style, settings.color_correction)
+                self._draw_tile_debug(frames, geometry)
                 frames = frames.clamp_(-1, 1).mul_(0.5).add_(0.5).permute(0, 2, 3, 1)
                 _write_batch(out, frames, batch, plan.prepend_frames)
             progress.advance()
@@ -268,6 +270,13 @@ class _Runner:
                 log.warning("SeedVR2: out of memory during VAE %s with tile size %s; retrying with smaller tiles.",
                             what, attempt.tile_size or "none")
         raise UpscaleError(_oom_advice(f"VAE {what}", self.vae_spec))
+
+    def _draw_tile_debug(self, frames: torch.Tensor, geometry: ClipGeometry) -> None:
+        """Outline the VAE tiles of the direction the loader's ``tile_debug`` names, if it is tiled."""
+        direction = self.vae_spec.tile_debug
+        tiling = self._tiling(direction) if direction in ("encode", "decode") else VAETiling()
+        if tiling.tile_size is not None:
+            draw_tiles(frames, tile_boxes(geometry.padded, tiling.tile_size, tiling.tile_overlap), direction)
 
     def _latent_store(self, device: torch.device) -> torch.device:
         """Latents wait between phases on the offload device (they are small), else where they are."""
