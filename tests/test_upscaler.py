@@ -176,3 +176,20 @@ def test_tile_debug_draws_the_decode_tiles(specs, manager):
                     decode_tile_size=64, decode_tile_overlap=16), UpscaleSettings(resolution=96, batch_size=1),
                     manager=manager)
     assert not torch.equal(plain[0, 0, :160], blue.expand(160, 3))
+
+
+def test_the_output_buffer_is_returned_without_a_copy(specs, manager, monkeypatch):
+    """Host RAM stays at about the output's size: the frames are written into one preallocated tensor,
+    which is what the caller receives (no concatenation, no dtype conversion at the end)."""
+    buffers = []
+    real_empty = torch.empty
+
+    def recording_empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        buffers.append(tensor)
+        return tensor
+
+    monkeypatch.setattr(upscaler_module.torch, "empty", recording_empty)
+    out = run(specs, manager, _clip(7), resolution=24, batch_size=5, temporal_overlap=2)
+    full_size = [b for b in buffers if tuple(b.shape) == tuple(out.shape)]
+    assert len(full_size) == 1 and full_size[0].data_ptr() == out.data_ptr()

@@ -62,8 +62,18 @@ def check_images(images: torch.Tensor) -> None:
 
 def upscale(images: torch.Tensor, dit: DiTSpec, vae: VAESpec, settings: UpscaleSettings, *,
             progress: Progress | None = None, manager: ModelManager | None = None) -> torch.Tensor:
-    """Upscale ``images`` (N, H, W, C) in [0, 1] (C = 3 or 4); returns (N, H', W', C) float32 in [0, 1]."""
-    return torch.cat(list(upscale_stream([images], dit, vae, settings, progress=progress, manager=manager)))
+    """Upscale ``images`` (N, H, W, C) in [0, 1] (C = 3 or 4); returns (N, H', W', C) float32 in [0, 1].
+
+    The result is the buffer the batches were written into: no copy of the output is ever made, so host
+    memory stays at the output's size plus one batch.
+    """
+    settings.validate()
+    check_images(images)
+    runner = _Runner(dit, vae, settings, progress or Progress(), manager or default_manager())
+    try:
+        return runner.run_clip(images, prepend=settings.prepend_frames)
+    finally:
+        runner.close()
 
 
 def upscale_stream(chunks: Iterable[torch.Tensor], dit: DiTSpec, vae: VAESpec, settings: UpscaleSettings, *,
