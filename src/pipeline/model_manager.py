@@ -41,7 +41,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-class _Holder(torch.nn.Module):
+class SeedVR2Model(torch.nn.Module):
     """Gives ComfyUI's ModelPatcher a module whose ``device`` attribute it may overwrite."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
@@ -160,8 +160,8 @@ class ModelManager:
         return self._cache.get(key)
 
     def _register(self, managed: ManagedModel, allow_comfy: bool) -> None:
-        if comfy_mm is not None and comfy_patcher is not None and allow_comfy and managed.device.type != "cpu":
-            holder = _Holder(managed.model, _module_device(managed.model))
+        if comfy_mm is not None and comfy_patcher is not None and allow_comfy:
+            holder = SeedVR2Model(managed.model, _module_device(managed.model))
             offload = managed.offload_device or comfy_mm.unet_offload_device()
             managed.patcher = comfy_patcher.ModelPatcher(holder, load_device=managed.device, offload_device=offload)
         if managed.cache:

@@ -204,6 +204,7 @@ def comfy(tmp_path_factory):
         "--models", str(root / "models"), "--input-dir", str(inputs), "--output-dir", str(root / "output"),
         "--expect-node", ",".join(NODES), "--dump-object-info", str(root / "object_info.json"),
         "--timeout", str(WORKFLOW_TIMEOUT_S), "--report", str(root / "report.json"), "--log-lines", "200",
+        "--log", str(root / "server.log"),
     ]
     for _key, path in workflows:
         command += ["--workflow", str(path)]
@@ -218,7 +219,16 @@ def comfy(tmp_path_factory):
     object_info_file = root / "object_info.json"
     object_info = json.loads(object_info_file.read_text()) if object_info_file.exists() else {}
     by_key = {key: run for (key, _path), run in zip(workflows, report.get("workflows", []))}
+    log_file = root / "server.log"
+    report["server_log"] = log_file.read_text(errors="replace") if log_file.exists() else ""
     return report, object_info, by_key
+
+
+def test_models_are_placed_by_comfyui_model_management(comfy):
+    """Our DiT and VAE are handed to comfy.model_management (wrapped in its ModelPatcher), so ComfyUI knows
+    the memory they hold and can unload them like its own models."""
+    report, _info, _runs = comfy
+    assert "Requested to load SeedVR2Model" in report["server_log"], report["server_log"][-3000:]
 
 
 def explain(run: dict) -> str:
