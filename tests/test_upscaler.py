@@ -193,3 +193,26 @@ def test_the_output_buffer_is_returned_without_a_copy(specs, manager, monkeypatc
     out = run(specs, manager, _clip(7), resolution=24, batch_size=5, temporal_overlap=2)
     full_size = [b for b in buffers if tuple(b.shape) == tuple(out.shape)]
     assert len(full_size) == 1 and full_size[0].data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("start,length,overlap,prepend", [(0, 5, 0, 0), (3, 5, 2, 0), (0, 5, 0, 3), (2, 5, 2, 3),
+                                                          (4, 5, 3, 6), (8, 4, 1, 2)])
+def test_batch_writes_match_the_frame_by_frame_definition(start, length, overlap, prepend):
+    from src.pipeline.batching import Batch
+
+    batch = Batch(start, start + length, 0, overlap)
+    frames = torch.rand(length, 4, 6, 3)
+    total = start + length - prepend
+    out = torch.rand(max(total, 1), 4, 6, 3)
+    expected = out.clone()
+    for offset in range(length):
+        index = start + offset - prepend
+        if index < 0:
+            continue
+        if offset < overlap:
+            w = float(batch.blend_weights[offset])
+            expected[index] = expected[index] * w + frames[offset] * (1 - w)
+        else:
+            expected[index] = frames[offset]
+    upscaler_module._write_batch(out, frames, batch, prepend)
+    torch.testing.assert_close(out, expected)

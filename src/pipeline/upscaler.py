@@ -294,17 +294,22 @@ class _Runner:
 
 
 def _write_batch(out: torch.Tensor, frames: torch.Tensor, batch: Batch, prepend: int) -> None:
-    """Write a batch's frames (extended-clip indices) into the output, cross-fading the overlap."""
-    frames = frames.to(out.device)
-    for offset in range(frames.shape[0]):
-        index = batch.start + offset - prepend
-        if index < 0:
-            continue
-        if offset < batch.overlap:
-            weight = float(batch.blend_weights[offset])
-            out[index, ..., :3].mul_(weight).add_(frames[offset], alpha=1.0 - weight)
-        else:
-            out[index, ..., :3].copy_(frames[offset])
+    """Write a batch's frames (N, H, W, 3; extended-clip indices) into the output, cross-fading the overlap.
+
+    The frames are made contiguous where they are (the GPU) so the transfer into the output is one dense
+    copy; only the few overlapping frames are blended element by element.
+    """
+    frames = frames.contiguous()
+    first = max(prepend - batch.start, 0)          # frames that fall into the prepended (dropped) part
+    blended = max(batch.overlap - first, 0)
+    start = batch.start + first - prepend
+    if blended:
+        weights = batch.blend_weights[first:first + blended].view(-1, 1, 1, 1).to(out.device)
+        head = frames[first:first + blended].to(out.device)
+        target = out[start:start + blended, ..., :3]
+        target.mul_(weights).add_(head * (1.0 - weights))
+    rest = frames[first + blended:]
+    out[start + blended:start + blended + rest.shape[0], ..., :3].copy_(rest)
 
 
 def _input_noise(settings: UpscaleSettings, video: torch.Tensor) -> torch.Tensor:
