@@ -14,19 +14,15 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from src.benchmark.flops import dit_flops, vae_flops
 from src.benchmark.random_weights import random_dit, random_vae
-from src.models.dit import NaDiTConfig
-from src.models.video_vae_v3 import VAEConfig
 from src.optimization import matrix_ops
 from src.pipeline.frames import target_size
 from src.pipeline.model_manager import ManagedModel, ModelManager, compute_dtype
@@ -244,7 +240,6 @@ def section_attention(args, device, dit_config) -> dict:
             rows[name] = {"available": True, "seconds": seconds, "speedup_vs_plain": plain / seconds,
                           "tflops": flops / seconds / 1e12, "rel_err_vs_plain": err}
         results[label] = rows
-        del q, k, v, reference
     return results
 
 

@@ -1,7 +1,6 @@
 """The command line end to end: a generated mp4 and a PNG upscaled with the tiny golden models."""
 import av
 import numpy as np
-import pytest
 from PIL import Image
 
 import inference_cli

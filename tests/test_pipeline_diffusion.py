@@ -76,7 +76,7 @@ def test_schedule_identities():
         assert torch.allclose(D.x0_from_v(x, v, t), x0, atol=1e-5)
         assert torch.allclose(D.xT_from_v(x, v, t), xT, atol=1e-5)
     x = D.forward_noise(x0, xT, 1000.0)
-    assert torch.equal(D.euler_step(x, v, 1000.0, -1.0), D.one_step_x0(x, v))
+    assert torch.equal(D.euler_step(x, v, 1000.0, -1.0), x - v)  # one step from pure noise: x0 = noise - v
     with pytest.raises(ValueError, match="batch"):
         D.forward_noise(x0, xT, torch.tensor([1.0, 2.0, 3.0]))
 
@@ -123,7 +123,7 @@ def test_pipeline_condition_and_one_step(pipeline, name):
     c = pipeline[name]
     cond = D.build_condition(c["cond_latent"], c["aug_noise"], 0.0)
     assert rel_err(cond, c["condition"]) <= PIPELINE_TOL
-    assert rel_err(D.one_step_x0(c["noise"], c["dit0_out"].reshape(c["noise"].shape)), c["latent_x0"]) <= PIPELINE_TOL
+    assert rel_err(D.euler_step(c["noise"], c["dit0_out"].reshape(c["noise"].shape), 1000.0, -1.0), c["latent_x0"]) <= PIPELINE_TOL
 
 
 def _replay(case: dict, calls: list):

@@ -106,8 +106,3 @@ def load_vae(
     check_strict(index.path, expected, index.shapes)
     materialize(model, index.path, device=device, dtype_for=float_dtype_rule(dtype))
     return model.eval().requires_grad_(False)
-
-
-def model_file_kind(path: str | os.PathLike) -> str:
-    """"dit", "vae" or "unknown" for a weight file (header only for safetensors)."""
-    return read_index(Path(path)).kind

@@ -139,11 +139,6 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, t: Timestep, s: Timestep) -> to
     return torch.where(_per_sample(s, x) >= 0, stepped, x0)
 
 
-def one_step_x0(noise: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The released one-step sampler: a single velocity at τ = 1000 gives ``x_0 = noise − v``."""
-    return noise - v
-
-
 # --------------------------------------------------------------------------------------------------
 # Guidance and condition
 

@@ -22,7 +22,7 @@ import torch
 from ..optimization import fused_kernels, matrix_ops
 from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batches, prepend_mirrored
 from .color_correction import color_correct
-from .frames import crop, pad_to_multiple, resize_frames, target_size, to_model_range
+from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
 from .model_manager import ManagedModel, ModelManager, default_manager
 from .progress import Progress
 from .restoration import VAETiling, decode_latent, dit_velocity, draw_randoms, encode_condition, restore_latent
@@ -146,7 +146,7 @@ class _Runner:
 
     # ----------------------------------------------------------------------------------------- clip
     def run_clip(self, frames: torch.Tensor, prepend: int) -> torch.Tensor:
-        settings, progress = self.settings, self.progress
+        settings = self.settings
         num_frames, in_h, in_w, channels = frames.shape
         height, width = target_size(in_h, in_w, settings.resolution, settings.max_resolution)
         geometry = ClipGeometry(height, width)
@@ -239,7 +239,7 @@ class _Runner:
                 style = to_model_range(self._batch_pixels(extended, batch, geometry, vae.device))
                 frames = color_correct(frames, style, settings.color_correction)
                 self._draw_tile_debug(frames, geometry)
-                frames = frames.clamp_(-1, 1).mul_(0.5).add_(0.5).permute(0, 2, 3, 1)
+                frames = from_model_range(frames.clamp_(-1, 1)).permute(0, 2, 3, 1)
                 _write_batch(out, frames, batch, plan.prepend_frames)
             progress.advance()
 
