@@ -216,3 +216,24 @@ def test_batch_writes_match_the_frame_by_frame_definition(start, length, overlap
             expected[index] = frames[offset]
     upscaler_module._write_batch(out, frames, batch, prepend)
     torch.testing.assert_close(out, expected)
+
+
+def test_out_of_memory_retry_first_tries_the_tile_that_fits_the_free_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from src.models.video_vae_v3 import VAEConfig
+    from src.optimization import vae_optimizer
+    from src.pipeline.restoration import VAETiling
+
+    runner = upscaler_module._Runner(DiTSpec(model="dit"), VAESpec(model="vae"), UpscaleSettings(), Progress(),
+                                     ModelManager())
+    runtime = SimpleNamespace(piece_bytes=2 << 30, compile_norm=True)
+    runner.vae = SimpleNamespace(model=SimpleNamespace(device=torch.device("cuda"), runtime=runtime,
+                                                       config=VAEConfig.released(), dtype=torch.bfloat16))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 << 30, 80 << 30))
+    fits = vae_optimizer.choose_tile_size(8 << 30, config=VAEConfig.released(), direction="decode", frames=33,
+                                          dtype=torch.bfloat16, piece_bytes=2 << 30)
+    sizes = [t.tile_size for t in runner._retry_tilings("decode", VAETiling(), 33)]
+    assert sizes[0] == fits and sizes == sorted(set(sizes), reverse=True) and 256 in sizes
+    # A run that was already tiled only ever retries with smaller tiles.
+    assert all(size < 384 for size in (t.tile_size for t in runner._retry_tilings("decode", VAETiling(384, 64), 33)))

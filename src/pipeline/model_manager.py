@@ -64,26 +64,31 @@ class ManagedModel:
     patcher: object | None = None
     info: dict = field(default_factory=dict)
 
-    def activate(self) -> torch.nn.Module:
-        """Make sure the weights are on the compute device (letting ComfyUI make room first).
+    def activate(self, memory_required: int = 0) -> torch.nn.Module:
+        """Make sure the weights are on the compute device, with ``memory_required`` bytes of room for the
+        activations that follow (inside ComfyUI, its model management unloads other models to make it).
 
         With BlockSwap the swapped blocks stay in (pinned) host memory and stream in during the forward.
         """
         if self.patcher is not None:
-            comfy_mm.load_models_gpu([self.patcher], force_full_load=True)
+            comfy_mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
         elif _module_device(self.model) != self.device:
             stable_memory.offload(self.model, self.device)
         return self.model
 
-    def park(self) -> None:
-        """Move the weights to the offload device between phases, if one is set."""
-        if self.offload_device is None or _module_device(self.model) == self.offload_device:
+    def resident_on(self, device: torch.device) -> bool:
+        return _module_device(self.model) == device
+
+    def park(self, to: torch.device | None = None) -> None:
+        """Move the weights to ``to`` (default: the offload device, if one is set) between phases."""
+        target = to or self.offload_device
+        if target is None or _module_device(self.model) == target:
             return
         if self.patcher is not None:
             self.patcher.detach()
             _forget_patcher(self.patcher)
         else:
-            stable_memory.offload(self.model, self.offload_device, pin_memory=True)
+            stable_memory.offload(self.model, target, pin_memory=True)
         _empty_cache(self.device)
 
 

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..optimization import fused_kernels, matrix_ops
+from ..optimization import fused_kernels, matrix_ops, vae_optimizer
 from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batches, prepend_mirrored
 from .color_correction import color_correct
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
@@ -126,12 +126,39 @@ class _Runner:
         self.vae: ManagedModel | None = None
 
     # ----------------------------------------------------------------------------------------- models
-    def _vae(self) -> ManagedModel:
+    def _vae(self, direction: str, plan: BatchPlan, geometry: ClipGeometry) -> ManagedModel:
+        """The VAE on its device, with room made for the phase's activations (other models may move out)."""
         if self.vae is None:
             self.vae = self.manager.vae(self.vae_spec)
             _optimize(self.vae, self.vae_spec)
-        self.vae.activate()
+        frames = max(batch.padded_length for batch in plan.batches)
+        required = self._vae_activation_bytes(direction, frames, geometry)
+        self.vae.activate(memory_required=required)
+        self._make_room(required)
         return self.vae
+
+    def _make_room(self, required: int) -> None:
+        """Outside ComfyUI (which does this itself), move a resident DiT to the CPU when the VAE phase's
+        activations would not fit next to it; it comes back for the next DiT phase."""
+        dit, device = self.dit, self.vae.device
+        if required <= 0 or device.type != "cuda" or dit is None or dit.patcher is not None:
+            return
+        free, _total = torch.cuda.mem_get_info(device)
+        if free < required and dit.resident_on(device):
+            log.info("SeedVR2: moving the DiT to the CPU during the VAE phase (needs %.1f GB, %.1f GB free).",
+                     required / 2**30, free / 2**30)
+            dit.park(torch.device("cpu"))
+
+    def _vae_activation_bytes(self, direction: str, frames: int, geometry: ClipGeometry) -> int:
+        """Estimated activation memory of one VAE batch (0 when unknown: the plain path has no estimate)."""
+        model = self.vae.model
+        runtime = getattr(model, "runtime", None)
+        if runtime is None:
+            return 0
+        height, width = geometry.padded
+        return vae_optimizer.estimate_peak_bytes(model.config, direction, height, width, frames=frames,
+                                                 dtype=model.dtype, piece_bytes=runtime.piece_bytes,
+                                                 fused_norm=runtime.compile_norm)
 
     def _dit(self) -> ManagedModel:
         if self.dit is None:
@@ -176,7 +203,7 @@ class _Runner:
     def _encode_phase(self, extended: torch.Tensor, plan: BatchPlan, geometry: ClipGeometry) -> list[torch.Tensor]:
         settings, progress = self.settings, self.progress
         progress.start_phase("encode", len(plan.batches))
-        vae = self._vae()
+        vae = self._vae("encode", plan, geometry)
         latents = []
         for index, batch in enumerate(plan.batches):
             progress.check_interrupt()
@@ -190,7 +217,7 @@ class _Runner:
                             video.shape[3] // SPATIAL_FACTOR)
             draws = draw_randoms(settings.seed, latent_shape, vae.device)
             cond = self._with_oom_retry("encode", lambda tiling: encode_condition(vae.model, video, draws.eps, tiling),
-                                        self._tiling("encode"))
+                                        self._tiling("encode"), batch.padded_length)
             latents.append(cond.to(self._latent_store(vae.device)))
             del video, pixels
             progress.advance()
@@ -226,12 +253,12 @@ class _Runner:
         progress.start_phase("decode", len(latents))
         if self.dit is not None:
             self.dit.park()
-        vae = self._vae()
+        vae = self._vae("decode", plan, geometry)
         for index, (batch, latent) in enumerate(zip(plan.batches, latents)):
             progress.check_interrupt()
             latent = latent.to(vae.device)
             decoded = self._with_oom_retry("decode", lambda tiling: decode_latent(vae.model, latent, tiling),
-                                           self._tiling("decode"))
+                                           self._tiling("decode"), batch.padded_length)
             latents[index] = None
             with progress.section("postprocess"):
                 frames = crop(decoded[: batch.length], geometry.height, geometry.width).float()
@@ -268,18 +295,39 @@ class _Runner:
             return VAETiling(spec.decode_tile_size, spec.decode_tile_overlap)
         return VAETiling()
 
-    def _with_oom_retry(self, what: str, run, tiling: VAETiling):
-        """Run a VAE step; on out-of-memory retry with smaller tiles before giving up with advice."""
-        attempts = [tiling] + [VAETiling(size, min(tiling.tile_overlap, size // 4)) for size in OOM_TILE_SIZES
-                               if tiling.tile_size is None or size < tiling.tile_size]
-        for attempt in attempts:
+    def _with_oom_retry(self, what: str, run, tiling: VAETiling, frames: int):
+        """Run a VAE step; on out-of-memory retry with tiles that fit the free memory (then smaller ones)
+        before giving up with advice."""
+        try:
+            return run(tiling)
+        except torch.OutOfMemoryError:
+            _release_cached_memory()
+        for attempt in self._retry_tilings(what, tiling, frames):
+            log.warning("SeedVR2: out of memory during VAE %s with tile size %s; retrying with %d px tiles.",
+                        what, tiling.tile_size or "none", attempt.tile_size)
             try:
                 return run(attempt)
             except torch.OutOfMemoryError:
                 _release_cached_memory()
-                log.warning("SeedVR2: out of memory during VAE %s with tile size %s; retrying with smaller tiles.",
-                            what, attempt.tile_size or "none")
+            tiling = attempt
         raise UpscaleError(_oom_advice(f"VAE {what}", self.vae_spec))
+
+    def _retry_tilings(self, what: str, tiling: VAETiling, frames: int) -> list[VAETiling]:
+        """Smaller tilings to try after an out-of-memory error, largest first."""
+        sizes = list(OOM_TILE_SIZES)
+        model = self.vae.model
+        runtime = getattr(model, "runtime", None)
+        if runtime is not None and model.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(model.device)
+            try:
+                sizes.insert(0, vae_optimizer.choose_tile_size(
+                    free, config=model.config, direction=what, frames=frames, dtype=model.dtype,
+                    piece_bytes=runtime.piece_bytes, fused_norm=runtime.compile_norm))
+            except vae_optimizer.TileSizeError:
+                pass
+        limit = tiling.tile_size or 1 << 30
+        sizes = sorted({size for size in sizes if size < limit}, reverse=True)
+        return [VAETiling(size, min(tiling.tile_overlap, size // 4) // 8 * 8) for size in sizes]
 
     def _draw_tile_debug(self, frames: torch.Tensor, geometry: ClipGeometry) -> None:
         """Outline the VAE tiles of the direction the loader's ``tile_debug`` names, if it is tiled."""
