@@ -570,3 +570,21 @@ def test_progress_forwards_interrupts(monkeypatch):
                         types.SimpleNamespace(throw_exception_if_processing_interrupted=throw))
     with pytest.raises(Interrupted):
         progress_module.ComfyProgress().check_interrupt()
+
+
+def test_the_three_nodes_upscale_with_tiny_models(models, cpu_only):
+    """The loaders and the upscaler executed as ComfyUI would call them, with the real pipeline and the tiny
+    golden models under released file names (an incumbent-style fp8 DiT and the VAE)."""
+    (dit,) = nodes["SeedVR2LoadDiTModel"]().load("seedvr2_ema_3b_fp8_e4m3fn.safetensors", "cuda:0")
+    (vae,) = nodes["SeedVR2LoadVAEModel"]().load("ema_vae_fp16.safetensors", "cuda:0")
+    images = torch.rand(3, 24, 40, 3)
+    (result,) = nodes["SeedVR2VideoUpscaler"]().execute(images, dit, vae, seed=1, resolution=32, max_resolution=0,
+                                                         batch_size=5, uniform_batch_size=False,
+                                                         color_correction="lab")
+    assert result.shape == (3, 32, 52, 3) and result.dtype == torch.float32
+    assert 0.0 <= result.min() and result.max() <= 1.0
+    # Brighter input, brighter output: the colour correction ties the result to the input.
+    (dark,) = nodes["SeedVR2VideoUpscaler"]().execute(images * 0.3, dit, vae, seed=1, resolution=32,
+                                                       max_resolution=0, batch_size=5, uniform_batch_size=False,
+                                                       color_correction="lab")
+    assert dark.mean() < result.mean()
