@@ -237,3 +237,13 @@ def test_out_of_memory_retry_first_tries_the_tile_that_fits_the_free_memory(monk
     assert sizes[0] == fits and sizes == sorted(set(sizes), reverse=True) and 256 in sizes
     # A run that was already tiled only ever retries with smaller tiles.
     assert all(size < 384 for size in (t.tile_size for t in runner._retry_tilings("decode", VAETiling(384, 64), 33)))
+
+
+def test_debug_logs_each_phase_with_time_and_memory(specs, manager, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="seedvr2"):
+        run(specs, manager, _clip(1), resolution=24, batch_size=1, enable_debug=True)
+    phases = [r.message for r in caplog.records if " took " in r.message]
+    assert [m.split()[1] for m in phases] == ["encode", "upscale", "decode"]
+    assert all("memory" in m for m in phases)

@@ -143,8 +143,13 @@ def memory_pressure(device: torch.device | str) -> float:
 
 
 def clear_memory(device: torch.device | str | None = None) -> None:
-    """Collect garbage and return cached allocator blocks of ``device`` (all accelerators if None)."""
+    """Collect garbage and return cached allocator blocks of ``device`` (all accelerators if None).
+
+    A no-op for the CPU: there is no allocator cache to return, and a full collection costs real time.
+    """
     device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cpu":
+        return
     gc.collect()
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
         torch.cuda.empty_cache()

@@ -14,14 +14,17 @@ batch.  Every batch is seeded identically, so a frame's result does not depend o
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 
-from ..optimization import fused_kernels, matrix_ops, vae_optimizer
+from ..optimization import fused_kernels, matrix_ops, stable_memory, vae_optimizer
 from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batches, prepend_mirrored
 from .color_correction import color_correct
+from .devices import resolve_device
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
 from .model_manager import ManagedModel, ModelManager, default_manager
 from .progress import Progress
@@ -187,12 +190,26 @@ class _Runner:
             log.info("SeedVR2: %d frame(s) %dx%d -> %dx%d in %d batch(es) of up to %d", num_frames, in_w, in_h,
                      width, height, len(plan.batches), settings.batch_size)
 
-        latents = self._encode_phase(extended, plan, geometry)
-        latents = self._upscale_phase(latents, plan)
-        self._decode_phase(latents, extended, plan, geometry, out)
+        with self._phase("encode", self.vae_spec):
+            latents = self._encode_phase(extended, plan, geometry)
+        with self._phase("upscale", self.dit_spec):
+            latents = self._upscale_phase(latents, plan)
+        with self._phase("decode", self.vae_spec):
+            self._decode_phase(latents, extended, plan, geometry, out)
         if channels == 4:
-            self._alpha_phase(frames[..., 3:], out)
+            with self._phase("postprocess", self.vae_spec):
+                self._alpha_phase(frames[..., 3:], out)
         return out
+
+    @contextmanager
+    def _phase(self, name: str, spec) -> Iterator[None]:
+        """Clear caches around a phase and, with ``enable_debug`` (or SEEDVR2_DEBUG_MEMORY=1), log its time
+        and memory."""
+        start = time.perf_counter()
+        with stable_memory.memory_efficient_context(resolve_device(spec.device), name) as memory:
+            yield
+        if self.settings.enable_debug:
+            log.info("SeedVR2: %s took %.2f s; %s", name, time.perf_counter() - start, memory)
 
     def _batch_pixels(self, extended: torch.Tensor, batch: Batch, geometry: ClipGeometry,
                       device: torch.device) -> torch.Tensor:
@@ -370,8 +387,6 @@ def _input_noise(settings: UpscaleSettings, video: torch.Tensor) -> torch.Tensor
 def _storage_device(name: str, default: torch.device | None = None) -> torch.device:
     if name in ("none", "", None):
         return default if default is not None else torch.device("cpu")
-    from .devices import resolve_device
-
     return torch.device(resolve_device(name, offload=True))
 
 
