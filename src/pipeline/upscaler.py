@@ -37,6 +37,7 @@ log = logging.getLogger("seedvr2")
 
 SPATIAL_FACTOR, TEMPORAL_FACTOR, GRID = 8, 4, 16
 OOM_TILE_SIZES = (512, 256)  # VAE tile sizes tried, in order, when a batch does not fit untiled
+MEMORY_PRESSURE_TO_CLEAR = 0.75  # used fraction of device or host memory above which phases clear caches
 
 
 class UpscaleError(RuntimeError):
@@ -203,10 +204,16 @@ class _Runner:
 
     @contextmanager
     def _phase(self, name: str, spec) -> Iterator[None]:
-        """Clear caches around a phase and, with ``enable_debug`` (or SEEDVR2_DEBUG_MEMORY=1), log its time
-        and memory."""
+        """Run a phase in the memory manager's context (caches returned around it, peak recorded) when memory
+        is tight or when debugging (``enable_debug``, SEEDVR2_DEBUG_MEMORY=1; then its time and memory are
+        logged).  Otherwise nothing is cleared: a garbage collection and re-allocation cost real time."""
+        device = torch.device(resolve_device(spec.device))
+        debug = self.settings.enable_debug or stable_memory.debug_memory_enabled()
+        if not debug and stable_memory.memory_pressure(device) < MEMORY_PRESSURE_TO_CLEAR:
+            yield
+            return
         start = time.perf_counter()
-        with stable_memory.memory_efficient_context(resolve_device(spec.device), name) as memory:
+        with stable_memory.memory_efficient_context(device, name) as memory:
             yield
         if self.settings.enable_debug:
             log.info("SeedVR2: %s took %.2f s; %s", name, time.perf_counter() - start, memory)
