@@ -95,14 +95,16 @@ class SeedVR2LoadDiTModel:
                 }),
                 "quantization": (list(QUANTIZATION_MODES), {
                     "default": "disabled",
-                    "tooltip": "Run the DiT with quantized weights: fp8 (GPUs with FP8 support), fp4 modes "
-                               "(Blackwell GPUs; others fall back to fp8). 'disabled' uses the file as it "
-                               "is. A .gguf file always runs as gguf.",
+                    "tooltip": "Run the DiT with quantized weights: fp8_e4m3fn (fp8 matmuls on Ada/Hopper/"
+                               "Blackwell, weight-only elsewhere), fp4_experimental (4-bit weights, any GPU), "
+                               "fp4_scaled / fp4_scaled_fast (FP4 matmuls on Blackwell; fp8 elsewhere). "
+                               "'disabled' uses the file as it is. A .gguf file always runs as gguf.",
                 }),
                 "enable_optimizations": ("BOOLEAN", {
                     "default": True,
-                    "tooltip": "Use the fast implementations (fused projections, batched window "
-                               "attention). Turn off only to compare with the plain reference path.",
+                    "tooltip": "Use the fast paths: the attention backend of attention_mode and fused "
+                               "(compiled) kernels. Off runs the plain reference path (PyTorch SDPA, eager "
+                               "ops), for comparison.",
                 }),
             },
         }
