@@ -78,6 +78,26 @@ def import_pack():
     return module
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module: the tiny models' convolutions are far too small to gain from threads,
+    and on a shared 2-core machine a busy second thread makes them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    """The golden tiny VAE, built from its released kwargs and loaded strictly."""
+    from src.models.video_vae_v3 import VAEConfig, VideoAutoencoder
+
+    model = VideoAutoencoder(VAEConfig.from_kwargs(golden_json("vae_config.json")["kwargs"]))
+    model.load_state_dict(load_golden("vae_weights.safetensors"), strict=True)
+    return model.eval()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -4,29 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import golden_cases, golden_json, load_golden, rel_err
+from conftest import golden_cases, rel_err
 
-from src.models.video_vae_v3 import VAEConfig, VideoAutoencoder, sample_posterior
+from src.models.video_vae_v3 import VideoAutoencoder, sample_posterior
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 GOLDEN_REL = 2e-5          # README §9 threshold for VAE mean / logvar / x
 SLICING_REL = 1e-5         # sliced vs unsliced: float summation order only
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tiny model's convolutions are far too small to gain from threads; on a shared 2-core runner
-    # a busy second thread makes them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def vae() -> VideoAutoencoder:
-    model = VideoAutoencoder(VAEConfig.from_kwargs(golden_json("vae_config.json")["kwargs"]))
-    model.load_state_dict(load_golden("vae_weights.safetensors"), strict=True)
-    return model.eval()
+def vae(tiny_vae):
+    return tiny_vae
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ from src.optimization.vae_optimizer import (
     optimize_vae,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 EXACT = 1e-5        # optimized vs plain, float32: summation order only
 GOLDEN_REL = 2e-5   # README §9 threshold for VAE outputs
 
@@ -45,13 +47,6 @@ VARIANTS = {
 MID = VAEConfig(block_out_channels=(16, 32, 64, 64), norm_num_groups=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tiny models' convolutions are far too small to gain from threads on a shared 2-core runner.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _runtime(**options) -> VAERuntime:

@@ -23,6 +23,8 @@ from src.models.video_vae_v3 import VAEConfig, VideoAutoencoder
 from src.models.video_vae_v3.temporal_slicing import CausalMemory
 from src.optimization.vae_optimizer import estimate_peak_bytes, optimize_vae
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 CONFIG = VAEConfig(block_out_channels=(16, 32, 64, 64), norm_num_groups=8)
 SIZE, FRAMES = 64, 9
 A = 4 * 16 * SIZE * SIZE * 4
@@ -99,12 +101,6 @@ def tracked(monkeypatch) -> Iterator[LiveStorageBytes]:
         yield tracker
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

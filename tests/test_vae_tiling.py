@@ -5,31 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import golden_json, load_golden, rel_err
+from conftest import rel_err
 
-from src.models.video_vae_v3 import VAEConfig, VAEInputError, VideoAutoencoder
+from src.models.video_vae_v3 import VAEInputError
 from src.models.video_vae_v3.tiling import blend_weights, latent_tiling, run_tiled, tile_spans
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 FRAME = 128                 # test frames are FRAME x FRAME pixels (16 x 16 latents)
 TILE, OVERLAP = 96, 32      # -> latent spans [0, 12) and [4, 16) on both axes: 2 x 2 tiles overlapping by 8
 LATENT_SPANS = [(0, 12), (4, 16)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tiny model's convolutions are far too small to gain from threads; on a shared 2-core runner
-    # a busy second thread makes them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def vae() -> VideoAutoencoder:
-    model = VideoAutoencoder(VAEConfig.from_kwargs(golden_json("vae_config.json")["kwargs"]))
-    model.load_state_dict(load_golden("vae_weights.safetensors"), strict=True)
-    return model.eval()
+def vae(tiny_vae):
+    return tiny_vae
 
 
 def _smooth(shape: tuple[int, ...], factor: int, seed: int) -> torch.Tensor:
