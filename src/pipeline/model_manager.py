@@ -184,12 +184,15 @@ class ModelManager:
             self.drop(managed)
 
     def drop(self, managed: ManagedModel) -> None:
+        """Release a model: out of our cache and ComfyUI's list, its memory freed with the last reference.
+
+        The weights are not moved anywhere first (ComfyUI's detach would copy them to the offload device).
+        """
         self._cache.pop(managed.key, None)
         swap = managed.info.pop("block_swap", None)
         if swap is not None:
             swap.remove()
         if managed.patcher is not None:
-            managed.patcher.detach()
             _forget_patcher(managed.patcher)
             managed.patcher = None
         device = managed.device
