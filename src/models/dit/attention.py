@@ -49,9 +49,23 @@ class JointWindowAttention(nn.Module):
         text mean are skipped.
         """
         q, k, v = self._qkv(vid, txt, plan)
+        windowed, text_mean = self._attend_windows(q, k, v, plan, txt.shape[0], video_queries_only)
+        vid_out = self.proj_out.video()(windowed)
+        if text_mean is None:
+            return vid_out, None
+        return vid_out, self.proj_out.text()(text_mean)
+
+    @torch.compiler.disable
+    def _attend_windows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, text_rows: int,
+                        video_queries_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of every window group: (video outputs in token order, text mean or None).
+
+        Kept out of compiled graphs: its loop over the plan's groups would unroll differently for every
+        windowing, while the per-token work around it is the same in every layer.
+        """
         inner = self.heads * self.head_dim
-        windowed = vid.new_empty((vid.shape[0], inner))
-        text_sum = None if video_queries_only else vid.new_zeros((txt.shape[0], inner), dtype=torch.float32)
+        windowed = q.new_empty((plan.video_offset.shape[0], inner))
+        text_sum = None if video_queries_only else q.new_zeros((text_rows, inner), dtype=torch.float32)
         for group in plan.groups:
             index, video_length = group.token_index, group.video_length
             queries = index[:, :video_length] if video_queries_only else index
@@ -60,9 +74,6 @@ class JointWindowAttention(nn.Module):
             windowed.index_copy_(0, group.video_rows, out[:, :video_length].reshape(-1, inner))
             if text_sum is not None:
                 text_sum.index_add_(0, group.text_rows, out[:, video_length:].reshape(-1, inner).float())
-
-        vid_out = self.proj_out.video()(windowed)
         if text_sum is None:
-            return vid_out, None
-        txt_out = (text_sum * plan.text_weight[:, None]).to(vid.dtype)
-        return vid_out, self.proj_out.text()(txt_out)
+            return windowed, None
+        return windowed, (text_sum * plan.text_weight[:, None]).to(q.dtype)

@@ -11,7 +11,7 @@ from .modulation import ATTN_SLOT, MLP_SLOT, Modulation
 from .normalization import rms_norm
 from .packing import PackedLayout
 from .streams import StreamPair
-from .window_plan import window_plan
+from .window_plan import WindowPlan
 
 
 class NaDiTBlock(nn.Module):
@@ -28,13 +28,14 @@ class NaDiTBlock(nn.Module):
         self.mlp = StreamPair(lambda: make_mlp(config), shared, self.video_only)
         self.ada = StreamPair(lambda: Modulation(config.vid_dim, ("attn", "mlp")), shared, self.video_only)
 
-    def forward(self, vid: torch.Tensor, txt: torch.Tensor, time: torch.Tensor,
-                layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update (video, text) tokens; ``time`` is the (B, d, 2, 3) per-sample time embedding."""
+    def forward(self, vid: torch.Tensor, txt: torch.Tensor, time: torch.Tensor, layout: PackedLayout,
+                plan: WindowPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update (video, text) tokens; ``time`` is the (B, d, 2, 3) per-sample time embedding and ``plan``
+        this layer's window plan (built by the model, outside the block, so a compiled block holds tensor
+        work only)."""
         vid_lengths, txt_lengths = layout.video_lengths, layout.text_lengths
         attn_time, mlp_time = time[:, :, ATTN_SLOT], time[:, :, MLP_SLOT]
         vid_ada = self.ada.video()
-        plan = window_plan(layout, self.window, self.window_method, vid.device)
 
         vid_in = vid_ada.modulate(rms_norm(vid, self.eps), attn_time, "attn", vid_lengths)
         if self.video_only:

@@ -11,7 +11,8 @@ from .modulation import ATTN_SLOT, Modulation
 from .normalization import RMSNorm
 from .packing import PackedLayout
 from .patch import PatchIn, PatchOut
-from .rope import rope_frequencies
+from .rope import rope_frequencies, rotary_rows
+from .window_plan import window_plan
 
 
 class NaDiT(nn.Module):
@@ -55,14 +56,27 @@ class NaDiT(nn.Module):
         x_txt = self.txt_in(txt.to(dtype))
         # (B, d, slot, role): slots (attn, mlp), roles (shift, scale, gate); see modulation.py.
         time = self.emb_in(timestep, dtype).unflatten(-1, (config.vid_dim, 2, 3))
+        plans = self._window_plans(layout, vid.device)
         for block in self.blocks:
-            x_vid, x_txt = block(x_vid, x_txt, time, layout)
+            x_vid, x_txt = block(x_vid, x_txt, time, layout, plans[block.window, block.window_method])
 
         if self.vid_out_norm is not None:
             # The original output modulation reuses the attention slot's shift and scale of E.
             x_vid = self.vid_out_ada.modulate(self.vid_out_norm(x_vid), time[:, :, ATTN_SLOT], "out",
                                               layout.video_lengths)
         return self.vid_out(x_vid, layout).float()
+
+    @torch.compiler.disable
+    def _window_plans(self, layout: PackedLayout, device: torch.device) -> dict:
+        """The window plan (with its rotary tables) of every distinct layer windowing: pure Python on the
+        integer shapes, cached, and kept out of any compiled graph."""
+        plans = {}
+        for block in self.blocks:
+            key = (block.window, block.window_method)
+            if key not in plans:
+                plans[key] = plan = window_plan(layout, *key, device)
+                rotary_rows(self.config.rope_type, self.config.rope_axis_dim, plan)
+        return plans
 
     def _check_inputs(self, vid: torch.Tensor, txt: torch.Tensor, timestep: torch.Tensor,
                       layout: PackedLayout) -> torch.Tensor:
