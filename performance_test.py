@@ -17,6 +17,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from src.benchmark.flops import dit_flops, vae_flops
 from src.benchmark.random_weights import random_dit, random_vae
 from src.optimization import matrix_ops
+from src.pipeline.batching import padded_length
 from src.pipeline.frames import target_size
 from src.pipeline.model_manager import ManagedModel, ModelManager, compute_dtype
 from src.pipeline.progress import Progress
@@ -193,22 +195,55 @@ def test_clip(frames: int, width: int, height: int) -> torch.Tensor:
     return clip.permute(0, 2, 3, 1).contiguous()
 
 
+# --------------------------------------------------------------------------------------------- the job
+@dataclass(frozen=True)
+class JobGeometry:
+    """Sizes of the benchmark job: output frame, the 16-pixel grid the models see, the 4n+1 frame count."""
+
+    in_w: int
+    in_h: int
+    out_h: int
+    out_w: int
+    pad_h: int
+    pad_w: int
+    frames: int  # test frames padded to 4n+1, as the pipeline pads one batch
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        return (self.frames - 1) // 4 + 1, self.pad_h // 8, self.pad_w // 8
+
+
+def job_geometry(args) -> JobGeometry:
+    in_w, in_h = map(int, args.input_size.split("x"))
+    out_h, out_w = target_size(in_h, in_w, args.resolution)
+    return JobGeometry(in_w, in_h, out_h, out_w, -(-out_h // 16) * 16, -(-out_w // 16) * 16,
+                       padded_length(args.test_frames))
+
+
+def dit_inputs(geometry: JobGeometry, config, device: torch.device, seed: int = 1) -> tuple:
+    """Random packed DiT arguments (vid, txt, vid_shape, txt_shape, timestep) for the job's latent."""
+    t, h, w = geometry.latent
+    generator = torch.Generator().manual_seed(seed)
+    vid = torch.randn(t * h * w, config.vid_in_channels, generator=generator).to(device)
+    txt = torch.randn(58, config.txt_in_dim, generator=generator).to(device)
+    return vid, txt, torch.tensor([[t, h, w]]), torch.tensor([[58]]), torch.tensor([1000.0], device=device)
+
+
 # --------------------------------------------------------------------------------------------- sections
 def section_attention(args, device, dit_config) -> dict:
     """Every available backend on the DiT's window batch and the VAE's single-head attention."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    in_w, in_h = map(int, args.input_size.split("x"))
-    out_h, out_w = target_size(in_h, in_w, args.resolution)
-    latent = (-(-args.test_frames // 4) if args.test_frames > 1 else 1, -(-out_h // 16) * 2, -(-out_w // 16) * 2)
+    geometry = job_geometry(args)
     from src.models.dit.windows import partition_windows
 
-    grid = (latent[0], latent[1] // 2, latent[2] // 2)
+    t, h, w = geometry.latent
+    grid = (t, h // 2, w // 2)
     windows = partition_windows(grid, dit_config.window[0], dit_config.window_method[0])
     sizes = sorted({math.prod(b - a for a, b in w) for w in windows})
     window_tokens = max(sizes) + 58
     shapes = {
         "dit_windows": (len(windows), dit_config.heads, window_tokens, dit_config.head_dim),
-        "vae_mid": (1, 1, (out_h // 8) * (out_w // 8), 512),
+        "vae_mid": (1, 1, h * w, 512),
     }
     results = {}
     for label, shape in shapes.items():
@@ -246,8 +281,8 @@ def section_attention(args, device, dit_config) -> dict:
 def run_job(args, device, dit, vae, variant: str, iterations: int) -> dict:
     """Time the real pipeline on the test clip for one variant (see --variants)."""
     optimized = variant != "plain"
-    in_w, in_h = map(int, args.input_size.split("x"))
-    clip = test_clip(args.test_frames, in_w, in_h)
+    geometry = job_geometry(args)
+    clip = test_clip(args.test_frames, geometry.in_w, geometry.in_h)
     batch = args.batch_size or args.test_frames
     compile_settings = CompileSettings() if (optimized and args.compile) else None
     swap = int(variant[4:]) if variant.startswith("swap") else 0
@@ -294,15 +329,11 @@ def run_job(args, device, dit, vae, variant: str, iterations: int) -> dict:
 
 
 def section_e2e(args, device, dit, vae, peak_tflops) -> dict:
-    in_w, in_h = map(int, args.input_size.split("x"))
-    out_h, out_w = target_size(in_h, in_w, args.resolution)
-    pad_h, pad_w = -(-out_h // 16) * 16, -(-out_w // 16) * 16
-    frames = args.test_frames if args.test_frames % 4 == 1 else (args.test_frames // 4 + 1) * 4 + 1
-    latent = ((frames - 1) // 4 + 1, pad_h // 8, pad_w // 8)
-    flops = {"upscale": dit_flops(dit.config, latent)}
-    flops["encode"], flops["decode"] = vae_flops(vae.config, frames, pad_h, pad_w)
+    g = job_geometry(args)
+    flops = {"upscale": dit_flops(dit.config, g.latent)}
+    flops["encode"], flops["decode"] = vae_flops(vae.config, g.frames, g.pad_h, g.pad_w)
     total_flops = sum(flops.values())
-    result = {"output_size": [out_w, out_h], "frames": args.test_frames, "flops_tflop": {k: v / 1e12 for k, v in flops.items()},
+    result = {"output_size": [g.out_w, g.out_h], "frames": args.test_frames, "flops_tflop": {k: v / 1e12 for k, v in flops.items()},
               "floor_seconds": total_flops / (peak_tflops * 1e12) if peak_tflops else None}
     outputs = {}
     for label in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -338,9 +369,8 @@ def section_e2e(args, device, dit, vae, peak_tflops) -> dict:
 
 def section_vae_conv(args, device) -> dict:
     """The VAE's dominant kernel, a 3x3x3 convolution at full output resolution, in several layouts."""
-    in_w, in_h = map(int, args.input_size.split("x"))
-    out_h, out_w = target_size(in_h, in_w, args.resolution)
-    pad_h, pad_w = -(-out_h // 16) * 16, -(-out_w // 16) * 16
+    geometry = job_geometry(args)
+    pad_h, pad_w = geometry.pad_h, geometry.pad_w
     dtype = torch.bfloat16
     results = {}
     for channels, scale, frames in ((128, 1, 4), (256, 2, 4), (512, 4, 2)):
@@ -373,15 +403,10 @@ def section_profile(args, device, dit, vae) -> dict:
     """Top kernels of one DiT forward and one VAE decode chunk (torch.profiler), for finding hot spots."""
     from torch.profiler import ProfilerActivity, profile
 
-    in_w, in_h = map(int, args.input_size.split("x"))
-    out_h, out_w = target_size(in_h, in_w, args.resolution)
-    t, h, w = ((args.test_frames - 1) // 4 + 1, -(-out_h // 16) * 2, -(-out_w // 16) * 2)
-    vid = torch.randn(t * h * w, dit.config.vid_in_channels, device=device)
-    txt = torch.randn(58, dit.config.txt_in_dim, device=device)
-    shapes = torch.tensor([[t, h, w]]), torch.tensor([[58]])
-    step = torch.tensor([1000.0], device=device)
-    latent = torch.randn(1, 16, 2, h, w, device=device)
-    jobs = {"dit": lambda: dit(vid, txt, *shapes, step), "vae_decode_2_latents": lambda: vae.decode(latent)}
+    geometry = job_geometry(args)
+    inputs = dit_inputs(geometry, dit.config, device)
+    latent = torch.randn(1, 16, 2, *geometry.latent[1:], device=device)
+    jobs = {"dit": lambda: dit(*inputs), "vae_decode_2_latents": lambda: vae.decode(latent)}
     tables = {}
     with matrix_ops.attention_backend(args.attention), torch.no_grad():
         for name, job in jobs.items():
@@ -399,22 +424,16 @@ def section_compile(args, device, dit) -> dict:
     """Cold compile time of the DiT's repeated block at the job's token count."""
     from src.optimization import torch_compile
 
-    in_w, in_h = map(int, args.input_size.split("x"))
-    out_h, out_w = target_size(in_h, in_w, args.resolution)
-    t, h, w = ((args.test_frames - 1) // 4 + 1, -(-out_h // 16) * 2, -(-out_w // 16) * 2)
-    vid = torch.randn(t * h * w, dit.config.vid_in_channels, device=device)
-    txt = torch.randn(58, dit.config.txt_in_dim, device=device)
-    shapes = torch.tensor([[t, h, w]]), torch.tensor([[58]])
-    step = torch.tensor([1000.0], device=device)
+    inputs = dit_inputs(job_geometry(args), dit.config, device)
     with matrix_ops.attention_backend(args.attention):
-        eager = cuda_time(lambda: dit(vid, txt, *shapes, step), device, repeat=3)
+        eager = cuda_time(lambda: dit(*inputs), device, repeat=3)
         torch_compile.compile_repeated_blocks(dit, CompileSettings())
         sync(device)
         start = time.perf_counter()
-        dit(vid, txt, *shapes, step)
+        dit(*inputs)
         sync(device)
         first = time.perf_counter() - start
-        compiled = cuda_time(lambda: dit(vid, txt, *shapes, step), device, repeat=3)
+        compiled = cuda_time(lambda: dit(*inputs), device, repeat=3)
     torch_compile.uncompile(dit)
     return {"eager_s": eager, "first_call_s": first, "compiled_s": compiled,
             "compile_overhead_s": first - compiled, "speedup": eager / compiled}
@@ -425,25 +444,19 @@ def section_precision(args, device) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     result = {}
-    in_w, in_h = map(int, args.input_size.split("x"))
-    out_h, out_w = target_size(in_h, in_w, args.resolution)
-    pad_h, pad_w = -(-out_h // 16) * 16, -(-out_w // 16) * 16
+    geometry = job_geometry(args)
+    pad_h, pad_w = geometry.pad_h, geometry.pad_w
     dit32 = random_dit(args.model if args.model in ("3b", "7b") else "3b", device, torch.float32)
-    t, h, w = ((args.test_frames - 1) // 4 + 1, pad_h // 8, pad_w // 8)
-    generator = torch.Generator().manual_seed(1)
-    vid = torch.randn(t * h * w, 33, generator=generator).to(device)
-    txt = torch.randn(58, 5120, generator=generator).to(device)
-    shapes = torch.tensor([[t, h, w]]), torch.tensor([[58]])
-    step = torch.tensor([1000.0], device=device)
+    inputs = dit_inputs(geometry, dit32.config, device)
     with torch.no_grad():
-        ref = dit32(vid, txt, *shapes, step)
+        ref = dit32(*inputs)
         dit16 = dit32.to(torch.bfloat16)
         del dit32
         reset_peak(device)
         with matrix_ops.attention_backend("sdpa"):
-            seconds = cuda_time(lambda: dit16(vid, txt, *shapes, step), device, repeat=3)
-            out = dit16(vid, txt, *shapes, step)
-    result["dit"] = {"latent": [t, h, w], "rel_l2": ((out - ref).norm() / ref.norm()).item(),
+            seconds = cuda_time(lambda: dit16(*inputs), device, repeat=3)
+            out = dit16(*inputs)
+    result["dit"] = {"latent": list(geometry.latent), "rel_l2": ((out - ref).norm() / ref.norm()).item(),
                      "bf16_seconds": seconds, "bf16_peak_gb": peak_gb(device)}
     del dit16, ref, out
     torch.cuda.empty_cache() if device.type == "cuda" else None
