@@ -12,11 +12,11 @@ from pathlib import Path
 from ..src.models.checkpoint import read_index, require_kind
 from ..src.models.registry import DEFAULT_DIT
 from ..src.pipeline.devices import (
-    compute_device_choices, device_name_problem, offload_device_choices, resolve_device,
+    compute_device_choices, offload_device_choices, resolve_device,
 )
 from ..src.pipeline.settings import CompileSettings, DiTSpec, SettingsError
-from .model_folders import dit_choices, fetch_model, model_problem
-from .validation import validation_result
+from .model_folders import dit_choices, fetch_model
+from .validation import loader_validation
 
 ATTENTION_MODES = (
     "auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn_2", "sageattn_3", "sageattn",
@@ -111,13 +111,8 @@ class SeedVR2LoadDiTModel:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None):
-        """Checks the model file and the device names (naming them here skips ComfyUI's combo check, so
-        workflows saved on another machine, e.g. with "cuda:0", still validate)."""
-        return validation_result(
-            model=model_problem(model, "dit"),
-            device=device_name_problem(device),
-            offload_device=device_name_problem(offload_device, offload=True),
-        )
+        """Checks the model file and the device names (see :func:`loader_validation`)."""
+        return loader_validation("dit", model, device, offload_device)
 
     def load(
         self,

@@ -8,12 +8,12 @@ from __future__ import annotations
 from ..src.models.checkpoint import read_index, require_kind
 from ..src.models.registry import DEFAULT_VAE
 from ..src.pipeline.devices import (
-    compute_device_choices, device_name_problem, offload_device_choices, resolve_device,
+    compute_device_choices, offload_device_choices, resolve_device,
 )
 from ..src.pipeline.settings import CompileSettings, SettingsError, VAESpec
 from ..src.pipeline.tile_debug import TILE_DEBUG_MODES
-from .model_folders import fetch_model, model_problem, vae_choices
-from .validation import validation_result
+from .model_folders import fetch_model, vae_choices
+from .validation import loader_validation
 
 
 
@@ -89,13 +89,8 @@ class SeedVR2LoadVAEModel:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None):
-        """Checks the model file and the device names (naming them here skips ComfyUI's combo check, so
-        workflows saved on another machine, e.g. with "cuda:0", still validate)."""
-        return validation_result(
-            model=model_problem(model, "vae"),
-            device=device_name_problem(device),
-            offload_device=device_name_problem(offload_device, offload=True),
-        )
+        """Checks the model file and the device names (see :func:`loader_validation`)."""
+        return loader_validation("vae", model, device, offload_device)
 
     def load(
         self,
