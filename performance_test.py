@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import statistics
 import sys
@@ -51,7 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--quantization", default="disabled", help="quantization of the optimized run")
     p.add_argument("--compile", action="store_true", help="torch.compile in the optimized run")
     p.add_argument("--variants", default="plain,optimized",
-                   help="end-to-end runs, in order: plain, optimized, swapN (optimized with N DiT blocks "
+                   help="end-to-end runs, in order: plain, optimized, compiled (optimized with the DiT blocks "
+                        "compiled, as the compile settings node does), offload (optimized, the DiT moved to the "
+                        "CPU while the VAE runs), swapN (optimized with N DiT blocks "
                         "swapped to pinned host memory), fp8 (optimized with fp8 matmuls; changes the model, "
                         "so put it last)")
     p.add_argument("--decode-tile", type=int, default=0, help="VAE decode tile size (0 = untiled)")
@@ -60,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 matmul peak (0 = measure it)")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.add_argument("--verbose", action="store_true", help="log the pipeline's messages (model moves, retries)")
     return p.parse_args(argv)
 
 
@@ -156,16 +160,17 @@ class PrebuiltManager(ModelManager):
         self._models = {"dit": dit, "vae": vae}
         self._device = device
 
-    def _managed(self, kind):
+    def _managed(self, kind, spec):
         model = self._models[kind]
-        return ManagedModel(kind, (kind,), model, self._device, None, compute_dtype(self._device), cache=True,
+        offload = None if spec.offload_device in ("none", "", None) else torch.device(spec.offload_device)
+        return ManagedModel(kind, (kind,), model, self._device, offload, compute_dtype(self._device), cache=True,
                             info={"config": getattr(model, "config", None)})
 
     def dit(self, spec):
-        return self._managed("dit")
+        return self._managed("dit", spec)
 
     def vae(self, spec):
-        return self._managed("vae")
+        return self._managed("vae", spec)
 
 
 def build_models(args, device):
@@ -284,14 +289,15 @@ def run_job(args, device, dit, vae, variant: str, iterations: int) -> dict:
     geometry = job_geometry(args)
     clip = test_clip(args.test_frames, geometry.in_w, geometry.in_h)
     batch = args.batch_size or args.test_frames
-    compile_settings = CompileSettings() if (optimized and args.compile) else None
+    compile_settings = CompileSettings() if (variant == "compiled" or (optimized and args.compile)) else None
     swap = int(variant[4:]) if variant.startswith("swap") else 0
     if variant == "fp8":
         from src.optimization.fp4_quantization import quantize_linears
 
         print(quantize_linears(dit, "fp8_e4m3fn", compute_dtype=compute_dtype(device), device=device).summary())
+    dit_offload = "cpu" if variant == "offload" else args.dit_offload
     dit_spec = DiTSpec(model=str(args.model), device=str(device), attention_mode=args.attention if optimized else "sdpa",
-                       enable_optimizations=optimized, compile=compile_settings, offload_device=args.dit_offload)
+                       enable_optimizations=optimized, compile=compile_settings, offload_device=dit_offload)
     vae_spec = VAESpec(model="vae", device=str(device), enable_optimizations=optimized, compile=compile_settings,
                        decode_tiled=args.decode_tile > 0, decode_tile_size=args.decode_tile or 1024,
                        encode_tiled=args.encode_tile > 0, encode_tile_size=args.encode_tile or 1024)
@@ -313,9 +319,15 @@ def run_job(args, device, dit, vae, variant: str, iterations: int) -> dict:
             recorder.finish()
             runs.append({"total_s": time.perf_counter() - start, "times": dict(recorder.times),
                          "peaks_gb": dict(recorder.peaks), "peak_gb": max(recorder.peaks.values())})
+            print(f"{variant} run {len(runs)}{' (warm-up)' if len(runs) == 1 else ''}: {runs[-1]['total_s']:.2f} s, "
+                  + ", ".join(f"{p} {recorder.times[p]:.2f} s" for p in PHASES), flush=True)
     finally:
         if block_swap is not None:
             block_swap.remove()
+        if compile_settings is not None:
+            from src.optimization import torch_compile
+
+            torch_compile.uncompile(dit)  # the next variant runs what it names
     warmup, timed = runs[0], runs[1:]
     summary = {"warmup_total_s": warmup["total_s"], "runs": timed}
     for phase in PHASES:
@@ -399,25 +411,94 @@ def section_vae_conv(args, device) -> dict:
     return results
 
 
+class ProfiledPhases(PhaseRecorder):
+    """A PhaseRecorder that also marks each phase (and the post-process sections) as a profiler range."""
+
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        self._range = None
+
+    def _close(self) -> None:
+        super()._close()
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
+
+    def start_phase(self, phase: str, total: int) -> None:
+        super().start_phase(phase, total)
+        self._range = torch.profiler.record_function(f"phase:{phase}")
+        self._range.__enter__()
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        with super().section(name), torch.profiler.record_function(f"phase:{name}"):
+            yield
+
+
+def kernel_breakdown(events, phases: tuple[str, ...], top: int = 12) -> dict:
+    """Per phase: GPU-busy seconds (sum of kernel and copy times), the top kernels by time, and the top
+    operators by the GPU time of the kernels they launched themselves (which op a generic kernel serves).
+
+    An event belongs to the innermost ``phase:`` range whose host interval contains its start; the recorder
+    synchronises at every phase boundary, so no kernel of one phase runs inside another's interval."""
+    ranges = sorted(((e.time_range.start, e.time_range.end, e.name[6:]) for e in events
+                     if e.name.startswith("phase:")), key=lambda r: r[1] - r[0])
+    kernels: dict[str, dict[str, float]] = {p: {} for p in phases}
+    ops: dict[str, dict[str, float]] = {p: {} for p in phases}
+    for e in events:
+        if e.name.startswith("phase:"):
+            continue
+        phase = next((name for lo, hi, name in ranges if lo <= e.time_range.start <= hi), None)
+        if phase not in kernels:
+            continue
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[phase][e.name] = kernels[phase].get(e.name, 0.0) + e.time_range.elapsed_us() / 1e6
+        else:
+            own = getattr(e, "self_device_time_total", 0.0) / 1e6
+            if own > 0:
+                ops[phase][e.name] = ops[phase].get(e.name, 0.0) + own
+
+    def ranked(table: dict[str, float], total: float) -> list[dict]:
+        rows = sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        return [{"name": name[:90], "seconds": sec, "share": sec / total if total else 0.0} for name, sec in rows]
+
+    result = {}
+    for phase in phases:
+        busy = sum(kernels[phase].values())
+        result[phase] = {"gpu_busy_s": busy, "top": ranked(kernels[phase], busy), "top_ops": ranked(ops[phase], busy)}
+    return result
+
+
 def section_profile(args, device, dit, vae) -> dict:
-    """Top kernels of one DiT forward and one VAE decode chunk (torch.profiler), for finding hot spots."""
+    """Where the optimized job's GPU time goes: one profiled run of the real pipeline, with each phase's
+    wall time, the time its GPU was busy (the difference is host overhead and synchronisation) and its
+    top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     geometry = job_geometry(args)
-    inputs = dit_inputs(geometry, dit.config, device)
-    latent = torch.randn(1, 16, 2, *geometry.latent[1:], device=device)
-    jobs = {"dit": lambda: dit(*inputs), "vae_decode_2_latents": lambda: vae.decode(latent)}
-    tables = {}
-    with matrix_ops.attention_backend(args.attention), torch.no_grad():
-        for name, job in jobs.items():
-            job()
-            sync(device)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                job()
-                sync(device)
-            tables[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-            print(f"\nProfile {name}:\n{tables[name]}")
-    return tables
+    clip = test_clip(args.test_frames, geometry.in_w, geometry.in_h)
+    dit_spec = DiTSpec(model=str(args.model), device=str(device), attention_mode=args.attention,
+                       enable_optimizations=True, offload_device=args.dit_offload)
+    vae_spec = VAESpec(model="vae", device=str(device), enable_optimizations=True)
+    settings = UpscaleSettings(resolution=args.resolution, batch_size=args.batch_size or args.test_frames,
+                               color_correction="lab", seed=42)
+    manager = PrebuiltManager(dit, vae, device)
+    upscale(clip, dit_spec, vae_spec, settings, progress=PhaseRecorder(device), manager=manager)  # warm-up
+    recorder = ProfiledPhases(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        upscale(clip, dit_spec, vae_spec, settings, progress=recorder, manager=manager)
+        recorder.finish()
+    breakdown = kernel_breakdown(prof.events(), PHASES)
+    for phase in PHASES:
+        row = breakdown[phase]
+        row["wall_s"] = recorder.times[phase]
+        print(f"\nProfile {phase}: wall {row['wall_s']:.3f} s (profiled), GPU busy {row['gpu_busy_s']:.3f} s")
+        for title in ("top", "top_ops"):
+            print(f" {'kernels' if title == 'top' else 'operators'}:")
+            for k in row[title]:
+                print(f"  {k['seconds'] * 1e3:>9.1f} ms {k['share'] * 100:>5.1f}%  {k['name']}")
+    return breakdown
 
 
 def section_compile(args, device, dit) -> dict:
@@ -518,6 +599,8 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = torch.device(args.device)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     results = {"args": vars(args), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -527,7 +610,7 @@ def main(argv=None) -> int:
         results["precision"] = section_precision(args, device)
     if "vae_conv" in sections:
         results["vae_conv"] = section_vae_conv(args, device)
-    if {"attention", "compile", "e2e"} & set(sections):
+    if {"attention", "compile", "e2e", "profile"} & set(sections):
         dit, vae = build_models(args, device)
         if "attention" in sections:
             results["attention"] = section_attention(args, device, dit.config)

@@ -375,3 +375,26 @@ def test_a_refused_blockswap_leaves_the_model_untouched():
     assert [p.data_ptr() for p in model.blocks[:3].parameters()] == pointers
     assert all(hook_counts(block) == (0, 0) for block in model.blocks)
     BlockSwap(model.blocks[:3], 2, "cpu", "cpu").remove()  # nothing was registered as managed
+
+
+# --- results to host memory ------------------------------------------------------------------------------
+
+
+def test_copy_to_host_copies_directly_between_host_tensors():
+    src = torch.randn(5, 4, 3)
+    dst = torch.empty(5, 4, 8)[..., :3]  # a strided view, as the RGB channels of an RGBA output
+    stable_memory.copy_to_host(dst, src)
+    assert torch.equal(dst, src)
+
+
+@needs_cuda
+@pytest.mark.parametrize("frames", [1, 7, 40])
+def test_copy_to_host_stages_large_results_through_pinned_chunks(frames, monkeypatch):
+    monkeypatch.setattr(stable_memory, "STAGING_CHUNK_BYTES", 3 << 20)
+    monkeypatch.setattr(stable_memory, "_staging", [])
+    src = torch.randn(frames, 256, 384, 3, device="cuda")  # 1.1 MiB per frame: 2 frames per chunk
+    expected = src.cpu()
+    out = torch.full((frames, 256, 384, 4), -1.0)
+    stable_memory.copy_to_host(out[..., :3], src)
+    assert torch.equal(out[..., :3], expected) and (out[..., 3] == -1).all()
+    assert (frames * 256 * 384 * 3 * 4 > (3 << 20)) == bool(stable_memory._staging)  # staged only when large

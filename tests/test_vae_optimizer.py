@@ -212,9 +212,9 @@ def test_cudnn_benchmark_is_set_inside_and_restored(monkeypatch):
     seen = []
     convolve = VAERuntime.conv3d
 
-    def recording_conv3d(self, x, conv):
+    def recording_conv3d(self, x, conv, **options):
         seen.append(torch.backends.cudnn.benchmark)
-        return convolve(self, x, conv)
+        return convolve(self, x, conv, **options)
 
     monkeypatch.setattr(VAERuntime, "conv3d", recording_conv3d)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
@@ -246,6 +246,17 @@ def test_normalize_into_is_group_norm_per_frame(channels_last, silu):
     assert torch.isnan(padded[:, :, :2]).all()  # the history slots are left alone
 
 
+def test_frame_group_stats_match_float64_statistics_of_each_frame_and_group():
+    # Rows of different means inside one group (a gradient over H) and a large offset: the two-stage
+    # combination must add the spread of the row means to the mean row variance, and stay stable.
+    x = torch.randn(2, 6, 3, 7, 9) * 0.05 + torch.linspace(-3, 3, 7).view(1, 1, 1, 7, 1) + 100.0
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    mean, var = vae_optimizer.frame_group_stats(x, 3)
+    grouped = x.double().unflatten(1, (3, 2))  # (B, G, C/G, T, H, W)
+    torch.testing.assert_close(mean.double(), grouped.mean(dim=(2, 4, 5)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), grouped.var(dim=(2, 4, 5), correction=0), rtol=1e-4, atol=0)
+
+
 def test_normalize_into_keeps_float32_statistics_for_bf16():
     # Frames far from zero mean: statistics rounded to bf16 would shift every normalised value by ~0.1.
     x = (torch.randn(1, 8, 2, 6, 6) + 60.0).to(torch.bfloat16)
@@ -264,10 +275,54 @@ def test_normalize_kernel_traces_as_one_graph():
     for frames in (1, 3):
         x = torch.randn(1, 16, frames, 6, 10).contiguous(memory_format=torch.channels_last_3d)
         buffer = torch.empty(1, 16, frames + 2, 6, 10).contiguous(memory_format=torch.channels_last_3d)
-        compiled(x, weight, bias, buffer[:, :, 2:], 4, 1e-6, True)
+        compiled(x, weight, bias, buffer[:, :, 2:], 4, 1e-6, True, bias)
         expected = torch.empty_like(x)
-        normalize_into(x, weight, bias, expected, 4, 1e-6, True)
+        normalize_into(x, weight, bias, expected, 4, 1e-6, True, bias)
         torch.testing.assert_close(buffer[:, :, 2:], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_folded_convolution_bias_equals_adding_it_first():
+    x = torch.randn(1, 8, 2, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    weight, bias, shift = torch.rand(8) + 0.5, torch.randn(8), torch.randn(8) * 3
+    folded, expected = torch.empty_like(x), torch.empty_like(x)
+    normalize_into(x, weight, bias, folded, 2, 1e-6, True, shift)
+    normalize_into(x + shift.view(1, 8, 1, 1, 1), weight, bias, expected, 2, 1e-6, True)
+    torch.testing.assert_close(folded, expected, rtol=1e-6, atol=1e-6)
+    out, residual = torch.randn(1, 8, 2, 5, 6), torch.randn(1, 8, 2, 5, 6)
+    summed = out + residual + shift.view(1, 8, 1, 1, 1)
+    vae_optimizer.add_residual(out, residual, shift)
+    torch.testing.assert_close(out, summed)
+
+
+def test_residual_kernel_traces_as_one_graph():
+    compiled = torch.compile(vae_optimizer.add_residual, backend="aot_eager", fullgraph=True, dynamic=True)
+    out = torch.randn(1, 8, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    residual, bias = torch.randn_like(out), torch.randn(8)
+    expected = out + residual + bias.view(1, 8, 1, 1, 1)
+    compiled(out, residual, bias)
+    torch.testing.assert_close(out, expected)
+
+
+def test_per_frame_kernels_compute_what_the_whole_tensor_kernels_do():
+    # With compiled kernels on, the runtime calls them frame by frame (eager kernels here on the CPU):
+    # the frame views must land in the right slots of a padded buffer and of a batch of two.
+    per_frame, whole = _runtime(channels_last=True, compile_norm=True), _runtime(channels_last=True)
+    norm = torch.nn.GroupNorm(4, 8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = (torch.randn(2, 8, 3, 5, 6) * torch.tensor([1.0, 5.0, 0.2]).view(1, 1, 3, 1, 1)).contiguous(
+        memory_format=torch.channels_last_3d)
+    shift = torch.randn(8)
+    buffers = [torch.full((2, 8, 5, 5, 6), float("nan")).contiguous(memory_format=torch.channels_last_3d)
+               for _ in range(2)]
+    with torch.no_grad():
+        per_frame.normalize(x, norm, silu=True, out=buffers[0][:, :, 2:], shift=shift)
+        whole.normalize(x, norm, silu=True, out=buffers[1][:, :, 2:], shift=shift)
+        torch.testing.assert_close(buffers[0][:, :, 2:], buffers[1][:, :, 2:], rtol=1e-6, atol=1e-6)
+        assert torch.isnan(buffers[0][:, :, :2]).all()
+        residual = torch.randn_like(x)
+        results = [runtime.add_residual(x.clone(), residual, shift) for runtime in (per_frame, whole)]
+    torch.testing.assert_close(results[0], results[1])
 
 
 def test_failed_compile_falls_back_once(monkeypatch, caplog):
@@ -276,8 +331,7 @@ def test_failed_compile_falls_back_once(monkeypatch, caplog):
             raise RuntimeError("no compiler here\nsecond line")
         return run
 
-    monkeypatch.setattr(vae_optimizer, "_compiled_normalize", None)
-    monkeypatch.setattr(vae_optimizer, "_compile_failure", None)
+    kernel = vae_optimizer.CompiledKernel(normalize_into, "GroupNorm")
     monkeypatch.setattr(torch, "compile", broken_compile)
     x, weight, bias = torch.randn(1, 8, 2, 4, 4), torch.ones(8), torch.zeros(8)
     expected = torch.empty_like(x)
@@ -285,7 +339,7 @@ def test_failed_compile_falls_back_once(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger=vae_optimizer.__name__):
         for _ in range(2):
             out = torch.empty_like(x)
-            vae_optimizer._normalize_compiled(x, weight, bias, out, 2, 1e-6, True)
+            kernel(x, weight, bias, out, 2, 1e-6, True)
             assert torch.equal(out, expected)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "no compiler here" in warnings[0] and "second line" not in warnings[0]
@@ -423,3 +477,32 @@ def test_choose_tile_size_explains_when_nothing_fits():
         choose_tile_size(1000, config=VAEConfig.released(), direction="decode", frames=5, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="direction must be one of"):
         estimate_peak_bytes(VAEConfig.released(), "upscale", 64, 64, frames=5, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("value, wanted", [(None, False), ("1", True), ("on", True), ("0", False)])
+def test_cudnn_autotuning_follows_its_environment_switch(monkeypatch, value, wanted):
+    if value is None:
+        monkeypatch.delenv(vae_optimizer.CUDNN_BENCHMARK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(vae_optimizer.CUDNN_BENCHMARK_ENV, value)
+    assert vae_optimizer._cudnn_benchmark_wanted() is wanted
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 1 << 40])  # one frame per piece, or whole chunks
+def test_the_last_chunk_keeps_no_look_back(piece_bytes):
+    from src.models.video_vae_v3.temporal_slicing import CausalMemory
+
+    model = _golden_vae()
+    optimize_vae(model, piece_bytes=piece_bytes)
+    z = _latent(2)
+    kept = {}
+    with torch.no_grad():
+        for last in (False, True):
+            memory = CausalMemory(last_chunk=last)
+            out = model.decoder.forward_lean(z.to(model.dtype), memory, model.runtime)
+            kept[last] = len(memory._frames)
+            if last:
+                torch.testing.assert_close(out, expected)
+            else:
+                expected = out
+    assert kept[False] > 0 and kept[True] == 0

@@ -5,6 +5,8 @@
 * :func:`memory_report` / :func:`memory_pressure` read free/total device memory and host RAM (psutil if
   installed, else ``/proc/meminfo``).
 * :func:`offload` moves a whole model between phases, leaving blocks managed by a BlockSwap alone.
+* :func:`copy_to_host` writes GPU results into ordinary (pageable) host tensors through two small pinned
+  buffers, the GPU's copy of one chunk overlapping the host's copy of the previous one.
 * :class:`BlockSwap` keeps the last N transformer blocks in (pinned) host memory and copies each to the
   GPU just for its own forward, on a side stream while the block before it computes.
 """
@@ -205,6 +207,53 @@ def memory_efficient_context(device: torch.device | str, label: str = "phase") -
 # ---------------------------------------------------------------------------------------------------
 
 _SWAP_MANAGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose weights a BlockSwap owns
+# ---------------------------------------------------------------------------------------------------
+# Device-to-host results
+# ---------------------------------------------------------------------------------------------------
+
+# A copy from the GPU straight into pageable memory goes through the driver's own staging, one small
+# piece at a time, and faults in every fresh page on the way: 1.4 GB/s for the 820 MB result of a 33-frame
+# 1080p job on an H100 (0.6 s).  Through pinned chunks the GPU copies at PCIe speed while the host's
+# multi-threaded copy of the previous chunk runs.
+STAGING_CHUNK_BYTES = 32 << 20
+_staging: list[torch.Tensor] = []  # two pinned chunks, allocated on first use and kept
+
+
+def _staging_buffers() -> list[torch.Tensor]:
+    if not _staging:
+        _staging.extend(torch.empty(STAGING_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2))
+    return _staging
+
+
+def copy_to_host(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for a CUDA ``src`` and a host ``dst`` of the same shape and dtype, staged through
+    pinned chunks along the first dimension; any other pair (or a pinned ``dst``) is copied directly."""
+    row_bytes = src[0].numel() * src.element_size() if src.ndim and src.shape[0] else 0
+    staged = (src.is_cuda and dst.device.type == "cpu" and not dst.is_pinned() and src.dtype == dst.dtype
+              and src.shape == dst.shape and 0 < row_bytes <= STAGING_CHUNK_BYTES
+              and src.numel() * src.element_size() > STAGING_CHUNK_BYTES)
+    if not staged:
+        dst.copy_(src)
+        return
+    src = src.contiguous()
+    buffers = _staging_buffers()
+    rows = STAGING_CHUNK_BYTES // row_bytes
+    stream = torch.cuda.current_stream(src.device)  # where copy_ enqueues the transfers
+    events = [torch.cuda.Event(), torch.cuda.Event()]
+    pending: tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None = None
+    for index, start in enumerate(range(0, src.shape[0], rows)):
+        part = src[start:start + rows]
+        stage = buffers[index % 2][:part.numel() * part.element_size()].view(part.dtype).view(part.shape)
+        stage.copy_(part, non_blocking=True)
+        events[index % 2].record(stream)
+        if pending is not None:  # the host copies the previous chunk while this one crosses the bus
+            pending[2].synchronize()
+            pending[0].copy_(pending[1])
+        pending = (dst[start:start + rows], stage, events[index % 2])
+    pending[2].synchronize()
+    pending[0].copy_(pending[1])
+
+
 _ALIGNMENT = 256  # bytes: every packed tensor starts where a fresh CUDA allocation would
 
 

@@ -86,16 +86,20 @@ def configure_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _raise_dynamo_limits(settings: CompileSettings) -> None:
-    # Process-wide knobs shared with every other model in ComfyUI: only ever raised, never lowered.
-    # PyTorch 2.6 renamed cache_size_limit to recompile_limit, so both settings name the same
-    # per-function limit; the accumulated limit must be at least as large.
+def raise_recompile_limit(wanted: int) -> None:
+    """Let one compiled function hold at least ``wanted`` graphs (shapes) before Dynamo gives up on it and
+    runs it eagerly.  Process-wide knobs shared with every other model in ComfyUI: only ever raised, never
+    lowered.  PyTorch 2.6 renamed cache_size_limit to recompile_limit (the old name still works); the
+    accumulated limit must be at least as large."""
     import torch._dynamo
 
     config = torch._dynamo.config
-    wanted = max(settings.dynamo_cache_size_limit, settings.dynamo_recompile_limit)
     config.cache_size_limit = max(config.cache_size_limit, wanted)
     config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, wanted)
+
+
+def _raise_dynamo_limits(settings: CompileSettings) -> None:
+    raise_recompile_limit(max(settings.dynamo_cache_size_limit, settings.dynamo_recompile_limit))
 
 
 def _compile_options(settings: CompileSettings) -> dict[str, Any]:

@@ -23,10 +23,12 @@ clones, pixel-shuffle copies and layout conversions.  ``optimize_vae(model)`` gi
   (:meth:`VAERuntime.upscale_shuffle_into`: the 4x/8x-channel tensor never exists whole) or a copy.
   Residuals are added in place.  The upsamplers keep their look-back as the 4-8x smaller pre-upscale
   frames and recompute it (a 1x1 conv), which lowers the decoder's memory floor by 15 %.
-* **GroupNorm per frame**, vectorised over frames and groups with float32 statistics, as F.group_norm
-  computes each frame; on CUDA compiled into one reduction and one pointwise pass that writes the padded
-  input directly (torch.compile, dynamic shapes, fullgraph; with batch 1 and channels-last, the pipeline's
-  case, no full-size temporary), falling back to the eager version with one log line if compiling fails.
+* **GroupNorm per frame** with float32 statistics, as F.group_norm computes each frame, in two exact stages
+  (row statistics, then their combination; :func:`frame_group_stats`); on CUDA compiled per frame into a
+  reduction and one pointwise pass that writes the padded input directly (torch.compile, static shapes,
+  fullgraph; :class:`CompiledKernel`), falling back to the eager version with one log line if compiling
+  fails.  A resnet's convolutions run without their bias: the first one's rides along with the next
+  GroupNorm, the second one's with the residual sum (one compiled pass), saving a pass over each output.
 * **channels_last_3d on CUDA** (weights converted here, activations allocated so), cuDNN's fastest layout
   for these convolutions.  Channel counts that are not multiples of 8 (the 3-channel encoder input and
   decoder output) are zero-padded to 8 there, because cuDNN's NDHWC tensor-core kernels want multiples of
@@ -34,7 +36,8 @@ clones, pixel-shuffle copies and layout conversions.  ``optimize_vae(model)`` gi
 * **The PyTorch 2.9 conv3d regression** (cuDNN skipped for half-precision 3-D convolutions with cuDNN 9.8 to
   9.14, leaving a slow, memory-hungry fallback) is detected from the versions
   (:func:`cudnn_bypass_decision`); only then do 3-D convolutions go to ``torch.cudnn_convolution``.
-* ``torch.backends.cudnn.benchmark`` is on during encode/decode (restored after).
+* ``torch.backends.cudnn.benchmark`` only with ``SEEDVR2_CUDNN_BENCHMARK=1`` (then on during encode/decode,
+  restored after): autotuning costs the first run of a resolution ~45 s for 1-3 % faster convolutions.
 
 Memory floor.  Causal chunking keeps each causal convolution's last input frames (2 for stride 1) until
 the next chunk: at 1088x1920 in bf16 about 8.7 GB in the encoder and 18 GB in the decoder (15 GB here),
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -138,13 +142,35 @@ def cudnn_bypass_decision(
 # ---------------------------------------------------------------------------------------------------
 
 
+def frame_group_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 mean and (population) variance of every (batch, group, frame) of ``x`` (B, C, T, H, W).
+
+    Two exact stages: statistics of every row over W, then their combination over the group's channels
+    and H by the law of total variance (all rows hold W values: the variance is the mean of the row
+    variances plus the variance of the row means).  The first stage is one pass over ``x`` whose output
+    (B·C·T·H values) is large enough to keep every SM busy and, in channels-last memory, reads whole
+    channel vectors; a single-stage reduction has only B·G·T outputs and, compiled with dynamic shapes,
+    left the GPU ~15x below its memory bandwidth at 1080p.
+    """
+    row_var, row_mean = torch.var_mean(x.float(), dim=4, correction=0)  # (B, C, T, H)
+    row_mean, row_var = row_mean.unflatten(1, (groups, -1)), row_var.unflatten(1, (groups, -1))
+    mean = row_mean.mean(dim=(2, 4))  # (B, G, T)
+    spread = (row_mean - mean[:, :, None, :, None]).square().mean(dim=(2, 4))
+    return mean, row_var.mean(dim=(2, 4)) + spread
+
+
 def normalize_into(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, groups: int, eps: float, silu: bool
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, groups: int, eps: float, silu: bool,
+    shift: Optional[torch.Tensor] = None,
 ) -> None:
     """Write GroupNorm of every frame of ``x`` (B, C, T, H, W) (+ SiLU) into ``out``: statistics over each
-    (batch, frame, group) in float32, as ``F.group_norm`` computes them frame by frame."""
+    (batch, frame, group) in float32, as ``F.group_norm`` computes them frame by frame.  ``shift`` (C,) is
+    added to ``x`` first: the bias of the convolution that produced ``x``, folded in here instead of costing
+    a pass of its own."""
     channels = x.shape[1]
-    var, mean = torch.var_mean(x.float().unflatten(1, (groups, -1)), dim=(2, 4, 5), correction=0)  # (B, G, T)
+    if shift is not None:
+        x = x + shift.view(1, channels, 1, 1, 1)
+    mean, var = frame_group_stats(x, groups)  # (B, G, T)
     # Statistics per channel, broadcast over H, W: the full-size tensor is never reshaped, so a compiled
     # kernel can read x once for the statistics and once to write ``out``, with nothing in between.
     mean = mean.repeat_interleave(channels // groups, dim=1)[..., None, None]
@@ -154,28 +180,71 @@ def normalize_into(
     out.copy_(F.silu(values, inplace=True) if silu else values)
 
 
-_compiled_normalize = None
-_compile_failure: Optional[str] = None
+def add_residual(out: torch.Tensor, residual: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """``out += residual + bias`` (bias (C,) per channel, or None): a resnet's second convolution, whose bias
+    is folded in here, joins the block's input in one pass."""
+    out.add_(residual)
+    if bias is not None:
+        out.add_(bias.view(1, -1, 1, 1, 1))
 
 
-def _normalize_compiled(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, groups: int, eps: float, silu: bool
-) -> None:
-    global _compiled_normalize, _compile_failure
-    if _compile_failure is None and not torch.compiler.is_compiling():
-        try:
-            if _compiled_normalize is None:
-                # One fused kernel: the float32 statistics and the normalised values are never materialised.
-                _compiled_normalize = torch.compile(normalize_into, dynamic=True, fullgraph=True)
-            _compiled_normalize(x, weight, bias, out, groups, eps, silu)
-            return
-        except torch.cuda.OutOfMemoryError:
-            raise  # not a compiler problem: the caller must shrink the work
-        except Exception as error:  # any compiler/toolchain failure: the eager kernel computes the same
-            lines = str(error).strip().splitlines()
-            _compile_failure = f"{type(error).__name__}: {lines[0] if lines else ''}"
-            logger.warning("compiling the VAE GroupNorm kernel failed (%s); using the eager kernel", _compile_failure)
-    normalize_into(x, weight, bias, out, groups, eps, silu)
+class CompiledKernel:
+    """``fn`` compiled on first use into fused kernels for static shapes; if compiling or running the
+    compiled code fails, the eager ``fn`` (the same math) is used from then on, after one log line.
+
+    Static shapes because Inductor's kernels for symbolic sizes spend their time on index arithmetic: at
+    1080p the dynamic GroupNorm ran at 550 GB/s, the static one at 1950 GB/s (H100).  The runtime calls it
+    once per frame, so the shapes are the few (channels, height, width) of a resolution, not every piece
+    length: about 17 graphs for encoder and decoder at 1080p, compiled once and kept in the persistent
+    compile cache."""
+
+    GRAPH_LIMIT = 64  # graphs (shapes) one kernel may compile before Dynamo would fall back to eager
+
+    def __init__(self, fn, label: str):
+        self.fn, self.label = fn, label
+        self.compiled = None
+        self.failure: Optional[str] = None
+
+    def __call__(self, *args) -> None:
+        if self.failure is None and not torch.compiler.is_compiling():
+            try:
+                if self.compiled is None:
+                    from .torch_compile import configure_compile_cache, raise_recompile_limit
+
+                    configure_compile_cache()
+                    raise_recompile_limit(self.GRAPH_LIMIT)
+                    self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
+                self.compiled(*args)
+                return
+            except torch.cuda.OutOfMemoryError:
+                raise  # not a compiler problem: the caller must shrink the work
+            except Exception as error:  # any compiler/toolchain failure: the eager kernel computes the same
+                lines = str(error).strip().splitlines()
+                self.failure = f"{type(error).__name__}: {lines[0] if lines else ''}"
+                logger.warning("compiling the VAE %s kernel failed (%s); using the eager kernel", self.label,
+                               self.failure)
+        self.fn(*args)
+
+
+def _frame(x: torch.Tensor, batch: int, frame: int) -> torch.Tensor:
+    """Frame ``frame`` of batch item ``batch`` as a (1, C, 1, H, W) view whose strides do not depend on the
+    tensor's frame count (a compiled kernel guards on strides)."""
+    return x[batch, :, frame].unsqueeze(0).unsqueeze(2)
+
+
+# Process-wide compiled kernels (code only, no model state), shared by every optimized VAE.
+compiled_normalize = CompiledKernel(normalize_into, "GroupNorm")
+compiled_add_residual = CompiledKernel(add_residual, "residual")
+
+
+CUDNN_BENCHMARK_ENV = "SEEDVR2_CUDNN_BENCHMARK"
+
+
+def _cudnn_benchmark_wanted() -> bool:
+    """cuDNN autotuning only when ``SEEDVR2_CUDNN_BENCHMARK`` is 1/true/yes/on.  It times every algorithm once
+    per new convolution shape: 44 s more for the first 33-frame 1080p encode on an H100, for 1-3 % faster
+    convolutions afterwards (cuDNN's heuristics already pick the same kernels for most shapes)."""
+    return os.environ.get(CUDNN_BENCHMARK_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _triton_available() -> bool:
@@ -217,18 +286,38 @@ class VAERuntime:
         return -(-channels // CHANNEL_ALIGNMENT) * CHANNEL_ALIGNMENT
 
     def normalize(
-        self, x: torch.Tensor, norm: nn.GroupNorm, *, silu: bool, out: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, norm: nn.GroupNorm, *, silu: bool, out: Optional[torch.Tensor] = None,
+        shift: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Per-frame ``norm(x)`` (then SiLU), written into ``out`` (e.g. the new frames of a padded conv input)."""
+        """Per-frame ``norm(x + shift)`` (then SiLU), written into ``out`` (e.g. the new frames of a padded conv
+        input); ``shift`` is the bias of a convolution run ``with_bias=False``."""
         if out is None:
             out = torch.empty_like(x)
-        kernel = _normalize_compiled if self.compile_norm and x.is_cuda else normalize_into
-        kernel(x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu)
+        if not self.compile_norm:
+            normalize_into(x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift)
+            return out
+        kernel = compiled_normalize if x.is_cuda else normalize_into
+        for batch in range(x.shape[0]):
+            for frame in range(x.shape[2]):  # statistics are per frame anyway
+                kernel(_frame(x, batch, frame), norm.weight, norm.bias, _frame(out, batch, frame), norm.num_groups,
+                       norm.eps, silu, shift)
         return out
 
-    def conv3d(self, x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
-        """``conv(x)``; ``x`` may carry zero channels beyond ``conv.in_channels``."""
-        weight, bias = conv.weight, conv.bias
+    def add_residual(self, out: torch.Tensor, residual: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """``out + residual + bias`` computed in place in ``out``."""
+        if not self.compile_norm:
+            add_residual(out, residual, bias)
+            return out
+        kernel = compiled_add_residual if out.is_cuda else add_residual
+        for batch in range(out.shape[0]):
+            for frame in range(out.shape[2]):
+                kernel(_frame(out, batch, frame), _frame(residual, batch, frame), bias)
+        return out
+
+    def conv3d(self, x: torch.Tensor, conv: nn.Conv3d, *, with_bias: bool = True) -> torch.Tensor:
+        """``conv(x)``, without the bias when ``with_bias`` is False (the caller folds it into the next pass);
+        ``x`` may carry zero channels beyond ``conv.in_channels``."""
+        weight, bias = conv.weight, conv.bias if with_bias else None
         extra_in = x.shape[1] - weight.shape[1]
         extra_out = self.input_channels(weight.shape[0]) - weight.shape[0]
         if extra_in or extra_out:
@@ -373,7 +462,7 @@ def optimize_vae(
         pad_channels=on_cuda if pad_channels is None else pad_channels,
         compile_norm=(on_cuda and _triton_available() and compile_enabled()) if compile_norm is None else compile_norm,
         cudnn_direct=bypass,
-        cudnn_benchmark=on_cuda if cudnn_benchmark is None else cudnn_benchmark,
+        cudnn_benchmark=(on_cuda and _cudnn_benchmark_wanted()) if cudnn_benchmark is None else cudnn_benchmark,
         piece_bytes=piece_bytes,
     )
     model.to(memory_format=runtime.memory_format)
@@ -418,7 +507,8 @@ def estimate_peak_bytes(
 
     Three terms, each from the architecture in ``config``:
 
-    * look-back: every causal convolution keeps its last 2 input frames between calls (its input channels
+    * look-back (clips of more than one frame): every causal convolution keeps its last 2 input frames
+      between calls until the clip's last chunk (its input channels
       at its resolution; the upsampler convolutions keep the pre-upscale input frames instead: 2 frames
       without time upsampling, 1 with);
     * one piece at full resolution, the widest point of the path: the input of the first full-resolution
@@ -467,6 +557,8 @@ def estimate_peak_bytes(
         kept += 2 * widths[0] * pixels  # conv_out
         wide_in, wide_out = widths[min(1, levels - 1)], widths[0]
         result = frames * config.out_channels * pixels
+    if frames == 1:
+        kept = 0  # one frame is one chunk, its last: no convolution keeps look-back (CausalMemory.closing)
     element = torch.empty((), dtype=dtype).element_size()
     chunk = min(frames, config.slicing_sample_min_size + 1)
     piece = max(1, min(chunk, piece_bytes // (wide_in * pixels * element)))

@@ -368,8 +368,9 @@ class _Runner:
 def _write_batch(out: torch.Tensor, frames: torch.Tensor, batch: Batch, prepend: int) -> None:
     """Write a batch's frames (N, H, W, 3; extended-clip indices) into the output, cross-fading the overlap.
 
-    The frames are made contiguous where they are (the GPU) so the transfer into the output is one dense
-    copy; only the few overlapping frames are blended element by element.
+    The frames are made contiguous where they are (the GPU) so the transfer into the output is dense
+    (staged through pinned memory when it crosses from a GPU to host memory); only the few overlapping
+    frames are blended element by element.
     """
     frames = frames.contiguous()
     first = max(prepend - batch.start, 0)          # frames that fall into the prepended (dropped) part
@@ -381,7 +382,7 @@ def _write_batch(out: torch.Tensor, frames: torch.Tensor, batch: Batch, prepend:
         target = out[start:start + blended, ..., :3]
         target.mul_(weights).add_(head * (1.0 - weights))
     rest = frames[first + blended:]
-    out[start + blended:start + blended + rest.shape[0], ..., :3].copy_(rest)
+    stable_memory.copy_to_host(out[start + blended:start + blended + rest.shape[0], ..., :3], rest)
 
 
 def _input_noise(settings: UpscaleSettings, video: torch.Tensor) -> torch.Tensor:

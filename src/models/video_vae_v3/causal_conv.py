@@ -80,23 +80,26 @@ class CausalConv3d(nn.Conv3d):
         buffer = runtime.empty((batch, channels, look_back + frames, height, width), like)
         return PaddedInput(buffer, look_back, starts_clip=True)
 
-    def convolve_input(self, padded: PaddedInput, memory: CausalMemory, runtime: "VAERuntime") -> torch.Tensor:
-        """``forward``'s result from a filled :class:`PaddedInput`; keeps its tail for the next call."""
+    def convolve_input(
+        self, padded: PaddedInput, memory: CausalMemory, runtime: "VAERuntime", *, with_bias: bool = True
+    ) -> torch.Tensor:
+        """``forward``'s result from a filled :class:`PaddedInput` (without the bias if ``with_bias`` is False:
+        the caller folds it into its next pass); keeps the input's tail for the next call."""
         frames = padded.frames
         if frames.shape[2] < self.kernel_size[0]:
             # A strided convolution still collecting its next window (streamed one frame at a time).
             self._repeat_first_frame(padded)
             memory.keep(self, frames)
             return frames.new_empty((frames.shape[0], self.out_channels, 0, *self._output_size(frames)))
-        out = self.convolve_padded(padded, runtime)
+        out = self.convolve_padded(padded, runtime, with_bias=with_bias)
         memory.keep(self, frames[:, :, out.shape[2] * self.stride[0]:].clone())
         return out
 
-    def convolve_padded(self, padded: PaddedInput, runtime: "VAERuntime") -> torch.Tensor:
+    def convolve_padded(self, padded: PaddedInput, runtime: "VAERuntime", *, with_bias: bool = True) -> torch.Tensor:
         """Convolve a filled :class:`PaddedInput` (history slots repeated from the first frame at the clip
         start); the caller keeps whatever the next call needs."""
         self._repeat_first_frame(padded)
-        return runtime.conv3d(padded.frames, self)
+        return runtime.conv3d(padded.frames, self, with_bias=with_bias)
 
     @staticmethod
     def _repeat_first_frame(padded: PaddedInput) -> None:
@@ -106,10 +109,11 @@ class CausalConv3d(nn.Conv3d):
             padded.frames[:, :, :look_back].copy_(first.expand(-1, -1, look_back, -1, -1))
 
     def forward_lean(
-        self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime", norm: Optional[nn.GroupNorm] = None
+        self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime", norm: Optional[nn.GroupNorm] = None,
+        *, with_bias: bool = True,
     ) -> torch.Tensor:
         """``forward(SiLU(norm(x)))``, or ``forward(x)`` without ``norm``, with the normalised (or copied)
-        frames written straight into the padded input."""
+        frames written straight into the padded input; ``with_bias=False`` leaves the bias to the caller."""
         channels = x.shape[1] if norm is not None else runtime.input_channels(x.shape[1])
         padded = self.open_input(memory, (x.shape[0], channels, *x.shape[2:]), x, runtime)
         if norm is not None:
@@ -117,7 +121,7 @@ class CausalConv3d(nn.Conv3d):
         else:
             padded.new_frames[:, :x.shape[1]].copy_(x)
             padded.new_frames[:, x.shape[1]:].zero_()  # channel padding for cuDNN, if any
-        return self.convolve_input(padded, memory, runtime)
+        return self.convolve_input(padded, memory, runtime, with_bias=with_bias)
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
         return tuple(

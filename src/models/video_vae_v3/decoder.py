@@ -89,4 +89,4 @@ class Decoder3D(nn.Module):
         for level in self.up_blocks:
             stages += level.lean_stages(runtime)
         stages.append(Stage(partial(self.conv_out.forward_lean, runtime=runtime, norm=self.conv_norm_out)))
-        return run_streamed(stages, z, memory if memory is not None else CausalMemory(), runtime.piece_bytes)
+        return run_streamed(stages, z, memory if memory is not None else CausalMemory(last_chunk=True), runtime.piece_bytes)

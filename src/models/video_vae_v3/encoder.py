@@ -87,4 +87,4 @@ class Encoder3D(nn.Module):
             stages += level.lean_stages(runtime)
         stages += self.mid_block.lean_stages(runtime)
         stages.append(Stage(partial(self.conv_out.forward_lean, runtime=runtime, norm=self.conv_norm_out)))
-        return run_streamed(stages, video, memory if memory is not None else CausalMemory(), runtime.piece_bytes)
+        return run_streamed(stages, video, memory if memory is not None else CausalMemory(last_chunk=True), runtime.piece_bytes)

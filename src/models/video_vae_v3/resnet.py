@@ -42,11 +42,14 @@ class ResnetBlock3D(nn.Module):
         return self.conv1.lean_growth
 
     def forward_lean(self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime") -> torch.Tensor:
-        """``forward``'s result with at most x, one padded conv input, one output and its look-back alive."""
-        h = self.conv1.forward_lean(x, memory, runtime, norm=self.norm1)
+        """``forward``'s result with at most x, one padded conv input, one output and its look-back alive.
+        The convolutions' biases ride along with the next pass over their outputs (the GroupNorm, the
+        residual sum) instead of costing a pass each."""
+        h = self.conv1.forward_lean(x, memory, runtime, norm=self.norm1, with_bias=False)
         padded = self.conv2.open_input(memory, h.shape, h, runtime)
-        runtime.normalize(h, self.norm2, silu=True, out=padded.new_frames)
+        runtime.normalize(h, self.norm2, silu=True, out=padded.new_frames, shift=self.conv1.bias)
         del h  # its normalised copy in the padded input is all conv2 needs
-        out = self.conv2.convolve_input(padded, memory, runtime)
+        out = self.conv2.convolve_input(padded, memory, runtime, with_bias=False)
         del padded
-        return out.add_(x if self.conv_shortcut is None else runtime.conv3d(x, self.conv_shortcut))
+        residual = x if self.conv_shortcut is None else runtime.conv3d(x, self.conv_shortcut)
+        return runtime.add_residual(out, residual, self.conv2.bias)

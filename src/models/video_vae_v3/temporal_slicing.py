@@ -24,9 +24,13 @@ class CausalMemory:
     upsampler keeps its pre-upscale frames); whoever keeps a record for a convolution also reads it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, last_chunk: bool = False) -> None:
         self._frames: dict[nn.Module, Any] = {}
         self.at_clip_start = True
+        # The chunk now running is the clip's last (set by whoever slices the clip), and, while ``closing``,
+        # the running call is the last one any convolution of it gets: nothing kept then would be read.
+        self.last_chunk = last_chunk
+        self.closing = False
 
     def continues(self, conv: nn.Module) -> bool:
         """True when ``conv`` kept frames from an earlier call on this clip, False when it starts the clip."""
@@ -46,8 +50,10 @@ class CausalMemory:
         return self._frames.pop(conv)
 
     def keep(self, conv: nn.Module, frames: Any) -> None:
-        """Store ``frames`` (a small copy, so the chunk's activations can be freed) for ``conv``'s next chunk."""
-        self._frames[conv] = frames
+        """Store ``frames`` (a small copy, so the chunk's activations can be freed) for ``conv``'s next chunk;
+        dropped while ``closing``: for a single image that is all of the look-back (tens of GB at 4K)."""
+        if not self.closing:
+            self._frames[conv] = frames
 
     def end_chunk(self) -> None:
         """Mark that the next chunk continues the clip instead of starting it."""
@@ -82,6 +88,8 @@ def run_sliced(
     out: Optional[torch.Tensor] = None
     filled = 0
     for start, stop in bounds:
+        if memory is not None:
+            memory.last_chunk = stop == clip.shape[2]
         piece = run_chunk(clip[:, :, start:stop], memory)
         if out is None:
             out = torch.empty(
@@ -107,8 +115,9 @@ class Stage(NamedTuple):
 
 
 def _run_pieces(stages: Sequence[Stage], x: torch.Tensor, first_stage: int, memory: CausalMemory,
-                piece_bytes: int, outputs: list[torch.Tensor]) -> None:
+                piece_bytes: int, outputs: list[torch.Tensor], last: bool) -> None:
     """Run ``x`` from ``stages[first_stage]`` on, splitting it into pieces before any stage it would overflow.
+    ``last``: no later piece of the clip will reach these stages, so their look-back need not be kept.
 
     A plain recursive function, not a closure: a self-referencing closure would form a reference cycle
     that keeps the causal memory (gigabytes at 1080p) alive until Python's cycle collector happens to run.
@@ -120,10 +129,15 @@ def _run_pieces(stages: Sequence[Stage], x: torch.Tensor, first_stage: int, memo
         frame_bytes = x[:, :, 0].numel() * x.element_size() * stage.growth
         frames = max(1, int(piece_bytes // frame_bytes))
         if x.shape[2] > frames:
-            for piece in x.split(frames, dim=2):
-                _run_pieces(stages, piece, index, memory, piece_bytes, outputs)
+            pieces = x.split(frames, dim=2)
+            for number, piece in enumerate(pieces, start=1):
+                _run_pieces(stages, piece, index, memory, piece_bytes, outputs, last and number == len(pieces))
             return
-        x = stage.run(x, memory)
+        memory.closing = last
+        try:
+            x = stage.run(x, memory)
+        finally:
+            memory.closing = False
     if x.shape[2]:
         outputs.append(x)
 
@@ -138,7 +152,7 @@ def run_streamed(stages: Sequence[Stage], clip: torch.Tensor, memory: CausalMemo
     convolution still collecting its window); its piece then ends there.
     """
     outputs: list[torch.Tensor] = []
-    _run_pieces(stages, clip, 0, memory, piece_bytes, outputs)
+    _run_pieces(stages, clip, 0, memory, piece_bytes, outputs, memory.last_chunk)
     if not outputs:
         raise RuntimeError(
             f"a clip chunk of {clip.shape[2]} frames produced no output frames: the strided temporal convolutions "
