@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=0, help="frames per batch (0 = all test frames)")
     p.add_argument("--iterations", type=int, default=3, help="timed repetitions of each job")
     p.add_argument("--sections", default="attention,compile,e2e",
-                   help="comma list of: attention, compile, e2e, precision, vae_conv, profile")
+                   help="comma list of: attention, compile, e2e, precision, vae_conv, vae_norm, profile")
     p.add_argument("--attention", default="auto", help="attention_mode of the optimized run")
     p.add_argument("--quantization", default="disabled", help="quantization of the optimized run")
     p.add_argument("--compile", action="store_true", help="torch.compile in the optimized run")
@@ -411,6 +411,45 @@ def section_vae_conv(args, device) -> dict:
     return results
 
 
+def section_vae_norm(args, device) -> dict:
+    """The VAE's GroupNorm+SiLU kernel (with a folded convolution bias) at the job's three widest levels,
+    compiled for dynamic and for static shapes, against PyTorch's F.group_norm frame by frame."""
+    from src.optimization.vae_optimizer import normalize_into
+
+    geometry = job_geometry(args)
+    dtype = compute_dtype(device)
+    results = {}
+    for channels, scale, frames in ((128, 1, 2), (256, 2, 2), (512, 8, 5)):
+        h, w = geometry.pad_h // scale, geometry.pad_w // scale
+        x = torch.randn(1, channels, frames, h, w, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last_3d)
+        out = torch.empty_like(x)
+        weight, bias, shift = (torch.randn(channels, device=device, dtype=dtype) for _ in range(3))
+        reference = torch.stack([torch.nn.functional.silu(torch.nn.functional.group_norm(
+            x[:, :, t].float() + shift.float().view(1, -1, 1, 1), 32, weight.float(), bias.float(), 1e-6))
+            for t in range(frames)], dim=2)
+        row = {}
+        with torch.no_grad():
+            for label, dynamic in (("compiled_dynamic", True), ("compiled_static", False)):
+                torch._dynamo.reset()
+                kernel = torch.compile(normalize_into, dynamic=dynamic, fullgraph=True)
+                start = time.perf_counter()
+                kernel(x, weight, bias, out, 32, 1e-6, True, shift)
+                sync(device)
+                compile_s = time.perf_counter() - start
+                seconds = cuda_time(lambda: kernel(x, weight, bias, out, 32, 1e-6, True, shift), device, repeat=5)
+                row[label] = {"seconds": seconds, "compile_s": compile_s,
+                              "gb_per_s": 3 * x.numel() * x.element_size() / seconds / 1e9,  # read twice, write once
+                              "rel_err": ((out.float() - reference).norm() / reference.norm()).item()}
+            row["eager_group_norm_per_frame"] = {"seconds": cuda_time(lambda: [torch.nn.functional.silu(
+                torch.nn.functional.group_norm(x[:, :, t] + shift.view(1, -1, 1, 1), 32, weight, bias, 1e-6))
+                for t in range(frames)], device, repeat=5)}
+        results[f"c{channels}_{w}x{h}x{frames}"] = row
+        del x, out, reference
+    torch._dynamo.reset()
+    return results
+
+
 class ProfiledPhases(PhaseRecorder):
     """A PhaseRecorder that also marks each phase (and the post-process sections) as a profiler range."""
 
@@ -592,7 +631,7 @@ def print_table(results: dict) -> None:
         c = results["compile"]
         print(f"\nCompile: eager {c['eager_s']:.2f}s, first call {c['first_call_s']:.1f}s, compiled {c['compiled_s']:.2f}s "
               f"(overhead {c['compile_overhead_s']:.1f}s, {c['speedup']:.2f}x)")
-    for key in ("precision", "vae_conv"):
+    for key in ("precision", "vae_conv", "vae_norm"):
         if key in results:
             print(f"\n{key}:", json.dumps(results[key], indent=1))
 
@@ -610,6 +649,8 @@ def main(argv=None) -> int:
         results["precision"] = section_precision(args, device)
     if "vae_conv" in sections:
         results["vae_conv"] = section_vae_conv(args, device)
+    if "vae_norm" in sections:
+        results["vae_norm"] = section_vae_norm(args, device)
     if {"attention", "compile", "e2e", "profile"} & set(sections):
         dit, vae = build_models(args, device)
         if "attention" in sections:

@@ -71,3 +71,15 @@ def test_profile_section_times_every_phase_of_the_real_job(tmp_path):
     profile = json.loads(out.read_text())["profile"]
     assert set(profile) == set(performance_test.PHASES)
     assert profile["upscale"]["wall_s"] > 0 and profile["decode"]["wall_s"] > 0
+
+
+def test_vae_norm_section_compares_compiled_kernels_with_group_norm(tmp_path):
+    out = tmp_path / "results.json"
+    code = performance_test.main(["--sections", "vae_norm", "--device", "cpu", "--input-size", "64x48",
+                                  "--resolution", "64", "--output", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["vae_norm"]
+    assert len(rows) == 3
+    for row in rows.values():
+        for variant in ("compiled_dynamic", "compiled_static"):
+            assert row[variant]["rel_err"] < 1e-5 and row[variant]["seconds"] > 0
