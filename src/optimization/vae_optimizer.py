@@ -198,7 +198,9 @@ class CompiledKernel:
     length: about 17 graphs for encoder and decoder at 1080p, compiled once and kept in the persistent
     compile cache."""
 
-    GRAPH_LIMIT = 64  # graphs (shapes) one kernel may compile before Dynamo would fall back to eager
+    # Graphs (shapes) one kernel may hold before Dynamo falls back to eager for new ones: ~17 per resolution,
+    # so a long ComfyUI session can see a dozen resolutions before new ones run on the eager kernels.
+    GRAPH_LIMIT = 256
 
     def __init__(self, fn, label: str):
         self.fn, self.label = fn, label
