@@ -203,11 +203,6 @@ def memory_efficient_context(device: torch.device | str, label: str = "phase") -
 
 
 # ---------------------------------------------------------------------------------------------------
-# Moving weights
-# ---------------------------------------------------------------------------------------------------
-
-_SWAP_MANAGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose weights a BlockSwap owns
-# ---------------------------------------------------------------------------------------------------
 # Device-to-host results
 # ---------------------------------------------------------------------------------------------------
 
@@ -254,6 +249,11 @@ def copy_to_host(dst: torch.Tensor, src: torch.Tensor) -> None:
     pending[0].copy_(pending[1])
 
 
+# ---------------------------------------------------------------------------------------------------
+# Moving weights
+# ---------------------------------------------------------------------------------------------------
+
+_SWAP_MANAGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose weights a BlockSwap owns
 _ALIGNMENT = 256  # bytes: every packed tensor starts where a fresh CUDA allocation would
 
 

@@ -228,10 +228,13 @@ class CompiledKernel:
         self.fn(*args)
 
 
-def _frame(x: torch.Tensor, batch: int, frame: int) -> torch.Tensor:
-    """Frame ``frame`` of batch item ``batch`` as a (1, C, 1, H, W) view whose strides do not depend on the
-    tensor's frame count (a compiled kernel guards on strides)."""
-    return x[batch, :, frame].unsqueeze(0).unsqueeze(2)
+def _frames(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The matching frames of same-shaped (B, C, T, H, W) tensors, each as a (1, C, 1, H, W) view whose
+    strides do not depend on the tensor's frame count (a compiled kernel guards on strides)."""
+    batches, _, frames = tensors[0].shape[:3]
+    for batch in range(batches):
+        for frame in range(frames):
+            yield tuple(t[batch, :, frame].unsqueeze(0).unsqueeze(2) for t in tensors)
 
 
 # Process-wide compiled kernels (code only, no model state), shared by every optimized VAE.
@@ -299,10 +302,8 @@ class VAERuntime:
             normalize_into(x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift)
             return out
         kernel = compiled_normalize if x.is_cuda else normalize_into
-        for batch in range(x.shape[0]):
-            for frame in range(x.shape[2]):  # statistics are per frame anyway
-                kernel(_frame(x, batch, frame), norm.weight, norm.bias, _frame(out, batch, frame), norm.num_groups,
-                       norm.eps, silu, shift)
+        for x_frame, out_frame in _frames(x, out):  # statistics are per frame anyway
+            kernel(x_frame, norm.weight, norm.bias, out_frame, norm.num_groups, norm.eps, silu, shift)
         return out
 
     def add_residual(self, out: torch.Tensor, residual: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -311,9 +312,8 @@ class VAERuntime:
             add_residual(out, residual, bias)
             return out
         kernel = compiled_add_residual if out.is_cuda else add_residual
-        for batch in range(out.shape[0]):
-            for frame in range(out.shape[2]):
-                kernel(_frame(out, batch, frame), _frame(residual, batch, frame), bias)
+        for out_frame, residual_frame in _frames(out, residual):
+            kernel(out_frame, residual_frame, bias)
         return out
 
     def conv3d(self, x: torch.Tensor, conv: nn.Conv3d, *, with_bias: bool = True) -> torch.Tensor:
