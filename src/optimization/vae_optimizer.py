@@ -27,8 +27,11 @@ clones, pixel-shuffle copies and layout conversions.  ``optimize_vae(model)`` gi
   (row statistics, then their combination; :func:`frame_group_stats`); on CUDA compiled per frame into a
   reduction and one pointwise pass that writes the padded input directly (torch.compile, static shapes,
   fullgraph; :class:`CompiledKernel`), falling back to the eager version with one log line if compiling
-  fails.  A resnet's convolutions run without their bias: the first one's rides along with the next
-  GroupNorm, the second one's with the residual sum (one compiled pass), saving a pass over each output.
+  fails.  Convolutions whose output feeds a GroupNorm run without their bias, which rides along with
+  the next pass over that output instead (on CUDA PyTorch adds a convolution's bias in a broadcast pass
+  of its own, 0.3 s of a 1080p decode): a resnet's first conv's with its second GroupNorm, its second
+  conv's, its shortcut's and the block input's (left out by the conv_in or resampler before it) with the
+  residual sum (one compiled pass), the upsampler's 1x1 conv's with its pixel-shuffling copy.
 * **channels_last_3d on CUDA** (weights converted here, activations allocated so), cuDNN's fastest layout
   for these convolutions.  Channel counts that are not multiples of 8 (the 3-channel encoder input and
   decoder output) are zero-padded to 8 there, because cuDNN's NDHWC tensor-core kernels want multiples of
@@ -351,8 +354,11 @@ class VAERuntime:
     ) -> None:
         """Write ``pixel_shuffle_3d(conv(x), time_factor)`` into ``out``, without the second copy of frame 0
         when ``drop_first_copy``; the 1x1x1 conv runs on bands of rows, so its 4x/8x-wide output never
-        exists whole."""
+        exists whole, and its bias is added by the shuffling copy instead of a pass of its own."""
         b, c, frames, height, width = x.shape
+        # Bias of output channel ((dx·2 + dy)·z_r + dz)·C + c, laid out like ``source`` below.
+        bias = None if conv.bias is None else conv.bias.view(2, 2, time_factor, c).permute(3, 2, 0, 1)[
+            None, :, :, None, :, None, :]
         band_bytes = b * conv.out_channels * width * x.element_size()
         rows = max(1, min(height, UPSCALE_BAND_BYTES // band_bytes))
         for frame in range(frames):
@@ -360,12 +366,16 @@ class VAERuntime:
             copies = 1 if drop_first_copy and frame == 0 else time_factor
             start = frame * time_factor - (1 if drop_first_copy and frame > 0 else 0)
             for top in range(0, height, rows):
-                band = self.conv3d(x[:, :, frame:frame + 1, top:top + rows], conv)
+                band = self.conv3d(x[:, :, frame:frame + 1, top:top + rows], conv, with_bias=False)
                 band_rows = band.shape[3]
                 # Channel ((dx·2 + dy)·z_r + dz)·C + c -> frame dz, row 2i + dx, column 2k + dy (pixel_shuffle_3d).
                 source = band[:, :, 0].unflatten(1, (2, 2, time_factor, c)).permute(0, 4, 3, 5, 1, 6, 2)
                 target = out[:, :, start:start + copies, 2 * top:2 * (top + band_rows)]
-                target.unflatten(3, (band_rows, 2)).unflatten(5, (width, 2)).copy_(source[:, :, :copies])
+                target = target.unflatten(3, (band_rows, 2)).unflatten(5, (width, 2))
+                if bias is None:
+                    target.copy_(source[:, :, :copies])
+                else:
+                    torch.add(source[:, :, :copies], bias[:, :, :copies], out=target)
                 del band, source
 
     @contextmanager

@@ -110,15 +110,18 @@ class CausalConv3d(nn.Conv3d):
 
     def forward_lean(
         self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime", norm: Optional[nn.GroupNorm] = None,
-        *, with_bias: bool = True,
+        *, with_bias: bool = True, input_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``forward(SiLU(norm(x)))``, or ``forward(x)`` without ``norm``, with the normalised (or copied)
-        frames written straight into the padded input; ``with_bias=False`` leaves the bias to the caller."""
+        """``forward(SiLU(norm(x + input_bias)))``, or ``forward(x)`` without ``norm``, with the normalised (or
+        copied) frames written straight into the padded input.  ``input_bias``: the bias the producer of ``x``
+        left out (with ``norm`` only); ``with_bias=False`` leaves this convolution's bias to the caller."""
         channels = x.shape[1] if norm is not None else runtime.input_channels(x.shape[1])
         padded = self.open_input(memory, (x.shape[0], channels, *x.shape[2:]), x, runtime)
         if norm is not None:
-            runtime.normalize(x, norm, silu=True, out=padded.new_frames)
+            runtime.normalize(x, norm, silu=True, out=padded.new_frames, shift=input_bias)
         else:
+            if input_bias is not None:
+                raise ValueError("input_bias is folded into the GroupNorm; a convolution without norm cannot take it.")
             padded.new_frames[:, :x.shape[1]].copy_(x)
             padded.new_frames[:, x.shape[1]:].zero_()  # channel padding for cuDNN, if any
         return self.convolve_input(padded, memory, runtime, with_bias=with_bias)

@@ -42,10 +42,22 @@ class DecoderLevel(nn.Module):
             x = upsampler(x, memory)
         return x
 
-    def lean_stages(self, runtime: "VAERuntime") -> list[Stage]:
-        """The optimized path's steps, for streaming."""
-        blocks = (*self.resnets, *self.upsamplers)
-        return [Stage(partial(block.forward_lean, runtime=runtime), block.lean_growth) for block in blocks]
+    def lean_stages(self, runtime: "VAERuntime", input_bias: Optional[torch.Tensor] = None) -> list[Stage]:
+        """The optimized path's steps, for streaming.  The first resnet adds ``input_bias`` (left out by the
+        block before); the resampling convolution leaves its bias to the block after (``deferred_bias``)."""
+        stages = [
+            Stage(partial(resnet.forward_lean, runtime=runtime, input_bias=input_bias if i == 0 else None),
+                  resnet.lean_growth)
+            for i, resnet in enumerate(self.resnets)
+        ]
+        stages += [Stage(partial(block.forward_lean, runtime=runtime, with_bias=False), block.lean_growth)
+                   for block in self.upsamplers]
+        return stages
+
+    @property
+    def deferred_bias(self) -> Optional[torch.Tensor]:
+        """The bias the lean stages leave out of their output, for the next block to add."""
+        return self.upsamplers[0].conv.bias if len(self.upsamplers) else None
 
 
 class Decoder3D(nn.Module):
@@ -83,10 +95,14 @@ class Decoder3D(nn.Module):
         return self.conv_out(x, memory)
 
     def forward_lean(self, z: torch.Tensor, memory: Optional[CausalMemory], runtime: "VAERuntime") -> torch.Tensor:
-        """``forward``'s result, streamed through the network in pieces of frames (``run_streamed``)."""
-        stages = [Stage(partial(self.conv_in.forward_lean, runtime=runtime), self.conv_in.lean_growth)]
-        stages += self.mid_block.lean_stages(runtime)
+        """``forward``'s result, streamed through the network in pieces of frames (``run_streamed``).  Each
+        convolution that feeds a GroupNorm leaves its bias to the next block (a pass over its output saved)."""
+        stages = [Stage(partial(self.conv_in.forward_lean, runtime=runtime, with_bias=False), self.conv_in.lean_growth)]
+        stages += self.mid_block.lean_stages(runtime, input_bias=self.conv_in.bias)
+        bias = None
         for level in self.up_blocks:
-            stages += level.lean_stages(runtime)
-        stages.append(Stage(partial(self.conv_out.forward_lean, runtime=runtime, norm=self.conv_norm_out)))
+            stages += level.lean_stages(runtime, input_bias=bias)
+            bias = level.deferred_bias
+        stages.append(Stage(partial(self.conv_out.forward_lean, runtime=runtime, norm=self.conv_norm_out,
+                                    input_bias=bias)))
         return run_streamed(stages, z, memory if memory is not None else CausalMemory(last_chunk=True), runtime.piece_bytes)

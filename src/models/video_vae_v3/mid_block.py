@@ -60,10 +60,11 @@ class MidBlock3D(nn.Module):
         x = self.attentions[0](x)
         return self.resnets[1](x, memory)
 
-    def lean_stages(self, runtime: "VAERuntime") -> list[Stage]:
-        """The optimized path's steps, for streaming."""
+    def lean_stages(self, runtime: "VAERuntime", input_bias: Optional[torch.Tensor] = None) -> list[Stage]:
+        """The optimized path's steps, for streaming; the first resnet adds ``input_bias`` (left out by the
+        convolution before)."""
         return [
-            Stage(partial(self.resnets[0].forward_lean, runtime=runtime)),
+            Stage(partial(self.resnets[0].forward_lean, runtime=runtime, input_bias=input_bias)),
             Stage(lambda x, memory: self.attentions[0].forward_lean(x, runtime)),
             Stage(partial(self.resnets[1].forward_lean, runtime=runtime)),
         ]

@@ -33,16 +33,19 @@ class Downsampler3D(nn.Module):
 
     lean_growth = 1.0  # the output is smaller than the input
 
-    def forward_lean(self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime") -> torch.Tensor:
-        """``forward``'s result, the zero row and column written into the conv's input buffer directly."""
+    def forward_lean(
+        self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime", *, with_bias: bool = True
+    ) -> torch.Tensor:
+        """``forward``'s result, the zero row and column written into the conv's input buffer directly;
+        ``with_bias=False`` leaves the conv's bias to the next block (see ``deferred_bias``)."""
         b, c, t, h, w = x.shape
         if self.temporal:
             padded = self.conv.open_input(memory, (b, c, t, h + 1, w + 1), x, runtime)
             _pad_bottom_right_into(x, padded.new_frames)
-            return self.conv.convolve_input(padded, memory, runtime)
+            return self.conv.convolve_input(padded, memory, runtime, with_bias=with_bias)
         padded = runtime.empty((b, c, t, h + 1, w + 1), x)
         _pad_bottom_right_into(x, padded)
-        return runtime.conv3d(padded, self.conv)
+        return runtime.conv3d(padded, self.conv, with_bias=with_bias)
 
 
 def _pad_bottom_right_into(x: torch.Tensor, out: torch.Tensor) -> None:
@@ -85,8 +88,11 @@ class Upsampler3D(nn.Module):
         """Output size per input frame relative to the input's (2x2 in space, 2 frames with time)."""
         return 4.0 * self.time_factor
 
-    def forward_lean(self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime") -> torch.Tensor:
+    def forward_lean(
+        self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime", *, with_bias: bool = True
+    ) -> torch.Tensor:
         """``forward``'s result; the shuffled frames are written band by band into the conv's input buffer.
+        ``with_bias=False`` leaves the 3x3x3 conv's bias to the next block (see ``deferred_bias``).
 
         The conv's look-back (its last 2 input frames, 4-8x larger than the upsampler's input) is kept as
         the input frames it is computed from, and recomputed: 1x1 conv and shuffle are cheap, memory is not.
@@ -102,7 +108,7 @@ class Upsampler3D(nn.Module):
         runtime.upscale_shuffle_into(
             x, self.upscale_conv, time_factor, padded.new_frames, drop_first_copy=starts and time_factor == 2
         )
-        out = self.conv.convolve_padded(padded, runtime)
+        out = self.conv.convolve_padded(padded, runtime, with_bias=with_bias)
         del padded
         memory.keep(self.conv, UpsamplerLookBack.after(history, x, time_factor, look_back))
         return out

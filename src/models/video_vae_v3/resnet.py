@@ -41,15 +41,33 @@ class ResnetBlock3D(nn.Module):
         """Widest activation per frame relative to the input's, for sizing streamed pieces."""
         return self.conv1.lean_growth
 
-    def forward_lean(self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime") -> torch.Tensor:
-        """``forward``'s result with at most x, one padded conv input, one output and its look-back alive.
-        The convolutions' biases ride along with the next pass over their outputs (the GroupNorm, the
-        residual sum) instead of costing a pass each."""
-        h = self.conv1.forward_lean(x, memory, runtime, norm=self.norm1, with_bias=False)
+    def forward_lean(
+        self, x: torch.Tensor, memory: CausalMemory, runtime: "VAERuntime", input_bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``forward(x + input_bias)`` with at most x, one padded conv input, one output and its look-back alive.
+
+        Biases ride along with the next pass over the tensor they belong to instead of costing a pass each:
+        ``input_bias`` (left out by the convolution that produced ``x``) goes into the first GroupNorm and the
+        residual sum, conv1's into the second GroupNorm, conv2's and the shortcut's into the residual sum."""
+        h = self.conv1.forward_lean(x, memory, runtime, norm=self.norm1, with_bias=False, input_bias=input_bias)
         padded = self.conv2.open_input(memory, h.shape, h, runtime)
         runtime.normalize(h, self.norm2, silu=True, out=padded.new_frames, shift=self.conv1.bias)
         del h  # its normalised copy in the padded input is all conv2 needs
         out = self.conv2.convolve_input(padded, memory, runtime, with_bias=False)
         del padded
-        residual = x if self.conv_shortcut is None else runtime.conv3d(x, self.conv_shortcut)
-        return runtime.add_residual(out, residual, self.conv2.bias)
+        if self.conv_shortcut is None:
+            residual, residual_bias = x, input_bias
+        else:
+            residual = runtime.conv3d(x, self.conv_shortcut, with_bias=False)
+            residual_bias = self.conv_shortcut.bias
+            if input_bias is not None:  # shortcut(x + b) = W x + (W b + shortcut bias)
+                residual_bias = residual_bias.float() + self.conv_shortcut.weight.flatten(1).float() @ input_bias.float()
+        return runtime.add_residual(out, residual, _sum_of(self.conv2.bias, residual_bias))
+
+
+def _sum_of(first: Optional[torch.Tensor], second: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The float32 sum of two optional per-channel biases (always float32: one dtype, one compiled kernel)."""
+    present = [bias.float() for bias in (first, second) if bias is not None]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else present[0] + present[1]
