@@ -24,7 +24,7 @@ from src.optimization.matrix_ops import (
 )
 
 LOGGER = matrix_ops.__name__
-CPU_BACKENDS = ("sdpa", "sdpa_flash", "sdpa_math", "sdpa_chunked", "auto")
+CPU_BACKENDS = ("sdpa", "sdpa_flash", "sdpa_math", "sdpa_chunked", "matmul_chunked", "auto")
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +62,7 @@ def fallback_records(caplog):
 
 def test_every_backend_name_resolves_on_cpu():
     q = torch.zeros(1, 2, 8, 64)
-    runnable_here = {"sdpa", "sdpa_flash", "sdpa_math", "sdpa_chunked"}
+    runnable_here = {"sdpa", "sdpa_flash", "sdpa_math", "sdpa_chunked", "matmul_chunked"}
     for name in backend_names():
         resolved = resolve_backend(name, q)
         assert resolved == (name if name in runnable_here else "sdpa"), name
@@ -147,12 +147,28 @@ def test_attention_matches_float64_softmax(name, shape):
     assert rel(out, reference_attention(q, k, v)) <= 1e-5
 
 
-def test_chunked_queries_are_exact_across_chunk_boundaries(monkeypatch):
+@pytest.mark.parametrize("name", ["sdpa_chunked", "matmul_chunked"])
+def test_chunked_queries_are_exact_across_chunk_boundaries(monkeypatch, name):
     monkeypatch.setattr(matrix_ops, "CHUNK_SCORE_ELEMENTS", 2 * 1 * 50 * 7)  # 7 query rows per slice
     q, k, v = qkv(2, 1, 45, 50, 512)
-    with attention_backend("sdpa_chunked"):
+    with attention_backend(name):
         out = attention(q, k, v)
     assert rel(out, reference_attention(q, k, v)) <= 1e-5
+
+
+def test_matmul_chunked_keeps_scores_in_float32_for_half_inputs():
+    """Large logits (a trained VAE's mid-block has them) would lose their softmax to bf16-rounded scores:
+    scores and softmax stay float32, only the probabilities are rounded, so the error stays at bf16's
+    rounding of the inputs and outputs."""
+    q, k, v = qkv(2, 1, 64, 80, 512)
+    q, k, v = (q * 4).bfloat16(), (k * 4).bfloat16(), v.bfloat16()  # logits with a spread of ~±100
+    with attention_backend("matmul_chunked"):
+        out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    reference = reference_attention(q, k, v)
+    assert rel(out, reference) <= 1e-2
+    rounded_scores = (q.double() @ k.double().transpose(-1, -2) / math.sqrt(512)).bfloat16().double()
+    assert rel(torch.softmax(rounded_scores, -1) @ v.double(), reference) > 2 * rel(out, reference)
 
 
 def test_bfloat16_inputs_stay_within_the_half_precision_tier():

@@ -29,8 +29,9 @@ PLAIN = "sdpa"
 AUTO = "auto"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-# sdpa_chunked: queries per slice are chosen so one slice's score matrix holds about this many elements
-# (256 MiB in half precision), which bounds the memory of the VAE's single-head H*W attention.
+# sdpa_chunked / matmul_chunked: queries per slice are chosen so one slice's score matrix holds about this
+# many elements (256 MiB in half precision, 512 MiB in float32), which bounds the memory of the VAE's
+# single-head H*W attention.
 CHUNK_SCORE_ELEMENTS = 1 << 27
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -90,6 +91,47 @@ def _sdpa_query_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     for start in range(0, query_len, rows):
         out[:, :, start:start + rows] = F.scaled_dot_product_attention(q[:, :, start:start + rows], k, v)
     return out
+
+
+_half_scores_fp32: bool | None = None  # does this PyTorch build do half-precision bmm with float32 output?
+
+
+def _float32_scores(q: torch.Tensor, k_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · q k_tᵀ`` as float32 for (batch, rows, d) x (batch, d, keys), from half inputs without
+    rounding the scores to half precision: a half-precision GEMM with float32 output where PyTorch has
+    one (CUDA, 2.8+; the products are exact in float32 anyway), else float32 copies of the inputs."""
+    global _half_scores_fp32
+    if q.dtype in HALF_DTYPES and q.is_cuda and _half_scores_fp32 is not False:
+        try:
+            scores = torch.baddbmm(q.new_empty((), dtype=torch.float32).expand(q.shape[0], q.shape[1], k_t.shape[2]),
+                                   q, k_t, beta=0, alpha=scale, out_dtype=torch.float32)
+            _half_scores_fp32 = True
+            return scores
+        except (TypeError, RuntimeError, NotImplementedError) as error:
+            _half_scores_fp32 = False
+            _report_once(f"half-precision GEMM with float32 output is unavailable ({_first_line(error)}); the "
+                         f"matmul_chunked attention multiplies float32 copies (slower, same result)")
+    return torch.bmm(q.float(), k_t.float()).mul_(scale)
+
+
+def _matmul_query_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # For heads wider than the fused kernels take (the VAE's 512): softmax(q kᵀ/√d) v as two GEMMs per slice
+    # of queries, scores and softmax in float32, probabilities rounded to the input dtype for the second
+    # GEMM (as flash attention does).  Tensor-core GEMMs plus three passes over each slice's scores beat
+    # the memory-efficient kernel's ~120 TFLOP/s at head_dim 512; slices bound the scores' memory.
+    batch, heads, query_len, head_dim = q.shape
+    key_len = k.shape[2]
+    flat_q, flat_k, flat_v = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (q, k, v))
+    k_t = flat_k.transpose(1, 2)
+    rows = max(1, CHUNK_SCORE_ELEMENTS // (batch * heads * key_len))
+    out = q.new_empty(batch * heads, query_len, v.shape[-1])
+    for start in range(0, query_len, rows):
+        scores = _float32_scores(flat_q[:, start:start + rows], k_t, head_dim ** -0.5)
+        probabilities = torch.softmax(scores, dim=-1).to(v.dtype)
+        del scores
+        out[:, start:start + rows] = torch.bmm(probabilities, flat_v)
+        del probabilities
+    return out.view(batch, heads, query_len, v.shape[-1])
 
 
 _compiled_flex: Kernel | None = None
@@ -174,6 +216,7 @@ def _register_builtin_backends() -> None:
     register_backend(AttentionBackend(
         "sdpa_math", _sdpa_restricted_to(SDPBackend.MATH), devices=None, traceable=True))
     register_backend(AttentionBackend("sdpa_chunked", _sdpa_query_chunks, devices=None, traceable=True))
+    register_backend(AttentionBackend("matmul_chunked", _matmul_query_chunks, devices=None))
     register_backend(AttentionBackend(
         # CUDA only: on CPU compiling it takes about a minute and PyTorch's CPU SDPA kernel is as fast.
         "flex", _flex, max_head_dim=256, package="torch.nn.attention.flex_attention",
@@ -259,8 +302,9 @@ def _auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int) -> str
     """The backend "auto" means for these inputs, by hardware and shape."""
     if device.type == "cuda":
         if head_dim > 256:
-            # Flash-type kernels stop at 256; the memory-efficient kernel takes the VAE's 512-wide head.
-            return "sdpa_efficient"
+            # Flash-type kernels stop at 256; for the VAE's 512-wide head explicit tensor-core GEMMs beat
+            # the memory-efficient kernel (half precision), which still takes float32.
+            return "matmul_chunked" if dtype in HALF_DTYPES else "sdpa_efficient"
         if dtype in HALF_DTYPES and torch.version.hip is None:
             if _available("flash_attn_3", device, dtype, head_dim):  # Hopper only
                 return "flash_attn_3"
