@@ -54,12 +54,15 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="plain,optimized",
                    help="end-to-end runs, in order: plain, optimized, compiled (optimized with the DiT blocks "
                         "compiled, as the compile settings node does), offload (optimized, the DiT moved to the "
-                        "CPU while the VAE runs), swapN (optimized with N DiT blocks "
+                        "CPU while the VAE runs), lowvram (offload, plus VAE encode and decode in tiles of "
+                        "--lowvram-tile px: for 16 GB GPUs), swapN (optimized with N DiT blocks "
                         "swapped to pinned host memory), fp8 (optimized with fp8 matmuls; changes the model, "
                         "so put it last)")
     p.add_argument("--decode-tile", type=int, default=0, help="VAE decode tile size (0 = untiled)")
     p.add_argument("--encode-tile", type=int, default=0, help="VAE encode tile size (0 = untiled)")
     p.add_argument("--dit-offload", default="none", help="DiT offload device between phases")
+    p.add_argument("--lowvram-tile", type=int, default=1088,
+                   help="VAE tile size of the lowvram variant (1088: a 1080p frame in two tiles side by side)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 matmul peak (0 = measure it)")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default=None, help="write the results as JSON here")
@@ -295,12 +298,13 @@ def run_job(args, device, dit, vae, variant: str, iterations: int) -> dict:
         from src.optimization.fp4_quantization import quantize_linears
 
         print(quantize_linears(dit, "fp8_e4m3fn", compute_dtype=compute_dtype(device), device=device).summary())
-    dit_offload = "cpu" if variant == "offload" else args.dit_offload
+    dit_offload = "cpu" if variant in ("offload", "lowvram") else args.dit_offload
     dit_spec = DiTSpec(model=str(args.model), device=str(device), attention_mode=args.attention if optimized else "sdpa",
                        enable_optimizations=optimized, compile=compile_settings, offload_device=dit_offload)
+    decode_tile, encode_tile = (args.lowvram_tile,) * 2 if variant == "lowvram" else (args.decode_tile, args.encode_tile)
     vae_spec = VAESpec(model="vae", device=str(device), enable_optimizations=optimized, compile=compile_settings,
-                       decode_tiled=args.decode_tile > 0, decode_tile_size=args.decode_tile or 1024,
-                       encode_tiled=args.encode_tile > 0, encode_tile_size=args.encode_tile or 1024)
+                       decode_tiled=decode_tile > 0, decode_tile_size=decode_tile or 1024,
+                       encode_tiled=encode_tile > 0, encode_tile_size=encode_tile or 1024)
     settings = UpscaleSettings(resolution=args.resolution, batch_size=batch, color_correction="lab", seed=42)
     manager = PrebuiltManager(dit, vae, device)
     block_swap = None
@@ -509,25 +513,32 @@ def kernel_breakdown(events, phases: tuple[str, ...], top: int = 12) -> dict:
 
 
 def section_profile(args, device, dit, vae) -> dict:
-    """Where the optimized job's GPU time goes: one profiled run of the real pipeline, with each phase's
-    wall time, the time its GPU was busy (the difference is host overhead and synchronisation) and its
-    top kernels."""
+    """Where the optimized job's GPU time goes (the DiT blocks compiled with --compile): one profiled run of
+    the real pipeline, with each phase's wall time, the time its GPU was busy (the difference is host
+    overhead and synchronisation) and its top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     geometry = job_geometry(args)
     clip = test_clip(args.test_frames, geometry.in_w, geometry.in_h)
     dit_spec = DiTSpec(model=str(args.model), device=str(device), attention_mode=args.attention,
-                       enable_optimizations=True, offload_device=args.dit_offload)
+                       enable_optimizations=True, offload_device=args.dit_offload,
+                       compile=CompileSettings() if args.compile else None)
     vae_spec = VAESpec(model="vae", device=str(device), enable_optimizations=True)
     settings = UpscaleSettings(resolution=args.resolution, batch_size=args.batch_size or args.test_frames,
                                color_correction="lab", seed=42)
     manager = PrebuiltManager(dit, vae, device)
-    upscale(clip, dit_spec, vae_spec, settings, progress=PhaseRecorder(device), manager=manager)  # warm-up
-    recorder = ProfiledPhases(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        upscale(clip, dit_spec, vae_spec, settings, progress=recorder, manager=manager)
-        recorder.finish()
+    try:
+        upscale(clip, dit_spec, vae_spec, settings, progress=PhaseRecorder(device), manager=manager)  # warm-up
+        recorder = ProfiledPhases(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            upscale(clip, dit_spec, vae_spec, settings, progress=recorder, manager=manager)
+            recorder.finish()
+    finally:
+        if dit_spec.compile is not None:
+            from src.optimization import torch_compile
+
+            torch_compile.uncompile(dit)  # later sections run the DiT they name
     breakdown = kernel_breakdown(prof.events(), PHASES)
     for phase in PHASES:
         row = breakdown[phase]
