@@ -136,16 +136,16 @@ def test_interrupt_stops_the_run_and_releases_models(specs):
 
 
 def test_vae_out_of_memory_retries_with_tiles(specs, manager, monkeypatch):
-    real = upscaler_module.encode_condition
+    real = upscaler_module.encode_posterior
     seen = []
 
-    def flaky(vae, video, eps, tiling):
+    def flaky(vae, video, tiling):
         seen.append(tiling.tile_size)
         if tiling.tile_size is None:
             raise torch.OutOfMemoryError("simulated")
-        return real(vae, video, eps, tiling)
+        return real(vae, video, tiling)
 
-    monkeypatch.setattr(upscaler_module, "encode_condition", flaky)
+    monkeypatch.setattr(upscaler_module, "encode_posterior", flaky)
     out = run(specs, manager, _clip(1), resolution=24, batch_size=1)
     assert seen == [None, 512] and out.shape[0] == 1
 

@@ -46,7 +46,18 @@ class VAETiling:
 def encode_condition(vae: VideoAutoencoder, video: torch.Tensor, eps: torch.Tensor,
                      tiling: VAETiling = VAETiling()) -> torch.Tensor:
     """Condition latent ``(t, h, w, 16)`` in DiT space of a video ``(3, T, H, W)`` in [-1, 1] (T = 4n+1)."""
-    mean, logvar = vae.encode(video.unsqueeze(0), tile_size=tiling.tile_size, tile_overlap=tiling.tile_overlap)
+    return condition_latent(*encode_posterior(vae, video, tiling), eps)
+
+
+def encode_posterior(vae: VideoAutoencoder, video: torch.Tensor,
+                     tiling: VAETiling = VAETiling()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior (mean, log-variance) of a video ``(3, T, H, W)``: the GPU work of :func:`encode_condition`,
+    queued before its noise is needed, so drawing the noise on the CPU overlaps with it."""
+    return vae.encode(video.unsqueeze(0), tile_size=tiling.tile_size, tile_overlap=tiling.tile_overlap)
+
+
+def condition_latent(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The condition latent ``(t, h, w, 16)`` sampled from the posterior with noise ``eps``."""
     z = sample_posterior(mean, logvar, eps.to(mean.device, mean.dtype))
     return to_dit_latent(z)[0].permute(1, 2, 3, 0).contiguous()
 
