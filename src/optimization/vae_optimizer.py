@@ -24,14 +24,21 @@ clones, pixel-shuffle copies and layout conversions.  ``optimize_vae(model)`` gi
   Residuals are added in place.  The upsamplers keep their look-back as the 4-8x smaller pre-upscale
   frames and recompute it (a 1x1 conv), which lowers the decoder's memory floor by 15 %.
 * **GroupNorm per frame** with float32 statistics, as F.group_norm computes each frame, in two exact stages
-  (row statistics, then their combination; :func:`frame_group_stats`); on CUDA compiled per frame into a
-  reduction and one pointwise pass that writes the padded input directly (torch.compile, static shapes,
-  fullgraph; :class:`CompiledKernel`), falling back to the eager version with one log line if compiling
-  fails.  Convolutions whose output feeds a GroupNorm run without their bias, which rides along with
-  the next pass over that output instead (on CUDA PyTorch adds a convolution's bias in a broadcast pass
-  of its own, 0.3 s of a 1080p decode): a resnet's first conv's with its second GroupNorm, its second
-  conv's, its shortcut's and the block input's (left out by the conv_in or resampler before it) with the
-  residual sum (one compiled pass), the upsampler's 1x1 conv's with its pixel-shuffling copy.
+  (row statistics, then their combination; :func:`frame_group_stats`).  On CUDA, hand-written Triton
+  kernels (:mod:`.vae_triton`) do it for all frames of a piece in three launches: statistics of
+  [pixels x channels] tiles (two passes in registers), their combination per (frame, group) by the law
+  of total variance, and one pointwise pass that writes the padded input directly; sizes and strides
+  are runtime arguments, so they compile once per dtype and channel count instead of once per
+  resolution.  Without Triton, with ``SEEDVR2_VAE_TRITON=0`` or after a Triton failure (one log line),
+  the GroupNorm is compiled per frame into a reduction and one pointwise pass (torch.compile, static
+  shapes, fullgraph; :class:`CompiledKernel`: ~55 s of compiling for the first run of a resolution),
+  itself falling back to the eager version with one log line if compiling fails.  Convolutions whose
+  output feeds a GroupNorm run without their bias, which rides along with the next pass over that
+  output instead (on CUDA PyTorch adds a convolution's bias in a broadcast pass of its own, 0.3 s of a
+  1080p decode): a resnet's first conv's with its second GroupNorm, its second conv's, its shortcut's
+  and the block input's (left out by the conv_in or resampler before it) with the residual sum (one
+  Triton or compiled pass, all frames at once for Triton), the upsampler's 1x1 conv's with its
+  pixel-shuffling copy.
 * **channels_last_3d on CUDA** (weights converted here, activations allocated so), cuDNN's fastest layout
   for these convolutions.  Channel counts that are not multiples of 8 (the 3-channel encoder input and
   decoder output) are zero-padded to 8 there, because cuDNN's NDHWC tensor-core kernels want multiples of
@@ -50,11 +57,11 @@ set at full resolution (:func:`estimate_peak_bytes`: 17 GB encode, 26 GB decode 
 frames, against 31 / 49 GB measured for the plain path).  Spatial tiling is the way below the floor, and
 :func:`choose_tile_size` picks the largest tile that fits.
 
-The optimized path runs eagerly apart from its own compiled GroupNorm: compiling the VAE with
+The optimized path runs eagerly apart from its own GroupNorm and residual kernels: compiling the VAE with
 ``torch_compile.compile_modules`` affects the plain path's ``Encoder3D``/``Decoder3D.forward`` only.
 The plain path is untouched: a model without a runtime runs exactly the code it ran before, and
 ``optimize_vae(model, enabled=False)`` restores it (weights back to contiguous layout).  Nothing here is
-process-wide except the compiled GroupNorm function (code, no model state).
+process-wide except the GroupNorm and residual kernels (code, no model state).
 """
 from __future__ import annotations
 
@@ -245,6 +252,46 @@ compiled_normalize = CompiledKernel(normalize_into, "GroupNorm")
 compiled_add_residual = CompiledKernel(add_residual, "residual")
 
 
+def _load_vae_triton():
+    """The Triton kernel module; importing it imports Triton, so only the runtime's first use does."""
+    return importlib.import_module(".vae_triton", __package__)
+
+
+class TritonKernel:
+    """One of the hand-written Triton kernels of :mod:`.vae_triton` (``name``: its launcher), called with
+    its launcher's arguments; returns whether it ran.  It declines arguments outside its preconditions
+    (CUDA tensors whose frames are contiguous (H·W, C) matrices, see ``<name>_supported``), and, once
+    importing, compiling or launching it has failed, everything, after one log line: the caller's compiled
+    or eager kernel computes the same."""
+
+    def __init__(self, name: str, label: str):
+        self.name, self.label = name, label
+        self.failure: Optional[str] = None
+
+    def __call__(self, *args) -> bool:
+        if self.failure is not None:
+            return False
+        try:
+            kernels = _load_vae_triton()
+            if not getattr(kernels, f"{self.name}_supported")(*args):
+                return False
+            getattr(kernels, self.name)(*args)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a kernel problem: the caller must shrink the work
+        except Exception as error:  # Triton/toolchain failure: the torch kernels compute the same
+            lines = str(error).strip().splitlines()
+            self.failure = f"{type(error).__name__}: {lines[0] if lines else ''}"
+            logger.warning("the Triton VAE %s kernel failed (%s); using the torch kernels from now on", self.label,
+                           self.failure)
+            return False
+
+
+# Process-wide like the compiled kernels: one failure switches every optimized VAE to those.
+triton_normalize = TritonKernel("normalize_into", "GroupNorm")
+triton_add_residual = TritonKernel("add_residual", "residual")
+
+
 CUDNN_BENCHMARK_ENV = "SEEDVR2_CUDNN_BENCHMARK"
 
 
@@ -253,6 +300,15 @@ def _cudnn_benchmark_wanted() -> bool:
     per new convolution shape: 44 s more for the first 33-frame 1080p encode on an H100, for 1-3 % faster
     convolutions afterwards (cuDNN's heuristics already pick the same kernels for most shapes)."""
     return os.environ.get(CUDNN_BENCHMARK_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+TRITON_KERNELS_ENV = "SEEDVR2_VAE_TRITON"
+
+
+def _triton_kernels_wanted() -> bool:
+    """The Triton GroupNorm and residual kernels unless ``SEEDVR2_VAE_TRITON`` is 0/false/no/off (to compare
+    them with the compiled ones)."""
+    return os.environ.get(TRITON_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _triton_available() -> bool:
@@ -278,6 +334,8 @@ class VAERuntime:
     cudnn_direct: bool
     cudnn_benchmark: bool
     piece_bytes: int
+    # GroupNorm and residual sum by the Triton kernels where they apply (before compile_norm's kernels).
+    triton_kernels: bool = False
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -301,6 +359,10 @@ class VAERuntime:
         input); ``shift`` is the bias of a convolution run ``with_bias=False``."""
         if out is None:
             out = torch.empty_like(x)
+        if self.triton_kernels and triton_normalize(
+            x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift
+        ):
+            return out
         if not self.compile_norm:
             normalize_into(x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift)
             return out
@@ -311,6 +373,8 @@ class VAERuntime:
 
     def add_residual(self, out: torch.Tensor, residual: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """``out + residual + bias`` computed in place in ``out``."""
+        if self.triton_kernels and triton_add_residual(out, residual, bias):
+            return out
         if not self.compile_norm:
             add_residual(out, residual, bias)
             return out
@@ -407,7 +471,7 @@ class VAEOptimizationReport:
     piece_bytes: int = 0
     channels_last: bool = False
     pad_channels: bool = False
-    norm_kernel: str = "plain"     # "compiled" (fused on first use), "eager" or "plain"
+    norm_kernel: str = "plain"     # "triton", "compiled" (fused on first use), "eager" or "plain"
     conv_route: str = "plain"      # "cudnn_convolution", "F.conv3d" or "plain"
     conv_route_reason: str = ""
     cudnn_benchmark: bool = False
@@ -469,13 +533,16 @@ def optimize_vae(
     bypass, reason = cudnn_bypass_decision(
         torch.__version__, cudnn_version, cuda=on_cuda, rocm=torch.version.hip is not None
     )
+    channels_last = on_cuda if channels_last is None else channels_last
     runtime = VAERuntime(
-        channels_last=on_cuda if channels_last is None else channels_last,
+        channels_last=channels_last,
         pad_channels=on_cuda if pad_channels is None else pad_channels,
         compile_norm=(on_cuda and _triton_available() and compile_enabled()) if compile_norm is None else compile_norm,
         cudnn_direct=bypass,
         cudnn_benchmark=(on_cuda and _cudnn_benchmark_wanted()) if cudnn_benchmark is None else cudnn_benchmark,
         piece_bytes=piece_bytes,
+        # The Triton kernels take channels-last frames only.
+        triton_kernels=on_cuda and channels_last and _triton_available() and _triton_kernels_wanted(),
     )
     model.to(memory_format=runtime.memory_format)
     model.runtime = runtime
@@ -486,7 +553,9 @@ def optimize_vae(
         piece_bytes=piece_bytes,
         channels_last=runtime.channels_last,
         pad_channels=runtime.pad_channels,
-        norm_kernel="compiled" if runtime.compile_norm and on_cuda else "eager",
+        norm_kernel=(
+            "triton" if runtime.triton_kernels else "compiled" if runtime.compile_norm and on_cuda else "eager"
+        ),
         conv_route="cudnn_convolution" if bypass else "F.conv3d",
         conv_route_reason=reason,
         cudnn_benchmark=runtime.cudnn_benchmark,

@@ -1,0 +1,263 @@
+"""Hand-written Triton kernels for the optimized VAE's per-frame GroupNorm(+SiLU) and residual sum.
+
+The torch.compile versions of these two passes (:class:`.vae_optimizer.CompiledKernel`) are fast once
+compiled, but only with static shapes: every (channels, height, width) compiles on its own, ~17 graphs and
+~55 s of Inductor time for the first run of each resolution, and they run frame by frame from Python.  These
+kernels take the pixel count, frame count and strides as runtime arguments, so they compile once per dtype
+and channel count (times Triton's own specialisation of integer arguments divisible by 16: a few variants
+at most), and every launch covers all frames of a piece.
+
+Both work on the CUDA layout of the optimized path (channels_last_3d): every frame of a (B, C, T, H, W)
+tensor is a contiguous (H·W, C) matrix; (batch, frame) pairs may sit at any strides, so ``out`` can be the
+new frames of a padded convolution input.  :func:`normalize_into` and :func:`add_residual` compute what
+their namesakes in vae_optimizer compute, in float32 up to summation order, rounded once to the output's
+dtype (the eager kernels round ``x + shift`` and ``out + residual`` to a half-precision dtype on the way).
+
+This module imports Triton; vae_optimizer imports it only when it is about to use the kernels.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Elements of one GroupNorm tile ([pixels, all channels]): a few thousand, 32 values per thread with 4 warps,
+# held in registers between the statistics' two passes.
+NORM_TILE_ELEMENTS = 4096
+NORM_WARPS = 4
+# Tile statistics the combining step reads per iteration.
+COMBINE_BLOCK = 1024
+# Elements of one residual-sum tile ([pixels, all channels]).
+RESIDUAL_TILE_ELEMENTS = 4096
+RESIDUAL_WARPS = 4
+
+
+@triton.jit
+def _tile_stats_kernel(
+    x_ptr, shift_ptr, mean_ptr, m2_ptr, pixels, frames_per_batch, x_batch_stride, x_frame_stride,
+    CHANNELS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr,
+):
+    """Mean and M2 (sum of squared deviations) of every group of one [BLOCK_P, CHANNELS] tile of one frame."""
+    tile, frame = tl.program_id(0), tl.program_id(1)
+    tiles = tl.num_programs(0)
+    # int64 before multiplying: a few frames of a 1080p activation exceed 2**31 elements.
+    batch, time = (frame // frames_per_batch).to(tl.int64), (frame % frames_per_batch).to(tl.int64)
+    base = batch * x_batch_stride + time * x_frame_stride + tile.to(tl.int64) * (BLOCK_P * CHANNELS)
+    rows, columns = tl.arange(0, BLOCK_P), tl.arange(0, CHANNELS)
+    count = tl.minimum(pixels - tile * BLOCK_P, BLOCK_P)  # the last tile may be partly outside the frame
+    valid = (rows < count)[:, None]
+    values = tl.load(x_ptr + base + rows[:, None] * CHANNELS + columns[None, :], mask=valid, other=0.0)
+    values = values.to(tl.float32)
+    if HAS_SHIFT:
+        values += tl.load(shift_ptr + columns).to(tl.float32)[None, :]
+    values = tl.where(valid, values, 0.0)
+    # Two passes over the registers per channel (mean, then squared deviations from it): no cancellation
+    # however large the mean is against the spread.
+    channel_mean = tl.sum(values, axis=0) / count
+    deviation = tl.where(valid, values - channel_mean[None, :], 0.0)
+    channel_m2 = tl.sum(deviation * deviation, axis=0)
+    # Channels into groups by the law of total variance (every channel holds ``count`` values of the tile).
+    channel_mean = tl.reshape(channel_mean, (GROUPS, CHANNELS // GROUPS))
+    group_mean = tl.sum(channel_mean, axis=1) / (CHANNELS // GROUPS)
+    spread = channel_mean - group_mean[:, None]
+    group_m2 = tl.sum(tl.reshape(channel_m2, (GROUPS, CHANNELS // GROUPS)), axis=1)
+    group_m2 += count * tl.sum(spread * spread, axis=1)
+    # Layout (frame, group, tile): the combining step reads each group's tiles contiguously.
+    slots = (frame * GROUPS + tl.arange(0, GROUPS)).to(tl.int64) * tiles + tile
+    tl.store(mean_ptr + slots, group_mean)
+    tl.store(m2_ptr + slots, group_m2)
+
+
+@triton.jit
+def _combine_stats_kernel(
+    tile_mean_ptr, tile_m2_ptr, mean_ptr, rstd_ptr, pixels, tiles, eps,
+    GROUP_CHANNELS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Mean and 1/sqrt(var + eps) of one (frame, group) from its tiles' statistics: the law of total
+    variance, with the deviations taken from the final mean in a second pass (again no cancellation)."""
+    row = tl.program_id(0)  # frame * groups + group
+    first = tl.arange(0, BLOCK)
+    # ``while`` rather than ``for ... in range(tiles)``: Triton 3.5's interpreter (the tests) cannot take a
+    # runtime loop bound with numpy >= 2.4; compiled, both are the same loop.
+    weighted = tl.zeros([BLOCK], dtype=tl.float32)
+    start = 0
+    while start < tiles:
+        index = start + first
+        inside = index < tiles
+        count = tl.minimum(pixels - index * BLOCK_P, BLOCK_P).to(tl.float32)
+        weighted += tl.where(inside, count * tl.load(tile_mean_ptr + row * tiles + index, mask=inside, other=0.0), 0.0)
+        start += BLOCK
+    mean = tl.sum(weighted, axis=0) / pixels
+    m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    start = 0
+    while start < tiles:
+        index = start + first
+        inside = index < tiles
+        count = tl.minimum(pixels - index * BLOCK_P, BLOCK_P).to(tl.float32) * GROUP_CHANNELS
+        offset = tl.load(tile_mean_ptr + row * tiles + index, mask=inside, other=0.0) - mean
+        tile_m2 = tl.load(tile_m2_ptr + row * tiles + index, mask=inside, other=0.0)
+        m2 += tl.where(inside, tile_m2 + count * offset * offset, 0.0)
+        start += BLOCK
+    variance = tl.sum(m2, axis=0) / (pixels * GROUP_CHANNELS)  # population variance, as F.group_norm
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, tl.rsqrt(variance + eps))
+
+
+@triton.jit
+def _normalize_kernel(
+    x_ptr, shift_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, out_ptr, pixels, frames_per_batch,
+    x_batch_stride, x_frame_stride, out_batch_stride, out_frame_stride,
+    CHANNELS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    """``(x + shift - mean) * rstd * weight + bias`` (then SiLU) of one tile, stored in ``out``'s dtype."""
+    tile, frame = tl.program_id(0), tl.program_id(1)
+    batch, time = (frame // frames_per_batch).to(tl.int64), (frame % frames_per_batch).to(tl.int64)
+    offset = tile.to(tl.int64) * (BLOCK_P * CHANNELS)
+    rows, columns = tl.arange(0, BLOCK_P), tl.arange(0, CHANNELS)
+    valid = (rows < pixels - tile * BLOCK_P)[:, None]
+    within = rows[:, None] * CHANNELS + columns[None, :]
+    x_base = batch * x_batch_stride + time * x_frame_stride + offset
+    values = tl.load(x_ptr + x_base + within, mask=valid, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        values += tl.load(shift_ptr + columns).to(tl.float32)[None, :]
+    group = frame * GROUPS + columns // (CHANNELS // GROUPS)
+    mean = tl.load(mean_ptr + group)
+    scale = tl.load(rstd_ptr + group) * tl.load(weight_ptr + columns).to(tl.float32)
+    values = (values - mean[None, :]) * scale[None, :] + tl.load(bias_ptr + columns).to(tl.float32)[None, :]
+    if SILU:
+        values = values / (1.0 + tl.exp(-values))
+    out_base = batch * out_batch_stride + time * out_frame_stride + offset
+    tl.store(out_ptr + out_base + within, values.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _residual_kernel(
+    out_ptr, residual_ptr, bias_ptr, pixels, frames_per_batch, out_batch_stride, out_frame_stride,
+    residual_batch_stride, residual_frame_stride,
+    CHANNELS: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """``out += residual + bias`` over one [BLOCK_P, CHANNELS] tile of one frame, in float32."""
+    tile, frame = tl.program_id(0), tl.program_id(1)
+    batch, time = (frame // frames_per_batch).to(tl.int64), (frame % frames_per_batch).to(tl.int64)
+    offset = tile.to(tl.int64) * (BLOCK_P * CHANNELS)
+    rows, columns = tl.arange(0, BLOCK_P), tl.arange(0, CHANNELS)
+    valid = (rows < pixels - tile * BLOCK_P)[:, None]
+    within = rows[:, None] * CHANNELS + columns[None, :]
+    out_at = out_ptr + batch * out_batch_stride + time * out_frame_stride + offset + within
+    residual_at = residual_ptr + batch * residual_batch_stride + time * residual_frame_stride + offset + within
+    total = tl.load(out_at, mask=valid, other=0.0).to(tl.float32)
+    total += tl.load(residual_at, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + columns).to(tl.float32)[None, :]
+    tl.store(out_at, total.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _frame_layout(tensor: torch.Tensor) -> bool:
+    """Whether every (batch, frame) of a (B, C, T, H, W) tensor is a contiguous (H·W, C) matrix."""
+    channels, width = tensor.shape[1], tensor.shape[4]
+    wanted = {1: 1, 3: width * channels, 4: channels}  # dimension: stride
+    # A dimension of size 1 may carry any stride.
+    return all(tensor.shape[dim] == 1 or tensor.stride(dim) == stride for dim, stride in wanted.items())
+
+
+def _fits(*tensors: torch.Tensor) -> bool:
+    """Same-shaped tensors in the frame layout, of a supported dtype, with a power-of-two channel count (the
+    kernels' tiles span all channels)."""
+    first = tensors[0]
+    channels = first.shape[1] if first.dim() == 5 else 0
+    return channels > 0 and channels & (channels - 1) == 0 and all(
+        t.dim() == 5 and t.shape == first.shape and t.device == first.device and t.dtype in SUPPORTED_DTYPES
+        and _frame_layout(t) for t in tensors
+    )
+
+
+def normalize_into_supported(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, groups: int, eps: float,
+    silu: bool, shift: Optional[torch.Tensor] = None,
+) -> bool:
+    """Whether :func:`normalize_into` can take these arguments on the GPU (CUDA tensors in the frame layout,
+    a power-of-two channel count divisible by ``groups``); same signature as :func:`normalize_into`."""
+    return (
+        x.is_cuda and _fits(x, out) and x.shape[1] % groups == 0
+        and all(t.device == x.device for t in (weight, bias) + ((shift,) if shift is not None else ()))
+    )
+
+
+def add_residual_supported(out: torch.Tensor, residual: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`add_residual` can take these arguments on the GPU; same signature."""
+    return out.is_cuda and _fits(out, residual) and (bias is None or bias.device == out.device)
+
+
+def _on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
+
+
+def normalize_into(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, groups: int, eps: float,
+    silu: bool, shift: Optional[torch.Tensor] = None, *, tile_elements: int = NORM_TILE_ELEMENTS,
+) -> None:
+    """GroupNorm of every frame of ``x`` (B, C, T, H, W) plus ``shift`` (C,) (then SiLU) into ``out``, as
+    ``vae_optimizer.normalize_into``; three launches (tile statistics, their combination, the normalisation)
+    over all frames.  Arguments as :func:`normalize_into_supported` accepts them, except that CPU tensors run
+    under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).  ``tile_elements``: pixels x channels of
+    one tile."""
+    batches, channels, frames, height, width = x.shape
+    pixels, images = height * width, batches * frames
+    if images == 0 or pixels == 0:
+        return
+    block_p = max(1, tile_elements // channels)
+    tiles = triton.cdiv(pixels, block_p)
+    tile_mean = torch.empty((images, groups, tiles), dtype=torch.float32, device=x.device)
+    tile_m2 = torch.empty_like(tile_mean)
+    mean = torch.empty((images, groups), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    has_shift = shift is not None
+    shift = shift.contiguous() if has_shift else weight  # any pointer: the kernels do not read it
+    grid = (tiles, images)
+    with _on_device(x):
+        _tile_stats_kernel[grid](
+            x, shift, tile_mean, tile_m2, pixels, frames, x.stride(0), x.stride(2),
+            CHANNELS=channels, GROUPS=groups, BLOCK_P=block_p, HAS_SHIFT=has_shift, num_warps=NORM_WARPS,
+        )
+        _combine_stats_kernel[(images * groups,)](
+            tile_mean, tile_m2, mean, rstd, pixels, tiles, eps,
+            GROUP_CHANNELS=channels // groups, BLOCK_P=block_p, BLOCK=COMBINE_BLOCK,
+        )
+        _normalize_kernel[grid](
+            x, shift, weight.contiguous(), bias.contiguous(), mean, rstd, out, pixels, frames,
+            x.stride(0), x.stride(2), out.stride(0), out.stride(2),
+            CHANNELS=channels, GROUPS=groups, BLOCK_P=block_p, HAS_SHIFT=has_shift, SILU=silu,
+            num_warps=NORM_WARPS,
+        )
+
+
+def add_residual(
+    out: torch.Tensor, residual: torch.Tensor, bias: Optional[torch.Tensor], *,
+    tile_elements: int = RESIDUAL_TILE_ELEMENTS,
+) -> None:
+    """``out += residual + bias`` (bias (C,) per channel, or None) over all frames in one launch, summed in
+    float32 and rounded once, as ``vae_optimizer.add_residual``.  Arguments as :func:`add_residual_supported`
+    accepts them, except that CPU tensors run under Triton's interpreter (for tests)."""
+    batches, channels, frames, height, width = out.shape
+    pixels, images = height * width, batches * frames
+    if images == 0 or pixels == 0:
+        return
+    block_p = max(1, tile_elements // channels)
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else out  # any pointer: the kernel does not read it
+    with _on_device(out):
+        _residual_kernel[(triton.cdiv(pixels, block_p), images)](
+            out, residual, bias, pixels, frames, out.stride(0), out.stride(2), residual.stride(0), residual.stride(2),
+            CHANNELS=channels, BLOCK_P=block_p, HAS_BIAS=has_bias, num_warps=RESIDUAL_WARPS,
+        )
