@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from ...optimization.matrix_ops import attention
+from ...optimization.matrix_ops import AUTO, attention, attention_backend
 from .frame_norm import FrameGroupNorm
 from .resnet import NORM_EPS, ResnetBlock3D
 from .temporal_slicing import CausalMemory, Stage
@@ -31,8 +31,10 @@ class MidBlockAttention(nn.Module):
         return self._attend(x, self.group_norm(x))
 
     def forward_lean(self, x: torch.Tensor, runtime: "VAERuntime") -> torch.Tensor:
-        """``forward`` with the optimized path's vectorised per-frame GroupNorm."""
-        return self._attend(x, runtime.normalize(x, self.group_norm, silu=False))
+        """``forward`` with the optimized path's per-frame GroupNorm kernel and the attention kernel picked
+        for this shape ("auto": on CUDA explicit GEMMs for the 512-wide head, ~1.3x the fused kernel)."""
+        with attention_backend(AUTO):
+            return self._attend(x, runtime.normalize(x, self.group_norm, silu=False))
 
     def _attend(self, x: torch.Tensor, normalized: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
