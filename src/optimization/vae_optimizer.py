@@ -78,6 +78,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import vae_upsample
+
 if TYPE_CHECKING:
     from ..models.video_vae_v3 import VAEConfig, VideoAutoencoder
 
@@ -86,7 +88,8 @@ logger = logging.getLogger(__name__)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # cuDNN's NDHWC tensor-core kernels want channel counts that are multiples of this.
 CHANNEL_ALIGNMENT = 8
-# Rows of the upsampler's 1x1 conv are computed in bands whose output stays below this size.
+# Rows of the upsampler's 1x1 conv are computed in bands whose output (input, for the GEMM route) stays
+# below this size.
 UPSCALE_BAND_BYTES = 128 << 20
 # Streamed pieces hold as many frames as keep a stage's widest activation below this size.  Every piece
 # costs copies of its convolutions' look-back (2 frames in, 2 out), so larger pieces run faster and smaller
@@ -336,6 +339,8 @@ class VAERuntime:
     piece_bytes: int
     # GroupNorm and residual sum by the Triton kernels where they apply (before compile_norm's kernels).
     triton_kernels: bool = False
+    # The upsamplers' 1x1 conv + pixel shuffle as GEMMs writing in place (channels-last frames only).
+    shuffle_gemm: bool = False
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -417,9 +422,16 @@ class VAERuntime:
         self, x: torch.Tensor, conv: nn.Conv3d, time_factor: int, out: torch.Tensor, *, drop_first_copy: bool
     ) -> None:
         """Write ``pixel_shuffle_3d(conv(x), time_factor)`` into ``out``, without the second copy of frame 0
-        when ``drop_first_copy``; the 1x1x1 conv runs on bands of rows, so its 4x/8x-wide output never
-        exists whole, and its bias is added by the shuffling copy instead of a pass of its own."""
+        when ``drop_first_copy``.  In channels-last memory batched GEMMs write the shuffled frames in place
+        (:mod:`.vae_upsample`); otherwise the 1x1x1 conv runs on bands of rows, so its 4x/8x-wide output
+        never exists whole, and its bias is added by the shuffling copy instead of a pass of its own."""
         b, c, frames, height, width = x.shape
+        if self.shuffle_gemm and vae_upsample.supports(x, out):
+            columns = x.shape[1] + vae_upsample.BIAS_COLUMNS
+            vae_upsample.upscale_shuffle_gemm_into(
+                x, vae_upsample.shuffle_matrices(conv.weight, conv.bias, time_factor), out,
+                band_rows=UPSCALE_BAND_BYTES // (width * columns * x.element_size()), drop_first_copy=drop_first_copy)
+            return
         # Bias of output channel ((dx·2 + dy)·z_r + dz)·C + c, laid out like ``source`` below.
         bias = None if conv.bias is None else conv.bias.view(2, 2, time_factor, c).permute(3, 2, 0, 1)[
             None, :, :, None, :, None, :]
@@ -543,6 +555,7 @@ def optimize_vae(
         piece_bytes=piece_bytes,
         # The Triton kernels take channels-last frames only.
         triton_kernels=on_cuda and channels_last and _triton_available() and _triton_kernels_wanted(),
+        shuffle_gemm=channels_last,
     )
     model.to(memory_format=runtime.memory_format)
     model.runtime = runtime
