@@ -27,7 +27,7 @@ import triton.language as tl
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Elements of one GroupNorm tile ([pixels, all channels]): a few thousand, 32 values per thread with 4 warps,
 # held in registers between the statistics' two passes.
-NORM_TILE_ELEMENTS = 4096
+NORM_TILE_ELEMENTS = 16384
 NORM_WARPS = 4
 # Tile statistics the combining step reads per iteration.
 COMBINE_BLOCK = 1024
