@@ -1,0 +1,25 @@
+"""conv_out (128 -> 3 channels) and conv_in (3 -> 128) at 1080p: channel padding vs time (cuDNN's kernel choice).
+
+Scratch measurement kept with its results in docs/results/; run from the repo root with PYTHONPATH=. on a CUDA GPU."""
+import torch, torch.nn.functional as F
+dev = torch.device("cuda")
+def bench(fn, n=10):
+    for _ in range(3): fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n): fn()
+    b.record(); torch.cuda.synchronize()
+    return a.elapsed_time(b) / n
+LAST = torch.channels_last_3d
+x = torch.randn(1, 128, 4, 1088, 1920, device=dev, dtype=torch.bfloat16).to(memory_format=LAST)
+for out_ch in (8, 16, 32, 64):
+    w = torch.randn(out_ch, 128, 3, 3, 3, device=dev, dtype=torch.bfloat16).to(memory_format=LAST)
+    ms = bench(lambda: F.conv3d(x, w, None, 1, (0, 1, 1)))
+    print(f"conv_out 128->{out_ch} (2 new frames of 4): {ms:.2f} ms per call", flush=True)
+del x
+for in_ch in (8, 16):
+    x = torch.randn(1, in_ch, 6, 1088, 1920, device=dev, dtype=torch.bfloat16).to(memory_format=LAST)
+    w = torch.randn(128, in_ch, 3, 3, 3, device=dev, dtype=torch.bfloat16).to(memory_format=LAST)
+    ms = bench(lambda: F.conv3d(x, w, None, 1, (0, 1, 1)))
+    print(f"conv_in {in_ch}->128 (4 out frames): {ms:.2f} ms per call", flush=True)
