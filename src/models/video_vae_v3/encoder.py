@@ -11,53 +11,30 @@ from torch import nn
 from .causal_conv import CausalConv3d
 from .config import VAEConfig
 from .frame_norm import FrameGroupNorm
+from .level import ResnetLevel
 from .mid_block import MidBlock3D
 from .resampling import Downsampler3D
-from .resnet import NORM_EPS, ResnetBlock3D
+from .resnet import NORM_EPS
 from .temporal_slicing import CausalMemory, Stage, run_streamed
 
 if TYPE_CHECKING:
     from ...optimization.vae_optimizer import VAERuntime
 
 
-class EncoderLevel(nn.Module):
+class EncoderLevel(ResnetLevel):
     """``layers_per_block`` resnets at one width, then (except on the last level) a downsampler."""
 
     def __init__(
         self, in_channels: int, out_channels: int, num_layers: int, norm_num_groups: int, downsample: Optional[str]
     ) -> None:
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, norm_num_groups)
-            for i in range(num_layers)
-        )
+        super().__init__(in_channels, out_channels, num_layers, norm_num_groups)
         self.downsamplers = nn.ModuleList(
             [] if downsample is None else [Downsampler3D(out_channels, temporal=downsample == "space_time")]
         )
 
-    def forward(self, x: torch.Tensor, memory: Optional[CausalMemory] = None) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x, memory)
-        for downsampler in self.downsamplers:
-            x = downsampler(x, memory)
-        return x
-
-    def lean_stages(self, runtime: "VAERuntime", input_bias: Optional[torch.Tensor] = None) -> list[Stage]:
-        """The optimized path's steps, for streaming.  The first resnet adds ``input_bias`` (left out by the
-        block before); the resampling convolution leaves its bias to the block after (``deferred_bias``)."""
-        stages = [
-            Stage(partial(resnet.forward_lean, runtime=runtime, input_bias=input_bias if i == 0 else None),
-                  resnet.lean_growth)
-            for i, resnet in enumerate(self.resnets)
-        ]
-        stages += [Stage(partial(block.forward_lean, runtime=runtime, with_bias=False), block.lean_growth)
-                   for block in self.downsamplers]
-        return stages
-
     @property
-    def deferred_bias(self) -> Optional[torch.Tensor]:
-        """The bias the lean stages leave out of their output, for the next block to add."""
-        return self.downsamplers[0].conv.bias if len(self.downsamplers) else None
+    def resamplers(self) -> nn.ModuleList:
+        return self.downsamplers
 
 
 class Encoder3D(nn.Module):
