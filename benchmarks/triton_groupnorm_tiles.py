@@ -1,19 +1,15 @@
 """Triton GroupNorm/residual tile sizes: GB/s at the decoder's three widths (2 frames per call).
 
 Scratch measurement kept with its results in docs/results/; run from the repo root with PYTHONPATH=. on a CUDA GPU."""
+from functools import partial
+
 import torch
+from performance_test import cuda_time
 from src.optimization import vae_triton
 from src.optimization.vae_optimizer import compiled_normalize, _frames
 dev = torch.device("cuda")
 LAST = torch.channels_last_3d
-def bench(fn, n=10):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n): fn()
-    b.record(); torch.cuda.synchronize()
-    return a.elapsed_time(b) / n / 1e3
+bench = partial(cuda_time, device=dev)  # median seconds
 for c, h, w in ((128, 1088, 1920), (256, 544, 960), (512, 272, 480)):
     x = torch.randn(1, c, 2, h, w, device=dev, dtype=torch.bfloat16).to(memory_format=LAST)
     padded = torch.empty(1, c, 4, h, w, device=dev, dtype=torch.bfloat16).to(memory_format=LAST)

@@ -2,15 +2,10 @@
 
 Scratch measurement kept with its results in docs/results/; run from the repo root with PYTHONPATH=. on a CUDA GPU."""
 import torch, torch.nn.functional as F
+from performance_test import cuda_time
 dev = torch.device("cuda")
-def bench(fn, n=10):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n): fn()
-    b.record(); torch.cuda.synchronize()
-    return a.elapsed_time(b) / n
+def bench(fn) -> float:
+    return cuda_time(fn, dev) * 1e3  # median milliseconds
 LAST = torch.channels_last_3d
 x = torch.randn(1, 128, 4, 1088, 1920, device=dev, dtype=torch.bfloat16).to(memory_format=LAST)
 for out_ch in (8, 16, 32, 64):
