@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -398,3 +399,27 @@ def test_copy_to_host_stages_large_results_through_pinned_chunks(frames, monkeyp
     stable_memory.copy_to_host(out[..., :3], src)
     assert torch.equal(out[..., :3], expected) and (out[..., 3] == -1).all()
     assert (frames * 256 * 384 * 3 * 4 > (3 << 20)) == bool(stable_memory._staging)  # staged only when large
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from Linux's /proc")
+def test_host_prefault_maps_every_page_of_a_fresh_tensor():
+    size = 96 << 20  # far above glibc's largest mmap threshold: a fresh mapping, no page resident yet
+    fresh = torch.empty(size, dtype=torch.uint8)
+    before = _resident_bytes()
+    prefault = stable_memory.HostPrefault(fresh)
+    prefault.wait()
+    assert _resident_bytes() - before >= 0.95 * size
+    prefault.wait()  # a second wait returns at once
+    assert fresh.shape == (size,)
+
+
+def test_host_prefault_leaves_other_tensors_alone():
+    strided = torch.ones(4, 8).t()
+    stable_memory.HostPrefault(strided).wait()  # not contiguous: nothing to do, and nothing written
+    assert torch.equal(strided, torch.ones(8, 4))
+    stable_memory.HostPrefault(torch.empty(0)).wait()

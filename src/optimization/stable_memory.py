@@ -7,6 +7,8 @@
 * :func:`offload` moves a whole model between phases, leaving blocks managed by a BlockSwap alone.
 * :func:`copy_to_host` writes GPU results into ordinary (pageable) host tensors through two small pinned
   buffers, the GPU's copy of one chunk overlapping the host's copy of the previous one.
+* :class:`HostPrefault` touches the pages of a fresh host result tensor on a background thread while the
+  GPU is busy, so the copies into it later do not stop at every page.
 * :class:`BlockSwap` keeps the last N transformer blocks in (pinned) host memory and copies each to the
   GPU just for its own forward, on a side stream while the block before it computes.
 """
@@ -16,6 +18,7 @@ import gc
 import itertools
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -247,6 +250,34 @@ def copy_to_host(dst: torch.Tensor, src: torch.Tensor) -> None:
         pending = (dst[start:start + rows], stage, events[index % 2])
     pending[2].synchronize()
     pending[0].copy_(pending[1])
+
+
+class HostPrefault:
+    """Fault in every page of a fresh host tensor on a background thread; :meth:`wait` before writing to it.
+
+    A fresh ``torch.empty`` of host memory is only reserved address space: the first write to each 4 KiB page
+    stops in the kernel to map it.  For the 820 MB result of a 33-frame 1080p job that is ~0.2 s of the
+    post-process spent in page faults (0.23 s against 0.07 s for a copy into touched pages, on the CI's
+    cores).  Touching one value per page while the GPU encodes takes that off the critical path.  The
+    values written are zeros; the tensor is uninitialised memory to the caller either way.
+    """
+
+    PAGE_BYTES = 4096
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._thread: threading.Thread | None = None
+        if tensor.device.type != "cpu" or tensor.is_pinned() or not tensor.is_contiguous() or tensor.numel() == 0:
+            return  # pinned memory is mapped when allocated; GPU memory has no host pages
+        step = max(1, self.PAGE_BYTES // tensor.element_size())
+        pages = tensor.view(-1)[::step]
+        self._thread = threading.Thread(target=pages.zero_, name="seedvr2-prefault", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Return once every page is mapped (at once if there was nothing to do)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -191,6 +191,7 @@ class _Runner:
         extended = prepend_mirrored(rgb, prepend) if prepend else rgb
         out = torch.empty((num_frames, height, width, channels), dtype=torch.float32,
                           device=_storage_device(settings.offload_device))
+        prefault = stable_memory.HostPrefault(out)  # maps the result's pages while the GPU encodes
         if settings.enable_debug:
             log.info("SeedVR2: %d frame(s) %dx%d -> %dx%d in %d batch(es) of up to %d", num_frames, in_w, in_h,
                      width, height, len(plan.batches), settings.batch_size)
@@ -199,6 +200,7 @@ class _Runner:
             latents = self._encode_phase(extended, plan, geometry)
         with self._phase("upscale", self.dit_spec):
             latents = self._upscale_phase(latents, plan)
+        prefault.wait()
         with self._phase("decode", self.vae_spec):
             self._decode_phase(latents, extended, plan, geometry, out)
         if channels == 4:
