@@ -19,6 +19,7 @@ from .settings import COLOR_CORRECTIONS as COLOR_CORRECTION_METHODS
 
 # Wavelet colour fix (golden README §7.2): 3x3 binomial low-pass, dilated by these radii.
 _WAVELET_RADII = (1, 2, 4, 8, 16)
+_WAVELET_GROUP_BYTES = 128 << 20  # frames blurred together (temporaries ~3x this)
 
 _LAB_LUMINANCE_WEIGHT = 0.8          # share of the content's own L* kept by the lab method
 _HUE_BINS = 12                       # 30° hue sectors for hsv saturation matching
@@ -76,13 +77,18 @@ def color_correct(content: torch.Tensor, style: torch.Tensor, method: str) -> to
 
 
 def _blur_axis(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
-    """``[1, 2, 1]/4`` along ``dim`` (-1 or -2) with taps ``radius`` apart, on a replicate-padded copy."""
-    padding = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
-    padded = F.pad(x, padding, mode="replicate")
+    """``[1, 2, 1]/4`` along ``dim`` (-1 or -2) with taps ``radius`` apart, the edge values repeating beyond
+    the edges (replicate padding).  Computed as ``(before + 2·x + after)·0.25`` from shifted views of ``x``,
+    so no padded copy is made; the arithmetic is that of the padded formula, value for value."""
     size = x.shape[dim]
-    before = padded.narrow(dim, 0, size)
-    after = padded.narrow(dim, 2 * radius, size)
-    return (before + 2.0 * x + after) * 0.25
+    shift = min(radius, size)  # before[j] = x[max(j − shift, 0)], after[j] = x[min(j + shift, size − 1)]
+    inner = size - shift
+    out = torch.empty_like(x)
+    torch.add(x.narrow(dim, 0, inner), x.narrow(dim, shift, inner), alpha=2.0, out=out.narrow(dim, shift, inner))
+    torch.add(x.narrow(dim, 0, 1), x.narrow(dim, 0, shift), alpha=2.0, out=out.narrow(dim, 0, shift))
+    out.narrow(dim, 0, inner).add_(x.narrow(dim, shift, inner))
+    out.narrow(dim, inner, shift).add_(x.narrow(dim, size - 1, 1))
+    return out.mul_(0.25)
 
 
 def _blur(x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -101,11 +107,14 @@ def wavelet_low_frequency(x: torch.Tensor) -> torch.Tensor:
 
 def wavelet_color_fix(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
     """``high(content) + low(style)`` (README §7.2), no clamp.  The high bands of the decomposition
-    sum to ``x − low(x)``, so this is ``content − low(content) + low(style)``."""
+    sum to ``x − low(x)``, so this is ``content − low(content) + low(style)``; the low band is linear, so
+    that is ``content + low(style − content)``: one low-pass instead of two."""
     out = torch.empty_like(content)
-    for i in range(content.shape[0]):  # frame by frame: the blur temporaries stay one frame large
-        c, s = content[i : i + 1], style[i : i + 1]
-        out[i : i + 1] = c - wavelet_low_frequency(c) + wavelet_low_frequency(s)
+    frame_bytes = content[0].numel() * content.element_size()
+    step = max(1, _WAVELET_GROUP_BYTES // frame_bytes)  # frames per pass: few launches, bounded temporaries
+    for start in range(0, content.shape[0], step):
+        c = content[start : start + step]
+        torch.add(c, wavelet_low_frequency(style[start : start + step] - c), out=out[start : start + step])
     return out
 
 
