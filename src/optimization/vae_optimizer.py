@@ -40,9 +40,9 @@ clones, pixel-shuffle copies and layout conversions.  ``optimize_vae(model)`` gi
   Triton or compiled pass, all frames at once for Triton), the upsampler's 1x1 conv's with its
   pixel-shuffling copy.
 * **channels_last_3d on CUDA** (weights converted here, activations allocated so), cuDNN's fastest layout
-  for these convolutions.  Channel counts that are not multiples of 8 (the 3-channel encoder input and
-  decoder output) are zero-padded to 8 there, because cuDNN's NDHWC tensor-core kernels want multiples of
-  8; zero weights against zero inputs leave every sum unchanged.
+  for these convolutions.  Channel counts that are not multiples of 8 are zero-padded there, because
+  cuDNN's NDHWC tensor-core kernels want multiples of 8: the 3-channel decoder output to 8, the 3-channel
+  encoder input to 16 (measured faster); zero weights against zero inputs leave every sum unchanged.
 * **The PyTorch 2.9 conv3d regression** (cuDNN skipped for half-precision 3-D convolutions with cuDNN 9.8 to
   9.14, leaving a slow, memory-hungry fallback) is detected from the versions
   (:func:`cudnn_bypass_decision`); only then do 3-D convolutions go to ``torch.cudnn_convolution``.
@@ -86,8 +86,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-# cuDNN's NDHWC tensor-core kernels want channel counts that are multiples of this.
+# cuDNN's NDHWC tensor-core kernels want channel counts that are multiples of 8.  Inputs with fewer channels
+# (the encoder's RGB) are padded to 16: its conv_in then runs 6.3 instead of 8.7 ms per 4 frames at 1080p on
+# an H100 (docs/results/2026-11-21_h100_vae_pieces_kernels.log); padding outputs (conv_out's 3) beyond 8 gains
+# nothing there.
 CHANNEL_ALIGNMENT = 8
+INPUT_CHANNEL_ALIGNMENT = 16
 # Rows of the upsampler's 1x1 conv are computed in bands whose output (input, for the GEMM route) stays
 # below this size.
 UPSCALE_BAND_BYTES = 128 << 20
@@ -351,10 +355,13 @@ class VAERuntime:
         return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=self.memory_format)
 
     def input_channels(self, channels: int) -> int:
-        """Channels of a convolution input buffer holding ``channels`` real ones (zero-padded to 8 when on)."""
+        """Channels of a convolution input buffer holding ``channels`` real ones (zero-padded to 16 when on)."""
+        return self._aligned(channels, INPUT_CHANNEL_ALIGNMENT)
+
+    def _aligned(self, channels: int, alignment: int) -> int:
         if not self.pad_channels:
             return channels
-        return -(-channels // CHANNEL_ALIGNMENT) * CHANNEL_ALIGNMENT
+        return -(-channels // alignment) * alignment
 
     def normalize(
         self, x: torch.Tensor, norm: nn.GroupNorm, *, silu: bool, out: Optional[torch.Tensor] = None,
@@ -393,7 +400,7 @@ class VAERuntime:
         ``x`` may carry zero channels beyond ``conv.in_channels``."""
         weight, bias = conv.weight, conv.bias if with_bias else None
         extra_in = x.shape[1] - weight.shape[1]
-        extra_out = self.input_channels(weight.shape[0]) - weight.shape[0]
+        extra_out = self._aligned(weight.shape[0], CHANNEL_ALIGNMENT) - weight.shape[0]
         if extra_in or extra_out:
             # Zero weights for the zero input channels and for the padding output channels.
             weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, extra_in, 0, extra_out))
@@ -495,7 +502,7 @@ class VAEOptimizationReport:
         return (
             f"VAE optimizations on {self.device} {self.dtype}: streamed in pieces of <= {_size(self.piece_bytes)}, "
             f"{'channels_last_3d' if self.channels_last else 'contiguous'} layout"
-            f"{', 8-channel padding' if self.pad_channels else ''}, {self.norm_kernel} GroupNorm, "
+            f"{', channel padding' if self.pad_channels else ''}, {self.norm_kernel} GroupNorm, "
             f"convolutions via {self.conv_route} ({self.conv_route_reason})"
             f"{', cudnn.benchmark' if self.cudnn_benchmark else ''}"
         )
