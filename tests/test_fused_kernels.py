@@ -1,60 +1,138 @@
-"""The DiT's fused kernels compute exactly the plain model's math, and stay off unless switched on."""
+"""When the DiT's fused kernels run (optimization/fused_kernels.py), and the plain rotation they are checked
+against.  Runs without Triton: the kernel module is replaced by a stand-in that records its calls (the
+kernels themselves are tested in test_dit_triton.py)."""
 import logging
+from types import SimpleNamespace
 
+import pytest
 import torch
+import torch.nn.functional as F
 
+from src.models.dit.mlp import SwiGLUMLP
 from src.models.dit.rope import apply_rotary
 from src.optimization import fused_kernels
 
 
-def _inputs(rows=37, table_rows=30, heads=3, head_dim=16, pairs=7, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, heads, head_dim, generator=g).to(dtype)
-    angles = torch.randn(table_rows, pairs, generator=g)
-    return x, angles.cos(), angles.sin()
-
-
-def test_rotary_reference_equals_the_plain_rotation():
-    for table_rows in (37, 30):          # all rows rotated (3B), or text rows left alone (7B)
-        x, cos, sin = _inputs(table_rows=table_rows)
-        assert torch.equal(fused_kernels.rotary_reference(x, cos, sin), apply_rotary(x, cos, sin))
-
-
-def test_rotary_preserves_norm_of_each_pair():
-    x, cos, sin = _inputs(dtype=torch.float64)
-    out = fused_kernels.rotary_reference(x, cos.double(), sin.double())
-    pairs = cos.shape[1]
-    before = x[:30, :, : 2 * pairs].unflatten(-1, (pairs, 2)).norm(dim=-1)
-    after = out[:30, :, : 2 * pairs].unflatten(-1, (pairs, 2)).norm(dim=-1)
+def test_rotation_preserves_each_pair_and_leaves_the_rest():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 3, 16, generator=generator, dtype=torch.float64)
+    angles = torch.randn(30, 7, generator=generator, dtype=torch.float64)   # 30 of 37 rows, 7 of 8 pairs
+    out = apply_rotary(x, angles.cos(), angles.sin())
+    before = x[:30, :, :14].unflatten(-1, (7, 2)).norm(dim=-1)
+    after = out[:30, :, :14].unflatten(-1, (7, 2)).norm(dim=-1)
     torch.testing.assert_close(after, before)
-    assert torch.equal(out[:, :, 2 * pairs:], x[:, :, 2 * pairs:])
+    assert not torch.allclose(out[:30, :, :14], x[:30, :, :14])
+    assert torch.equal(out[:, :, 14:], x[:, :, 14:]) and torch.equal(out[30:], x[30:])
 
 
-def test_kernels_are_off_by_default_and_on_cpu():
-    x, cos, sin = _inputs()
-    assert fused_kernels.rotary(x, cos, sin) is None
+@pytest.fixture
+def stand_in(monkeypatch):
+    """A SwiGLU kernel that records its calls, reachable for CPU tensors, with fresh failure state."""
+    calls = []
+
+    def silu_mul(gate, up):
+        calls.append(gate.shape)
+        return F.silu(gate) * up
+
+    module = SimpleNamespace(silu_mul_supported=lambda gate, up: gate.shape == up.shape, silu_mul=silu_mul)
+    monkeypatch.setattr(fused_kernels, "_load_dit_triton", lambda: module)
+    monkeypatch.setattr(fused_kernels, "_triton_installed", lambda: True)
+    monkeypatch.setattr(fused_kernels, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused_kernels, "_silu_mul", fused_kernels._TritonKernel("silu_mul", "SwiGLU"))
+    monkeypatch.delenv(fused_kernels.TRITON_KERNELS_ENV, raising=False)
+    return SimpleNamespace(module=module, calls=calls)
+
+
+def _gate_and_up():
+    return torch.randn(4, 6), torch.randn(4, 6)
+
+
+def test_kernels_run_only_inside_the_switch(stand_in):
+    gate, up = _gate_and_up()
+    assert fused_kernels.silu_mul(gate, up) is None
     with fused_kernels.fused(True):
-        assert fused_kernels.rotary(x, cos, sin) is None   # CPU tensors always take the plain path
+        torch.testing.assert_close(fused_kernels.silu_mul(gate, up), F.silu(gate) * up)
+        with fused_kernels.fused(False):
+            assert fused_kernels.silu_mul(gate, up) is None
+    assert fused_kernels.silu_mul(gate, up) is None
+    assert len(stand_in.calls) == 1
 
 
-def test_a_failing_kernel_falls_back_once(monkeypatch, caplog):
-    x, cos, sin = _inputs()
+def test_cpu_tensors_take_the_plain_path():
+    gate, up = _gate_and_up()
+    assert fused_kernels.KERNEL_DEVICES == ("cuda",)
+    with fused_kernels.fused(True):
+        assert fused_kernels.silu_mul(gate, up) is None
+        assert fused_kernels.modulated_rms_norm(gate, 1e-5, up[:1], up[:1], (4,)) is None
 
-    def broken(*args):
-        raise RuntimeError("inductor exploded")
 
-    monkeypatch.setattr(fused_kernels, "_compiled", {"rotary": broken})
-    monkeypatch.setattr(fused_kernels, "_failed", set())
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+@pytest.mark.parametrize("value, wanted", [(None, True), ("1", True), ("0", False), ("off", False), ("No", False)])
+def test_environment_switch(stand_in, monkeypatch, value, wanted):
+    if value is not None:
+        monkeypatch.setenv(fused_kernels.TRITON_KERNELS_ENV, value)
+    gate, up = _gate_and_up()
+    with fused_kernels.fused(True):
+        assert (fused_kernels.silu_mul(gate, up) is not None) is wanted
+    assert len(stand_in.calls) == int(wanted)
+
+
+def test_torch_compile_switch_does_not_turn_the_kernels_off(stand_in, monkeypatch):
+    monkeypatch.setenv("SEEDVR2_ENABLE_COMPILE", "0")   # about torch.compile only
+    with fused_kernels.fused(True):
+        assert fused_kernels.silu_mul(*_gate_and_up()) is not None
+
+
+def test_autograd_takes_the_plain_path(stand_in):
+    gate, up = _gate_and_up()
+    gate.requires_grad_(True)
+    with fused_kernels.fused(True):
+        assert fused_kernels.silu_mul(gate, up) is None       # the kernels have no backward
+        with torch.no_grad():
+            assert fused_kernels.silu_mul(gate, up) is not None
+
+
+def test_compiled_code_traces_the_plain_path(stand_in):
+    # Inside a compiled block the hook folds to None, so Inductor sees (and fuses) the plain ops; a hook
+    # that broke the graph would fail under fullgraph=True.
+    mlp = SwiGLUMLP(6, 16)
+    compiled = torch.compile(mlp, backend="eager", fullgraph=True)
+    x = torch.randn(5, 6)
+    with torch.no_grad(), fused_kernels.fused(True):
+        torch.testing.assert_close(compiled(x), mlp.proj_out(F.silu(mlp.proj_in_gate(x)) * mlp.proj_in(x)))
+        assert stand_in.calls == []
+        mlp(x)                                                 # the eager module does use the kernel
+    assert len(stand_in.calls) == 1
+
+
+def test_declined_arguments_take_the_plain_path_silently(stand_in, caplog):
     with caplog.at_level(logging.WARNING, logger="seedvr2"), fused_kernels.fused(True):
-        assert fused_kernels.rotary(x, cos, sin) is None
-        assert fused_kernels.rotary(x, cos, sin) is None
-    assert sum("fused rotary kernel unavailable" in r.message for r in caplog.records) == 1
+        assert fused_kernels.silu_mul(torch.randn(4, 6), torch.randn(4, 7)) is None
+        assert fused_kernels.silu_mul(*_gate_and_up()) is not None
+    assert not caplog.records
 
 
-def test_compile_switch_disables_fusion(monkeypatch):
-    monkeypatch.setenv("SEEDVR2_ENABLE_COMPILE", "0")
-    x, cos, sin = _inputs()
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+def test_a_failing_kernel_warns_once_and_stays_off(stand_in, monkeypatch, caplog):
+    def broken(gate, up):
+        raise RuntimeError("PTX assembly failed\nsecond line")
+
+    monkeypatch.setattr(stand_in.module, "silu_mul", broken)
+    with caplog.at_level(logging.WARNING, logger="seedvr2"), fused_kernels.fused(True):
+        assert fused_kernels.silu_mul(*_gate_and_up()) is None
+        monkeypatch.setattr(stand_in.module, "silu_mul", lambda gate, up: gate)  # working again: still off
+        assert fused_kernels.silu_mul(*_gate_and_up()) is None
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert "Triton DiT SwiGLU kernel failed (RuntimeError: PTX assembly failed)" in warnings[0]
+    assert "plain PyTorch path" in warnings[0]
+
+
+def test_out_of_memory_is_not_a_kernel_failure(stand_in, monkeypatch):
+    def out_of_memory(gate, up):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(stand_in.module, "silu_mul", out_of_memory)
     with fused_kernels.fused(True):
-        assert fused_kernels.rotary(x, cos, sin) is None
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            fused_kernels.silu_mul(*_gate_and_up())
+        monkeypatch.setattr(stand_in.module, "silu_mul", lambda gate, up: gate)
+        assert fused_kernels.silu_mul(*_gate_and_up()) is not None   # still on

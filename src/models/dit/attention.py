@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...optimization import matrix_ops
+from ...optimization import fused_kernels, matrix_ops
 from .config import NaDiTConfig
 from .normalization import RMSNorm
 from .rope import WindowRope
@@ -33,9 +33,16 @@ class JointWindowAttention(nn.Module):
 
     def _qkv(self, vid: torch.Tensor, txt: torch.Tensor, plan: WindowPlan) -> tuple[torch.Tensor, ...]:
         """q, k, v for the rows of [video; text], each (rows, heads, head_dim); q and k normalised and rotated."""
+        qkv_vid, qkv_txt = self.proj_qkv.video()(vid), self.proj_qkv.text()(txt)
+        fused = fused_kernels.qkv_norm_rope(   # one kernel per stream when the optimization switch is on
+            [(qkv_vid, self.norm_q.video().weight, self.norm_k.video().weight),
+             (qkv_txt, self.norm_q.text().weight, self.norm_k.text().weight)],
+            *self.rope.tables(plan), self.heads, self.norm_q.video().eps)
+        if fused is not None:
+            return fused
         shape = (3, self.heads, self.head_dim)
-        q_vid, k_vid, v_vid = self.proj_qkv.video()(vid).unflatten(-1, shape).unbind(1)
-        q_txt, k_txt, v_txt = self.proj_qkv.text()(txt).unflatten(-1, shape).unbind(1)
+        q_vid, k_vid, v_vid = qkv_vid.unflatten(-1, shape).unbind(1)
+        q_txt, k_txt, v_txt = qkv_txt.unflatten(-1, shape).unbind(1)
         q = torch.cat([self.norm_q.video()(q_vid), self.norm_q.text()(q_txt)])
         k = torch.cat([self.norm_k.video()(k_vid), self.norm_k.text()(k_txt)])
         v = torch.cat([v_vid, v_txt])

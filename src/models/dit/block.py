@@ -37,12 +37,12 @@ class NaDiTBlock(nn.Module):
         attn_time, mlp_time = time[:, :, ATTN_SLOT], time[:, :, MLP_SLOT]
         vid_ada = self.ada.video()
 
-        vid_in = vid_ada.modulate(rms_norm(vid, self.eps), attn_time, "attn", vid_lengths)
+        vid_in = vid_ada.modulate_normalized(vid, self.eps, attn_time, "attn", vid_lengths)
         if self.video_only:
             # Unmodulated text only provides keys and values for the video queries; it is not updated.
             vid_attn, _ = self.attn(vid_in, rms_norm(txt, self.eps), plan, video_queries_only=True)
         else:
-            txt_in = self.ada.text().modulate(rms_norm(txt, self.eps), attn_time, "attn", txt_lengths)
+            txt_in = self.ada.text().modulate_normalized(txt, self.eps, attn_time, "attn", txt_lengths)
             vid_attn, txt_attn = self.attn(vid_in, txt_in, plan)
             txt = self._mlp_update(self.ada.text().add_gated(txt, txt_attn, attn_time, "attn", txt_lengths),
                                    mlp_time, txt_lengths, video=False)
@@ -55,5 +55,5 @@ class NaDiTBlock(nn.Module):
         """``x + gate·MLP(modulate(RMSNorm(x)))`` with one stream's weights."""
         pick = StreamPair.video if video else StreamPair.text
         ada, mlp = pick(self.ada), pick(self.mlp)
-        update = mlp(ada.modulate(rms_norm(x, self.eps), mlp_time, "mlp", lengths))
+        update = mlp(ada.modulate_normalized(x, self.eps, mlp_time, "mlp", lengths))
         return ada.add_gated(x, update, mlp_time, "mlp", lengths)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...optimization import fused_kernels
+from .normalization import rms_norm
+
 ATTN_SLOT, MLP_SLOT = 0, 1
 SHIFT, SCALE, GATE = 0, 1, 2
 
@@ -33,11 +36,23 @@ class Modulation(nn.Module):
             if with_gate:
                 self.register_parameter(f"{slot}_gate", nn.Parameter(torch.zeros(dim)))
 
+    def _scale_and_shift(self, time: torch.Tensor, slot: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (B, d): ``sc + <slot>_scale`` and ``sh + <slot>_shift``."""
+        return time[..., SCALE] + getattr(self, f"{slot}_scale"), time[..., SHIFT] + getattr(self, f"{slot}_shift")
+
     def modulate(self, x: torch.Tensor, time: torch.Tensor, slot: str, lengths: tuple[int, ...]) -> torch.Tensor:
         """``x·(sc + <slot>_scale) + (sh + <slot>_shift)``; ``time`` (B, d, 3) is the sample's E slice."""
-        scale = time[..., SCALE] + getattr(self, f"{slot}_scale")
-        shift = time[..., SHIFT] + getattr(self, f"{slot}_shift")
+        scale, shift = self._scale_and_shift(time, slot)
         return _per_sample(lambda b, seg: torch.addcmul(shift[b], seg, scale[b]), lengths, x)
+
+    def modulate_normalized(self, x: torch.Tensor, eps: float, time: torch.Tensor, slot: str,
+                            lengths: tuple[int, ...]) -> torch.Tensor:
+        """``modulate(rms_norm(x, eps), time, slot, lengths)``: the block's pre-norm (no weight), modulated."""
+        scale, shift = self._scale_and_shift(time, slot)
+        fused = fused_kernels.modulated_rms_norm(x, eps, scale, shift, lengths)   # one kernel when switched on
+        if fused is not None:
+            return fused
+        return self.modulate(rms_norm(x, eps), time, slot, lengths)
 
     def add_gated(self, residual: torch.Tensor, update: torch.Tensor, time: torch.Tensor, slot: str,
                   lengths: tuple[int, ...]) -> torch.Tensor:

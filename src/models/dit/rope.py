@@ -19,7 +19,6 @@ import math
 import torch
 from torch import nn
 
-from ...optimization import fused_kernels
 from .config import NaDiTConfig
 from .window_plan import WindowPlan
 
@@ -72,9 +71,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     Rows beyond the table (text under the 7B rope) and channels beyond its pairs are left unchanged.
     """
-    fused = fused_kernels.rotary(x, cos, sin)   # one kernel when the optimization switch is on
-    if fused is not None:
-        return fused
     rows, pairs = cos.shape
     x0, x1 = x[:rows, :, : 2 * pairs].float().unflatten(-1, (pairs, 2)).unbind(-1)
     cos, sin = cos[:, None, :], sin[:, None, :]   # broadcast over heads
@@ -101,7 +97,11 @@ class WindowRope(nn.Module):
         self.rope_type = config.rope_type
         self.axis_dim = config.rope_axis_dim
 
+    def tables(self, plan: WindowPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of every rotated row of [video; text] for this layer's windows (see :func:`rotary_rows`)."""
+        return rotary_rows(self.rope_type, self.axis_dim, plan)
+
     def forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         """Rotate ``x`` (rows of [video; text], heads, head_dim) by each row's window-local position."""
-        cos, sin = rotary_rows(self.rope_type, self.axis_dim, plan)
+        cos, sin = self.tables(plan)
         return apply_rotary(x, cos, sin)
