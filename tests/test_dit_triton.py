@@ -234,7 +234,8 @@ def kernels_take_these_tensors(monkeypatch):
     module = fused_kernels._load_dit_triton()
     launches = {}
     for name, label in (("qkv_norm_rope", "qkv"), ("modulated_rms_norm", "norm"), ("silu_mul", "swiglu")):
-        monkeypatch.setattr(fused_kernels, f"_{name}", fused_kernels._TritonKernel(name, label))
+        monkeypatch.setattr(fused_kernels, f"_{name}", fused_kernels._TritonKernel(
+            name, label, getattr(fused_kernels, f"_{name}").operator))
         launcher = getattr(module, name)
 
         def counted(*args, _launcher=launcher, _name=name):
@@ -283,7 +284,8 @@ def test_failing_import_warns_once_and_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(fused_kernels, "_load_dit_triton", no_triton)
     monkeypatch.setattr(fused_kernels, "_triton_installed", lambda: True)
     monkeypatch.setattr(fused_kernels, "KERNEL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(fused_kernels, "_silu_mul", fused_kernels._TritonKernel("silu_mul", "SwiGLU"))
+    monkeypatch.setattr(fused_kernels, "_silu_mul", fused_kernels._TritonKernel(
+        "silu_mul", "SwiGLU", fused_kernels._silu_mul.operator))
     mlp = SwiGLUMLP(8, 24)
     x = torch.randn(5, 8)
     with torch.no_grad():

@@ -38,7 +38,8 @@ def stand_in(monkeypatch):
     monkeypatch.setattr(fused_kernels, "_load_dit_triton", lambda: module)
     monkeypatch.setattr(fused_kernels, "_triton_installed", lambda: True)
     monkeypatch.setattr(fused_kernels, "KERNEL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(fused_kernels, "_silu_mul", fused_kernels._TritonKernel("silu_mul", "SwiGLU"))
+    monkeypatch.setattr(fused_kernels, "_silu_mul",
+                        fused_kernels._TritonKernel("silu_mul", "SwiGLU", fused_kernels._silu_mul.operator))
     monkeypatch.delenv(fused_kernels.TRITON_KERNELS_ENV, raising=False)
     return SimpleNamespace(module=module, calls=calls)
 
@@ -91,17 +92,36 @@ def test_autograd_takes_the_plain_path(stand_in):
             assert fused_kernels.silu_mul(gate, up) is not None
 
 
-def test_compiled_code_traces_the_plain_path(stand_in):
-    # Inside a compiled block the hook folds to None, so Inductor sees (and fuses) the plain ops; a hook
-    # that broke the graph would fail under fullgraph=True.
+def test_compiled_code_calls_the_kernel_as_one_operator(stand_in):
+    # Inside a compiled block the kernel is an opaque custom operator: the graph holds it (no graph break,
+    # or fullgraph=True would fail) and the compiled module runs the kernel, as the eager one does.
+    mlp = SwiGLUMLP(6, 16)
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(mlp, backend=backend, fullgraph=True)
+    x = torch.randn(5, 6)
+    expected = mlp.proj_out(F.silu(mlp.proj_in_gate(x)) * mlp.proj_in(x))
+    with torch.no_grad(), fused_kernels.fused(True):
+        torch.testing.assert_close(compiled(x), expected)
+        assert len(stand_in.calls) == 1
+        mlp(x)
+    assert len(stand_in.calls) == 2
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert "seedvr2.dit_silu_mul.default" in targets
+    assert not [t for t in targets if "silu" in t and "dit_silu_mul" not in t]   # no plain SiLU traced
+
+
+def test_compiled_code_outside_the_switch_traces_the_plain_path(stand_in):
     mlp = SwiGLUMLP(6, 16)
     compiled = torch.compile(mlp, backend="eager", fullgraph=True)
     x = torch.randn(5, 6)
-    with torch.no_grad(), fused_kernels.fused(True):
+    with torch.no_grad():
         torch.testing.assert_close(compiled(x), mlp.proj_out(F.silu(mlp.proj_in_gate(x)) * mlp.proj_in(x)))
-        assert stand_in.calls == []
-        mlp(x)                                                 # the eager module does use the kernel
-    assert len(stand_in.calls) == 1
+    assert stand_in.calls == []
 
 
 def test_declined_arguments_take_the_plain_path_silently(stand_in, caplog):

@@ -4,9 +4,14 @@ The plain model runs each elementwise step as its own PyTorch op, which at 1080p
 over 0.4-1.5 GB tensors per step.  Here the hand-written Triton kernels of :mod:`.dit_triton` do each chain
 in one pass.  Every entry point returns the fused result, or None when the caller should run its plain
 code: the kernels run only inside ``fused(True)`` (the pipeline's optimization switch), on CUDA tensors of a
-supported dtype with Triton installed, without autograd, outside torch.compile tracing (Inductor fuses the
-plain code of a compiled block itself), and unless ``SEEDVR2_DIT_TRITON`` is 0/false/no/off.  A kernel that
-fails to import, compile or launch logs one line and leaves its work to the plain path for good.
+supported dtype with Triton installed, without autograd, and unless ``SEEDVR2_DIT_TRITON`` is
+0/false/no/off.  A kernel that fails to import, compile or launch logs one line and leaves its work to the
+plain path for good.
+
+Inside a torch.compile'd block each kernel is an opaque custom operator (``torch.ops.seedvr2.dit_*``, with a
+shape function for tracing): the launchers' Python is not traceable, and Inductor fuses the plain ops around
+them as before.  Without the operators a compiled block would trace the plain code, whose fusions are slower
+(the 3B's compiled DiT phase took 0.83 s against 0.78 s eager with the kernels, on an H100).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import importlib.util
 import logging
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -27,17 +32,28 @@ TRITON_KERNELS_ENV = "SEEDVR2_DIT_TRITON"
 KERNEL_DEVICES = ("cuda",)
 
 _enabled = False
+_module: Any = None  # dit_triton, imported on entering fused(True), so compiled code never imports it
 
 
 @contextmanager
 def fused(enabled: bool = True) -> Iterator[None]:
     """Use the fused kernels inside this block (where they apply, see the module docstring)."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
+    global _enabled, _module
+    previous = _enabled, _module
+    _enabled = enabled
+    if enabled and _module is None and _triton_kernels_wanted() and _triton_installed() and _kernel_device_present():
+        try:
+            _module = _load_dit_triton()
+        except Exception:  # reported by the first eager call, which imports it again
+            _module = None
     try:
         yield
     finally:
-        _enabled = previous
+        _enabled, _module = previous
+
+
+def _kernel_device_present() -> bool:
+    return any(device != "cuda" for device in KERNEL_DEVICES) or torch.cuda.is_available()
 
 
 def _triton_kernels_wanted() -> bool:
@@ -58,8 +74,6 @@ def _load_dit_triton():
 
 def _wanted(*tensors: torch.Tensor) -> bool:
     """Whether the fused path applies to a call on ``tensors`` (the first one's device decides)."""
-    if torch.compiler.is_compiling():
-        return False  # checked first: a traced call folds to the plain path
     return (
         _enabled and tensors[0].device.type in KERNEL_DEVICES
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))  # no backward for kernels
@@ -70,15 +84,20 @@ def _wanted(*tensors: torch.Tensor) -> bool:
 class _TritonKernel:
     """One launcher of :mod:`.dit_triton` (``name``), called with its arguments; returns its result, or None
     when they are outside its preconditions (``<name>_supported``) or once importing, compiling or launching
-    it has failed, after one log line."""
+    it has failed, after one log line.  While torch.compile traces, ``operator`` (the same arguments) stands
+    in for the launcher."""
 
-    def __init__(self, name: str, label: str):
-        self.name, self.label = name, label
+    def __init__(self, name: str, label: str, operator: Callable[..., Any]):
+        self.name, self.label, self.operator = name, label, operator
         self.failure: str | None = None
 
     def __call__(self, *args: Any) -> Any:
         if self.failure is not None:
             return None
+        if torch.compiler.is_compiling():
+            if _module is None or not getattr(_module, f"{self.name}_supported")(*args):
+                return None
+            return self.operator(*args)
         try:
             kernels = _load_dit_triton()
             if not getattr(kernels, f"{self.name}_supported")(*args):
@@ -94,10 +113,56 @@ class _TritonKernel:
             return None
 
 
+# ---------------------------------------------------------------------------------------------------
+# The kernels as custom operators, for compiled blocks (each calls the launcher; the fake computes shapes)
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("seedvr2::dit_qkv_norm_rope", mutates_args=())
+def _qkv_norm_rope_operator(projections: list[torch.Tensor], q_weights: list[torch.Tensor],
+                            k_weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _load_dit_triton().qkv_norm_rope(list(zip(projections, q_weights, k_weights)), cos, sin, heads, eps)
+
+
+@_qkv_norm_rope_operator.register_fake
+def _(projections, q_weights, k_weights, cos, sin, heads, eps):
+    rows = sum(qkv.shape[0] for qkv in projections)
+    return tuple(projections[0].new_empty((rows, heads, q_weights[0].shape[0])) for _ in range(3))
+
+
+@torch.library.custom_op("seedvr2::dit_modulated_rms_norm", mutates_args=())
+def _modulated_rms_norm_operator(x: torch.Tensor, eps: float, scale: torch.Tensor, shift: torch.Tensor,
+                                 lengths: list[int]) -> torch.Tensor:
+    return _load_dit_triton().modulated_rms_norm(x, eps, scale, shift, lengths)
+
+
+@_modulated_rms_norm_operator.register_fake
+def _(x, eps, scale, shift, lengths):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("seedvr2::dit_silu_mul", mutates_args=())
+def _silu_mul_operator(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _load_dit_triton().silu_mul(gate, up)
+
+
+@_silu_mul_operator.register_fake
+def _(gate, up):
+    return torch.empty_like(up)
+
+
+def _qkv_norm_rope_traced(streams, cos, sin, heads, eps):
+    projections, q_weights, k_weights = (list(column) for column in zip(*streams))
+    return _qkv_norm_rope_operator(projections, q_weights, k_weights, cos, sin, heads, eps)
+
+
 # Process-wide: one failure switches every DiT to the plain path for this kernel.
-_qkv_norm_rope = _TritonKernel("qkv_norm_rope", "q/k RMSNorm + rope")
-_modulated_rms_norm = _TritonKernel("modulated_rms_norm", "modulated RMSNorm")
-_silu_mul = _TritonKernel("silu_mul", "SwiGLU")
+_qkv_norm_rope = _TritonKernel("qkv_norm_rope", "q/k RMSNorm + rope", _qkv_norm_rope_traced)
+_modulated_rms_norm = _TritonKernel(
+    "modulated_rms_norm", "modulated RMSNorm",
+    lambda x, eps, scale, shift, lengths: _modulated_rms_norm_operator(x, eps, scale, shift, list(lengths)))
+_silu_mul = _TritonKernel("silu_mul", "SwiGLU", _silu_mul_operator)
 
 
 def qkv_norm_rope(streams: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
