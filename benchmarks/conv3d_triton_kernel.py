@@ -1,5 +1,10 @@
 """The VAE's causal 3x3x3 convolution as a Triton implicit GEMM, in bf16/fp16 and in fp8 (e4m3): an experiment.
 
+Measured on an H100 (benchmarks/conv3d_triton.py, docs/performance.md): bf16 510-640 TFLOP/s against cuDNN's
+590-800 on the VAE's shapes, so the VAE keeps cuDNN; fp8 with the tensor core's own accumulation reaches
+940-1310 TFLOP/s (1.3-1.6x cuDNN) at 3.8e-2 relative error per convolution, too coarse to adopt without
+trained weights to judge it.  Kept here, with its tests, as the measured basis of that decision.
+
 cuDNN runs the VAE's 3-D convolutions at ~690 TFLOP/s on an H100 for 256/512 channels but only ~470 TFLOP/s
 for the 128-channel full-resolution layers.  :func:`conv3d_causal` computes exactly
 ``F.conv3d(x, weight, bias, stride=1, padding=(0, 1, 1))`` for a channels-last ``x`` (B, C, T+2, H, W) whose
