@@ -77,8 +77,10 @@ class JointWindowAttention(nn.Module):
             index, video_length = group.token_index, group.video_length
             queries = index[:, :video_length] if video_queries_only else index
             out = matrix_ops.attention(q[queries].transpose(1, 2), k[index].transpose(1, 2), v[index].transpose(1, 2))
-            out = out.transpose(1, 2).flatten(2)                  # (windows, queries, heads·head_dim)
-            windowed.index_copy_(0, group.video_rows, out[:, :video_length].reshape(-1, inner))
+            out = out.transpose(1, 2)                             # (windows, queries, heads, head_dim)
+            # Scattered straight from the strided output: one pass, no contiguous copy first.
+            windowed.view(-1, self.heads, self.head_dim).index_put_(
+                (group.video_rows.view(index.shape[0], video_length),), out[:, :video_length])
             if text_sum is not None:
                 text_sum.index_add_(0, group.text_rows, out[:, video_length:].reshape(-1, inner).float())
         if text_sum is None:
