@@ -6,10 +6,15 @@ backends plug in behind the same signature, so the model code never changes when
 
 The pipeline picks a backend with ``with attention_backend(name):`` around model calls.  A request is
 resolved once per (name, device, dtype, head_dim): an availability probe (device type, compute
-capability, dtype, head_dim limit, then the import) decides whether the backend can run those inputs,
-and the answer is remembered, so the hot path is one dictionary lookup.  A backend that is missing, or
-that raises at run time, falls back to the plain path once, with one log line naming what was asked,
-what is used and why.
+capability, dtype, head_dim limit, the import, then any limits of the kernel itself) decides whether the
+backend can run those inputs, and the answer is remembered, so the hot path is one dictionary lookup.  A
+backend that is missing, or that raises at run time, falls back once along its ``fallback`` chain (to the
+plain path unless it names another), with one log line naming what was asked, what is used and why.
+
+``auto`` picks by hardware and shape (:func:`_auto_choice`).  For heads wider than SDPA's fused kernels take
+(the VAE's 512) on CUDA in half precision, that is the Triton flash-attention kernel of
+:mod:`.attention_triton` (``triton_wide``) where Triton is installed and the GPU has the shared memory for
+it, else ``matmul_chunked``.
 """
 from __future__ import annotations
 
@@ -61,6 +66,9 @@ class AttentionBackend:
     traceable: bool = False       # torch.compile can trace run; others run eagerly as a graph break
     fallback: str = PLAIN         # what runs when this backend cannot
     note: str = ""                # why a backend without a kernel of its own exists
+    # Limits the fields above cannot express, checked after the import: (device, dtype, head_dim) -> why the
+    # kernel cannot run such inputs here, or None.
+    limits: Callable[[torch.device, torch.dtype, int], str | None] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,6 +140,22 @@ def _matmul_query_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
         out[:, start:start + rows] = torch.bmm(probabilities, flat_v)
         del probabilities
     return out.view(batch, heads, query_len, v.shape[-1])
+
+
+def _load_attention_triton():
+    # Imported on first use: it imports Triton, which importing the pack should not.
+    return importlib.import_module(".attention_triton", __package__)
+
+
+def _triton_wide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _load_attention_triton().wide_attention(q, k, v)
+
+
+def _triton_wide_limits(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    try:
+        return _load_attention_triton().unsupported_reason(device, head_dim)
+    except Exception as error:  # e.g. a Triton release too old for the kernel, or no C compiler for its launcher
+        return f"its Triton kernel cannot be set up ({type(error).__name__}: {_first_line(error)})"
 
 
 _compiled_flex: Kernel | None = None
@@ -218,6 +242,11 @@ def _register_builtin_backends() -> None:
     register_backend(AttentionBackend("sdpa_chunked", _sdpa_query_chunks, devices=None, traceable=True))
     register_backend(AttentionBackend("matmul_chunked", _matmul_query_chunks, devices=None))
     register_backend(AttentionBackend(
+        # Flash attention for the VAE's one 512-wide head (head_dim a multiple of 64 up to 512).
+        "triton_wide", _triton_wide, dtypes=HALF_DTYPES, max_head_dim=512, capability=((8, 0), (99, 99)),
+        package="triton", install_hint="pip install triton; triton-windows on Windows", fallback="matmul_chunked",
+        limits=_triton_wide_limits))
+    register_backend(AttentionBackend(
         # CUDA only: on CPU compiling it takes about a minute and PyTorch's CPU SDPA kernel is as fast.
         "flex", _flex, max_head_dim=256, package="torch.nn.attention.flex_attention",
         install_hint="needs PyTorch 2.5 or newer", traceable=True))
@@ -289,8 +318,10 @@ def _unavailable_reason(backend: AttentionBackend, device: torch.device, dtype: 
         if not lowest <= capability <= highest:
             return (f"needs compute capability {lowest[0]}.{lowest[1]} to {highest[0]}.{highest[1]}, "
                     f"this GPU has {capability[0]}.{capability[1]}")
-    if backend.package is not None:
-        return _import_error(backend)
+    if backend.package is not None and (reason := _import_error(backend)) is not None:
+        return reason
+    if backend.limits is not None:
+        return backend.limits(device, dtype, head_dim)
     return None
 
 
@@ -302,9 +333,12 @@ def _auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int) -> str
     """The backend "auto" means for these inputs, by hardware and shape."""
     if device.type == "cuda":
         if head_dim > 256:
-            # Flash-type kernels stop at 256; for the VAE's 512-wide head explicit tensor-core GEMMs beat
-            # the memory-efficient kernel (half precision), which still takes float32.
-            return "matmul_chunked" if dtype in HALF_DTYPES else "sdpa_efficient"
+            # SDPA's flash and cuDNN kernels stop at 256.  For the VAE's 512-wide head (half precision) the
+            # Triton flash-attention kernel never writes the scores; without it, explicit tensor-core GEMMs
+            # still beat the memory-efficient kernel, which keeps float32 inputs.
+            if dtype not in HALF_DTYPES:
+                return "sdpa_efficient"
+            return "triton_wide" if _available("triton_wide", device, dtype, head_dim) else "matmul_chunked"
         if dtype in HALF_DTYPES and torch.version.hip is None:
             if _available("flash_attn_3", device, dtype, head_dim):  # Hopper only
                 return "flash_attn_3"
@@ -317,12 +351,19 @@ def _auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int) -> str
     return PLAIN  # PyTorch's CPU kernel is already memory-efficient for every head_dim
 
 
-def _resolve(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    wanted = _auto_choice(device, dtype, head_dim) if name == AUTO else _BACKENDS[name].name
+def _first_available(wanted: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, list[str]]:
+    """The first backend along ``wanted``'s fallback chain that can run these inputs, and why each before it
+    cannot (the chain ends at the plain path, which runs anything)."""
     used, reasons = wanted, []
     while (reason := _unavailable_reason(_BACKENDS[used], device, dtype, head_dim)) is not None:
         reasons.append(f"{used}: {reason}")
         used = _BACKENDS[used].fallback
+    return used, reasons
+
+
+def _resolve(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    wanted = _auto_choice(device, dtype, head_dim) if name == AUTO else _BACKENDS[name].name
+    used, reasons = _first_available(wanted, device, dtype, head_dim)
     if reasons:
         _report_once(f"attention backend {name!r} requested, using {used!r} ({'; '.join(reasons)})")
     return used
@@ -400,12 +441,15 @@ def _run_with_fallback(backend: AttentionBackend, key: ResolutionKey, q: torch.T
         raise  # the caller must shrink the work (e.g. a smaller tile); a fallback kernel needs more memory
     except Exception as error:
         name, device, dtype, head_dim = key
-        _resolutions[key] = PLAIN
+        fallback, _ = _first_available(backend.fallback, device, dtype, head_dim)
+        _resolutions[key] = fallback
         logger.warning(
             "attention backend %r (%r) failed on %s %s head_dim %d (%s: %s); using %r for these inputs from now on",
             name, backend.name, device, str(dtype).removeprefix("torch."), head_dim, type(error).__name__,
-            _first_line(error), PLAIN)
-        return _sdpa(q, k, v)
+            _first_line(error), fallback)
+        if fallback == PLAIN:
+            return _sdpa(q, k, v)
+        return _run_with_fallback(_BACKENDS[fallback], key, q, k, v)
 
 
 _run_outside_graph = _run_with_fallback  # becomes a torch.compile graph break in prepare_for_compile

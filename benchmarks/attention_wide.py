@@ -1,0 +1,138 @@
+"""The VAE mid-block's attention (one 512-wide head over a frame's H·W positions, bf16): the Triton flash-attention
+kernel (optimization/attention_triton.py, backend ``triton_wide``) against ``matmul_chunked`` and SDPA's
+memory-efficient kernel, at one 1080p latent frame (32640 positions) and one 4K image (129600).
+
+    PYTHONPATH=. python benchmarks/attention_wide.py --output attention_wide.json
+
+Per shape and kernel: median ms (performance_test.cuda_time), TFLOP/s (4·q_len·k_len·head_dim: the two
+products, not the slices' recomputation), the first call's seconds (compiling and autotuning), the relative L2
+error against a float32 reference (TF32 off, computed in query slices) and, for the Triton kernel, the
+configuration autotuning chose.  A failing kernel is recorded, not fatal.  About a minute on an H100.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from performance_test import cuda_time
+from src.optimization import matrix_ops
+from src.optimization.attention_triton import tuned_tiles, wide_attention
+
+SHAPES = {"1080p frame": (1, 1, 32640, 512), "4K image": (1, 1, 129600, 512)}
+REFERENCE_SCORE_ELEMENTS = 1 << 28  # one query slice's float32 scores: 1 GiB
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def float32_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v in float32 without TF32, a slice of queries at a time (all scores would not fit)."""
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        batch, heads, q_len, head_dim = q.shape
+        rows = max(1, REFERENCE_SCORE_ELEMENTS // k.shape[2])
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        for b in range(batch):
+            for h in range(heads):
+                keys_t, values = k[b, h].float().T, v[b, h].float()
+                for start in range(0, q_len, rows):
+                    scores = q[b, h, start:start + rows].float() @ keys_t * head_dim ** -0.5
+                    out[b, h, start:start + rows] = torch.softmax(scores, dim=-1) @ values
+                    del scores
+        return out
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
+def rel_l2(result: torch.Tensor, reference: torch.Tensor) -> float:
+    difference = torch.linalg.vector_norm(result.float() - reference, dtype=torch.float64)
+    return (difference / torch.linalg.vector_norm(reference, dtype=torch.float64)).item()
+
+
+def matmul_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with matrix_ops.attention_backend("matmul_chunked"):
+        return matrix_ops.attention(q, k, v)
+
+
+def sdpa_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+# The Triton kernel is called directly, not through matrix_ops, whose fallback would hide a failure.
+KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "triton_wide": wide_attention, "matmul_chunked": matmul_chunked, "sdpa_efficient": sdpa_efficient,
+}
+
+
+def measure_shape(shape: tuple[int, int, int, int], device: torch.device) -> dict:
+    generator = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, generator=generator) for _ in range(3))
+    flops = 4 * shape[0] * shape[1] * shape[2] * shape[2] * shape[3]
+    reference = float32_reference(q, k, v)
+    rows = {"flops": flops}
+    for label, kernel in KERNELS.items():
+        try:
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            out = kernel(q, k, v)
+            torch.cuda.synchronize(device)
+            first_call = time.perf_counter() - start
+            seconds = cuda_time(lambda kernel=kernel: kernel(q, k, v), device)
+        except Exception as error:  # a compile or launch failure: keep the other kernels
+            rows[label] = {"error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
+            continue
+        rows[label] = {"ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "first_call_s": first_call,
+                       "rel_l2_vs_float32": rel_l2(out, reference)}
+        if label == "triton_wide":
+            rows[label]["tiles"] = tuned_tiles()._asdict()
+        del out
+    return rows
+
+
+def print_shape(name: str, shape: tuple, rows: dict) -> None:
+    print(f"\n{name} {list(shape)}  ({rows['flops'] / 1e12:.2f} TFLOP)", flush=True)
+    print(f"  {'kernel':<16}{'ms':>9}{'TFLOP/s':>9}{'first s':>9}{'rel fp32':>10}  tiles")
+    for label in KERNELS:
+        row = rows[label]
+        if "error" in row:
+            print(f"  {label:<16}{row['error']}")
+            continue
+        tiles = " ".join(f"{key}={value}" for key, value in row.get("tiles", {}).items())
+        print(f"  {label:<16}{row['ms']:>9.2f}{row['tflops']:>9.0f}{row['first_call_s']:>9.1f}"
+              f"{row['rel_l2_vs_float32']:>10.2e}  {tiles}".rstrip())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda")
+    results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+               "triton": triton.__version__, "shapes": {}}
+    start = time.perf_counter()
+    for name, shape in SHAPES.items():
+        with torch.no_grad():
+            rows = measure_shape(shape, device)
+        results["shapes"][name] = {"shape": list(shape), **rows}
+        print_shape(name, shape, rows)
+        torch.cuda.empty_cache()
+        results["seconds"] = time.perf_counter() - start
+        if args.output:
+            Path(args.output).write_text(json.dumps(results, indent=1))
+    print(f"\n{results['seconds']:.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
