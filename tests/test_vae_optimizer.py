@@ -506,3 +506,19 @@ def test_the_last_chunk_keeps_no_look_back(piece_bytes):
             else:
                 expected = out
     assert kept[False] > 0 and kept[True] == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the GEMM route runs on CUDA"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_are_copied_into_a_zero_padded_input(device, dtype):
+    # On CUDA in half precision this is the identity-GEMM route: it must still be an exact copy.
+    runtime = _runtime(pad_channels=True, channels_last=True)
+    x = torch.randn(2, 3, 3, 5, 7, dtype=torch.float32).to(device, dtype)
+    buffer = torch.full((2, 16, 5, 5, 7), float("nan"), dtype=dtype, device=device)
+    buffer = buffer.contiguous(memory_format=torch.channels_last_3d)
+    new_frames = buffer[:, :, 2:]                      # after two look-back frames, as in a padded conv input
+    runtime.copy_channels_into(x, new_frames)
+    assert torch.equal(new_frames[:, :3], x)
+    assert torch.count_nonzero(new_frames[:, 3:]) == 0 and not new_frames.isnan().any()
+    assert buffer[:, :, :2].isnan().all()              # the look-back slots are left alone

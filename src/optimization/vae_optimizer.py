@@ -395,6 +395,26 @@ class VAERuntime:
             kernel(out_frame, residual_frame, bias)
         return out
 
+    def copy_channels_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[:, :C] = x`` and the rest of ``out``'s channels zero, for ``x`` (B, C, T, H, W) and ``out``
+        (B, C', T, H, W) with C' >= C (a convolution input padded with zero channels, e.g. the RGB video).
+
+        Into channels-last half-precision frames this is a GEMM per batch: ``out`` viewed as (T·H·W, C') is
+        ``xᵀ`` times a (C, C') identity padded with zero columns, which cuBLAS reads and writes at memory speed
+        (exact: every output is one input times 1 plus zeros).  A strided copy into the interleaved channels
+        ran at a fraction of that (~40 ms of a 33-frame 1080p encode on an H100)."""
+        channels = x.shape[1]
+        rows = x[0].numel() // channels
+        frames_last = out.permute(0, 2, 3, 4, 1)
+        if (x.is_cuda and x.dtype in HALF_DTYPES and out.dtype == x.dtype and frames_last[0].is_contiguous()
+                and x[0].is_contiguous()):
+            selection = torch.eye(channels, out.shape[1], dtype=x.dtype, device=x.device)
+            for batch in range(x.shape[0]):
+                torch.mm(x[batch].view(channels, rows).t(), selection, out=frames_last[batch].view(rows, -1))
+            return
+        out[:, :channels].copy_(x)
+        out[:, channels:].zero_()
+
     def conv3d(self, x: torch.Tensor, conv: nn.Conv3d, *, with_bias: bool = True) -> torch.Tensor:
         """``conv(x)``, without the bias when ``with_bias`` is False (the caller folds it into the next pass);
         ``x`` may carry zero channels beyond ``conv.in_channels``."""

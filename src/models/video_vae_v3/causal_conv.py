@@ -125,8 +125,7 @@ class CausalConv3d(nn.Conv3d):
         else:
             if input_bias is not None:
                 raise ValueError("input_bias is folded into the GroupNorm; a convolution without norm cannot take it.")
-            padded.new_frames[:, :x.shape[1]].copy_(x)
-            padded.new_frames[:, x.shape[1]:].zero_()  # channel padding for cuDNN, if any
+            runtime.copy_channels_into(x, padded.new_frames)  # zero channel padding for cuDNN, if any
         return self.convolve_input(padded, memory, runtime, with_bias=with_bias)
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
