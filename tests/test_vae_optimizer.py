@@ -522,3 +522,21 @@ def test_channels_are_copied_into_a_zero_padded_input(device, dtype):
     assert torch.equal(new_frames[:, :3], x)
     assert torch.count_nonzero(new_frames[:, 3:]) == 0 and not new_frames.isnan().any()
     assert buffer[:, :, :2].isnan().all()              # the look-back slots are left alone
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the GEMM route runs on CUDA"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_output_channels_are_dropped_exactly(device, dtype):
+    # conv_out's 3 channels computed as 8: on CUDA in half precision the slice is taken by an identity GEMM.
+    runtime = _runtime(pad_channels=True, channels_last=True)
+    conv = torch.nn.Conv3d(16, 3, 3, padding=(0, 1, 1)).to(device, dtype)
+    x = torch.randn(2, 16, 4, 6, 7, dtype=torch.float32).to(device, dtype).contiguous(
+        memory_format=torch.channels_last_3d)
+    weight = torch.nn.functional.pad(conv.weight, (0, 0, 0, 0, 0, 0, 0, 0, 0, 5))
+    bias = torch.nn.functional.pad(conv.bias, (0, 5))
+    padded_out = torch.nn.functional.conv3d(x, weight, bias, 1, (0, 1, 1))
+    with torch.no_grad():
+        out = runtime.conv3d(x, conv)
+    assert out.shape == (2, 3, 2, 6, 7)
+    assert torch.equal(out, runtime._leading_channels(padded_out, 3)) and torch.equal(out, padded_out[:, :3])
