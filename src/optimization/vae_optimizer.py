@@ -407,7 +407,7 @@ class VAERuntime:
         rows = x[0].numel() // channels
         frames_last = out.permute(0, 2, 3, 4, 1)
         if (x.is_cuda and x.dtype in HALF_DTYPES and out.dtype == x.dtype and frames_last[0].is_contiguous()
-                and x[0].is_contiguous()):
+                and x[0].is_contiguous() and not x.requires_grad):  # (mm with out= has no backward)
             selection = torch.eye(channels, out.shape[1], dtype=x.dtype, device=x.device)
             for batch in range(x.shape[0]):
                 torch.mm(x[batch].view(channels, rows).t(), selection, out=frames_last[batch].view(rows, -1))
@@ -435,8 +435,8 @@ class VAERuntime:
         slice itself is strided, and every later copy of it (joining pieces, casting) ran at a fraction of
         memory speed.  Exact: every output is one input times 1 plus zeros."""
         frames_last = x.permute(0, 2, 3, 4, 1)
-        if not (x.is_cuda and x.dtype in HALF_DTYPES and frames_last[0].is_contiguous()):
-            return x[:, :channels]
+        if not (x.is_cuda and x.dtype in HALF_DTYPES and frames_last[0].is_contiguous() and not x.requires_grad):
+            return x[:, :channels]  # (mm with out= has no backward)
         rows = x[0].numel() // x.shape[1]
         selection = torch.eye(channels, x.shape[1], dtype=x.dtype, device=x.device)
         out = x.new_empty((x.shape[0], channels, *x.shape[2:]))
