@@ -514,7 +514,8 @@ def test_the_last_chunk_keeps_no_look_back(piece_bytes):
 def test_channels_are_copied_into_a_zero_padded_input(device, dtype):
     # On CUDA in half precision this is the identity-GEMM route: it must still be an exact copy.
     runtime = _runtime(pad_channels=True, channels_last=True)
-    x = torch.randn(2, 3, 3, 5, 7, dtype=torch.float32).to(device, dtype)
+    clip = torch.randn(2, 3, 7, 5, 7, dtype=torch.float32).to(device, dtype)
+    x = clip[:, :, 4:]                                 # a piece of a longer clip: channel stride 7·5·7
     buffer = torch.full((2, 16, 5, 5, 7), float("nan"), dtype=dtype, device=device)
     buffer = buffer.contiguous(memory_format=torch.channels_last_3d)
     new_frames = buffer[:, :, 2:]                      # after two look-back frames, as in a padded conv input

@@ -404,13 +404,15 @@ class VAERuntime:
         (exact: every output is one input times 1 plus zeros).  A strided copy into the interleaved channels
         ran at a fraction of that (~40 ms of a 33-frame 1080p encode on an H100)."""
         channels = x.shape[1]
-        rows = x[0].numel() // channels
+        rows = x[0, 0].numel()
         frames_last = out.permute(0, 2, 3, 4, 1)
+        # Each channel's frames must be one contiguous stretch (a piece split off a longer clip is; the channel
+        # stride may be anything): x[b] is then a (C, T·H·W) matrix.
         if (x.is_cuda and x.dtype in HALF_DTYPES and out.dtype == x.dtype and frames_last[0].is_contiguous()
-                and x[0].is_contiguous() and not x.requires_grad):  # (mm with out= has no backward)
+                and x[0, 0].is_contiguous() and not x.requires_grad):  # (mm with out= has no backward)
             selection = torch.eye(channels, out.shape[1], dtype=x.dtype, device=x.device)
             for batch in range(x.shape[0]):
-                torch.mm(x[batch].view(channels, rows).t(), selection, out=frames_last[batch].view(rows, -1))
+                torch.mm(x[batch].flatten(1).t(), selection, out=frames_last[batch].view(rows, -1))
             return
         out[:, :channels].copy_(x)
         out[:, channels:].zero_()
