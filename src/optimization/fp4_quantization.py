@@ -53,7 +53,10 @@ from __future__ import annotations
 
 import enum
 import functools
+import importlib
+import importlib.util
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -173,6 +176,41 @@ def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return values, scale.squeeze(1)
 
 
+class _RowQuantizer:
+    """Per-row FP8 quantization of 2-D activations: the one-pass Triton kernel of :mod:`.fp8_triton` on CUDA
+    (unless ``SEEDVR2_DIT_TRITON`` is 0/false/no/off, or while torch.compile traces, which fuses the PyTorch
+    ops itself), else :func:`quantize_fp8`.  A kernel that fails to import, compile or launch logs one line
+    and leaves the work to PyTorch for good."""
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+
+    def _wanted(self, x: torch.Tensor) -> bool:
+        return (self.failure is None and x.is_cuda and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                and os.environ.get(TRITON_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+                and importlib.util.find_spec("triton") is not None)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._wanted(x):
+            try:
+                kernels = importlib.import_module(".fp8_triton", __package__)
+                if kernels.quantize_rows_supported(x):
+                    return kernels.quantize_rows(x)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as error:  # Triton/toolchain failure: PyTorch computes the same
+                lines = str(error).strip().splitlines()
+                self.failure = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+                log.warning("SeedVR2: the Triton FP8 quantization kernel failed (%s); quantizing activations with "
+                            "PyTorch ops from now on", self.failure)
+        return quantize_fp8(x, dim=1)
+
+
+TRITON_KERNELS_ENV = "SEEDVR2_DIT_TRITON"  # the DiT's Triton kernels, this one included
+quantize_rows_fp8 = _RowQuantizer()
+
+
 def _scaled_mm(a, b, scale_a, scale_b, bias=None, out_dtype=None) -> torch.Tensor:
     result = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
     return result[0] if isinstance(result, tuple) else result  # torch < 2.4 also returned amax
@@ -201,7 +239,7 @@ def fp8_scaled_linear(
     kernel requires; ``weight_scale`` holds one scale per output channel.
     """
     if rowwise:
-        x_fp8, x_scale = quantize_fp8(x, dim=1)                      # scale_a (M, 1), scale_b (1, N)
+        x_fp8, x_scale = quantize_rows_fp8(x)                        # scale_a (M, 1), scale_b (1, N)
         return _scaled_mm(x_fp8, weight.t(), x_scale, weight_scale.view(1, -1), bias, out_dtype)
     # Tensor-wise kernels take scalar scales only: the per-channel weight scale is applied afterwards.
     x_fp8, x_scale = quantize_fp8(x)
