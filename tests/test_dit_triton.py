@@ -202,6 +202,53 @@ def test_modulated_norm_preconditions(kernels):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Gated residual
+# ---------------------------------------------------------------------------------------------------
+
+
+def _gate(modulation: Modulation, time: torch.Tensor) -> torch.Tensor:
+    return time[..., 2] + modulation.attn_gate
+
+
+@pytest.mark.parametrize("lengths", [(7, 4), (11,)], ids=["two_samples", "one_sample"])
+def test_gated_residual_float32_equals_plain_path(kernels, lengths):
+    residual, update = _strided_rows(sum(lengths), DIM, seed=90), _strided_rows(sum(lengths), DIM, seed=91)
+    modulation, time = _modulation(len(lengths))
+    with torch.no_grad():
+        modulation.attn_gate.normal_()
+        gate = _gate(modulation, time)
+        assert kernels.gated_residual_supported(residual, update, gate, lengths)
+        out = kernels.gated_residual(residual, update, gate, lengths, tile_elements=128)  # 2 rows a tile
+        plain = modulation.add_gated(residual, update, time, "attn", lengths)
+    assert out.is_contiguous() and rel_err(out, plain) <= EXACT
+    if len(lengths) == 2:  # each sample's rows got its own gate
+        with torch.no_grad():
+            first_only = modulation.add_gated(residual, update, time[:1], "attn", (sum(lengths),))
+        assert rel_err(out[lengths[0]:], first_only[lengths[0]:]) > 0.1
+
+
+def test_gated_residual_bfloat16_is_the_float32_result_rounded(kernels):
+    lengths = (7, 4)
+    residual = _strided_rows(sum(lengths), DIM, seed=92, dtype=torch.bfloat16)
+    update = _strided_rows(sum(lengths), DIM, seed=93, dtype=torch.bfloat16)
+    gate = _random((2, DIM), seed=94, dtype=torch.bfloat16)
+    out = kernels.gated_residual(residual, update, gate, lengths, tile_elements=128)
+    per_row = gate.float().repeat_interleave(torch.tensor(lengths, device=DEVICE), 0)
+    expected = residual.float() + update.float() * per_row
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.bfloat16().float(), rtol=BF16_STEP, atol=1e-5)
+
+
+def test_gated_residual_preconditions(kernels):
+    residual, update = _strided_rows(11, DIM, seed=95), _strided_rows(11, DIM, seed=96)
+    gate = _random((2, DIM), seed=97)
+    assert not kernels.gated_residual_supported(residual, update, gate, (7, 5))          # lengths != rows
+    assert not kernels.gated_residual_supported(residual, update, gate[:1], (7, 4))      # a gate per sample
+    assert not kernels.gated_residual_supported(residual, update[:, :-1], gate, (7, 4))  # shapes differ
+    assert not kernels.gated_residual_supported(residual, update.double(), gate, (7, 4))
+
+
+# ---------------------------------------------------------------------------------------------------
 # SwiGLU gate
 # ---------------------------------------------------------------------------------------------------
 
@@ -233,7 +280,8 @@ def kernels_take_these_tensors(monkeypatch):
     monkeypatch.setattr(fused_kernels, "KERNEL_DEVICES", ("cuda", DEVICE))
     module = fused_kernels._load_dit_triton()
     launches = {}
-    for name, label in (("qkv_norm_rope", "qkv"), ("modulated_rms_norm", "norm"), ("silu_mul", "swiglu")):
+    for name, label in (("qkv_norm_rope", "qkv"), ("modulated_rms_norm", "norm"), ("gated_residual", "gated"),
+                        ("silu_mul", "swiglu")):
         monkeypatch.setattr(fused_kernels, f"_{name}", fused_kernels._TritonKernel(
             name, label, getattr(fused_kernels, f"_{name}").operator))
         launcher = getattr(module, name)
@@ -246,10 +294,32 @@ def kernels_take_these_tensors(monkeypatch):
     return launches
 
 
+@pytest.fixture
+def rounding_as_on_the_gpu(monkeypatch):
+    """Triton 3.5's interpreter rounds float32 to bfloat16 by truncation, where the GPU rounds to nearest
+    (even).  Across a whole DiT the truncated residual stream drifts (7B: rel 2.2e-2 from the golden against
+    6.6e-3), so the model test rounds as the GPU does."""
+    if DEVICE != "cpu":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    cast = InterpreterBuilder.cast_impl
+
+    def rounded_cast(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        values = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+        return TensorHandle(values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+
+    monkeypatch.setattr(InterpreterBuilder, "cast_impl", rounded_cast)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("variant", ["3b", "7b"])
 def test_tiny_dit_through_the_kernels_equals_plain_and_golden(kernels, kernels_take_these_tensors, caplog,
-                                                               variant, dtype):
+                                                               rounding_as_on_the_gpu, variant, dtype):
     config = NaDiTConfig.from_kwargs(golden_json(f"dit{variant}_config.json")["kwargs"])
     model = NaDiT(config)
     model.load_state_dict(load_golden(f"dit{variant}_weights.safetensors"), strict=True)
@@ -262,10 +332,12 @@ def test_tiny_dit_through_the_kernels_equals_plain_and_golden(kernels, kernels_t
         with caplog.at_level(logging.WARNING, logger="seedvr2"), fused_kernels.fused(True):
             fused = model(*arguments)
     assert not [record for record in caplog.records if record.name == "seedvr2"]
-    # Every block: one qkv launch per layer, four modulated norms (3B last block: two), a SwiGLU per MLP.
+    # Every block: one qkv launch per layer, four modulated norms and gated residuals (3B last block: two
+    # each), a SwiGLU per MLP.
     layers = config.num_layers
     assert kernels_take_these_tensors["qkv_norm_rope"] == layers
     assert kernels_take_these_tensors["modulated_rms_norm"] == (4 * layers - 2 if variant == "3b" else 4 * layers)
+    assert kernels_take_these_tensors["gated_residual"] == kernels_take_these_tensors["modulated_rms_norm"]
     assert kernels_take_these_tensors.get("silu_mul", 0) == (2 * layers - 1 if variant == "3b" else 0)
     golden = case["out_per_sample"]
     if dtype == torch.float32:

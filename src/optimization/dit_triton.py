@@ -105,6 +105,24 @@ def _modulated_rms_norm_kernel(
 
 
 @triton.jit
+def _gated_residual_kernel(
+    residual_ptr, update_ptr, gate_ptr, out_ptr, rows, dim, residual_row_stride, update_row_stride,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``residual + update·gate`` of BLOCK_R rows of one sample (``gate``: that sample's (dim,) vector), in
+    float32; ``out`` is (rows, dim) contiguous."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    column = tl.arange(0, BLOCK_D)
+    in_row = column < dim
+    inside = (row < rows)[:, None] & in_row[None, :]
+    residual = tl.load(residual_ptr + row[:, None] * residual_row_stride + column[None, :], mask=inside, other=0.0)
+    update = tl.load(update_ptr + row[:, None] * update_row_stride + column[None, :], mask=inside, other=0.0)
+    gate = tl.load(gate_ptr + column, mask=in_row, other=0.0).to(tl.float32)
+    out = residual.to(tl.float32) + update.to(tl.float32) * gate[None, :]
+    tl.store(out_ptr + row[:, None] * dim + column[None, :], out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, elements, BLOCK: tl.constexpr):
     """``SiLU(gate)·up`` of one block of contiguous elements, in float32."""
     offset = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -209,6 +227,41 @@ def modulated_rms_norm(x: torch.Tensor, eps: float, scale: torch.Tensor, shift: 
                 _modulated_rms_norm_kernel[(triton.cdiv(length, block_r),)](
                     x[start:], scale[sample], shift[sample], out[start:], length, dim, x.stride(0), eps,
                     BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NORM_WARPS,
+                )
+            start += length
+    return out
+
+
+def gated_residual_supported(residual: torch.Tensor, update: torch.Tensor, gate: torch.Tensor,
+                             lengths: Sequence[int]) -> bool:
+    """Whether :func:`gated_residual` takes these arguments: ``residual`` and ``update`` (rows, dim) of one
+    supported dtype and device with unit channel stride, ``gate`` (samples, dim) there, ``lengths`` summing to
+    rows."""
+    return (
+        _same_device_and_dtype([residual, update]) and residual.dim() == 2 and residual.shape == update.shape
+        and residual.stride(1) == 1 and update.stride(1) == 1
+        and gate.device == residual.device and gate.dim() == 2 and gate.shape == (len(lengths), residual.shape[1])
+        and sum(lengths) == residual.shape[0]
+    )
+
+
+def gated_residual(residual: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, lengths: Sequence[int], *,
+                   tile_elements: int = NORM_TILE_ELEMENTS) -> torch.Tensor:
+    """``residual + update·gate[b]`` for the rows of each sample b (consecutive ``lengths``), as
+    ``Modulation.add_gated``; one launch per sample, a new (rows, dim) tensor.  Arguments as
+    :func:`gated_residual_supported` accepts them (CPU tensors run under Triton's interpreter)."""
+    rows, dim = residual.shape
+    out = torch.empty((rows, dim), dtype=residual.dtype, device=residual.device)
+    gate = gate.contiguous()
+    block_d = triton.next_power_of_2(dim)
+    block_r = max(1, tile_elements // block_d)
+    start = 0
+    with _on_device(residual):
+        for sample, length in enumerate(lengths):
+            if length:
+                _gated_residual_kernel[(triton.cdiv(length, block_r),)](
+                    residual[start:], update[start:], gate[sample], out[start:], length, dim, residual.stride(0),
+                    update.stride(0), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NORM_WARPS,
                 )
             start += length
     return out

@@ -1,4 +1,5 @@
-"""Fused elementwise kernels for the DiT's hot spots: q/k RMSNorm + rope, modulated RMSNorm, SwiGLU.
+"""Fused elementwise kernels for the DiT's hot spots: q/k RMSNorm + rope, modulated RMSNorm, gated residual,
+SwiGLU.
 
 The plain model runs each elementwise step as its own PyTorch op, which at 1080p means several passes
 over 0.4-1.5 GB tensors per step.  Here the hand-written Triton kernels of :mod:`.dit_triton` do each chain
@@ -142,6 +143,17 @@ def _(x, eps, scale, shift, lengths):
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op("seedvr2::dit_gated_residual", mutates_args=())
+def _gated_residual_operator(residual: torch.Tensor, update: torch.Tensor, gate: torch.Tensor,
+                             lengths: list[int]) -> torch.Tensor:
+    return _load_dit_triton().gated_residual(residual, update, gate, lengths)
+
+
+@_gated_residual_operator.register_fake
+def _(residual, update, gate, lengths):
+    return residual.new_empty(residual.shape)
+
+
 @torch.library.custom_op("seedvr2::dit_silu_mul", mutates_args=())
 def _silu_mul_operator(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _load_dit_triton().silu_mul(gate, up)
@@ -162,6 +174,9 @@ _qkv_norm_rope = _TritonKernel("qkv_norm_rope", "q/k RMSNorm + rope", _qkv_norm_
 _modulated_rms_norm = _TritonKernel(
     "modulated_rms_norm", "modulated RMSNorm",
     lambda x, eps, scale, shift, lengths: _modulated_rms_norm_operator(x, eps, scale, shift, list(lengths)))
+_gated_residual = _TritonKernel(
+    "gated_residual", "gated residual",
+    lambda residual, update, gate, lengths: _gated_residual_operator(residual, update, gate, list(lengths)))
 _silu_mul = _TritonKernel("silu_mul", "SwiGLU", _silu_mul_operator)
 
 
@@ -177,6 +192,12 @@ def modulated_rms_norm(x: torch.Tensor, eps: float, scale: torch.Tensor, shift: 
                        lengths: Sequence[int]) -> torch.Tensor | None:
     """``rms_norm(x, eps)·scale[b] + shift[b]`` per sample b (rows by ``lengths``), or None for the plain path."""
     return _modulated_rms_norm(x, eps, scale, shift, lengths) if _wanted(x, scale, shift) else None
+
+
+def gated_residual(residual: torch.Tensor, update: torch.Tensor, gate: torch.Tensor,
+                   lengths: Sequence[int]) -> torch.Tensor | None:
+    """``residual + update·gate[b]`` per sample b (rows by ``lengths``), or None for the plain path."""
+    return _gated_residual(residual, update, gate, lengths) if _wanted(residual, update, gate) else None
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:

@@ -58,4 +58,7 @@ class Modulation(nn.Module):
                   lengths: tuple[int, ...]) -> torch.Tensor:
         """``residual + update·(ga + <slot>_gate)`` per sample."""
         gate = time[..., GATE] + getattr(self, f"{slot}_gate")
+        fused = fused_kernels.gated_residual(residual, update, gate, lengths)   # one kernel when switched on
+        if fused is not None:
+            return fused
         return _per_sample(lambda b, res, upd: torch.addcmul(res, upd, gate[b]), lengths, residual, update)
