@@ -185,6 +185,36 @@ def test_preconditions(kernels):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Row copy into a padded buffer's window
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_rows_fills_exactly_the_window(kernels, dtype):
+    # The downsampler's input: frames one row and one column larger, after two look-back frames.
+    x = _frames_last((2, 16, 3, 5, 7), dtype=dtype)
+    buffer = torch.full((2, 16, 5, 6, 8), float("nan"), dtype=dtype, device=DEVICE)
+    buffer = buffer.contiguous(memory_format=torch.channels_last_3d)
+    window = buffer[:, :, 2:, :5, :7]
+    assert kernels.copy_rows_supported(x, window) if DEVICE == "cuda" else kernels._row_layout(window)
+    kernels.copy_rows(x, window, block=32)  # 7 x 16 = 112 elements a row: four blocks, the last one partial
+    assert torch.equal(window, x)
+    outside = torch.ones_like(buffer, dtype=torch.bool)
+    outside[:, :, 2:, :5, :7] = False
+    assert buffer[outside].isnan().all()
+
+
+def test_copy_rows_preconditions(kernels):
+    x = _frames_last((1, 16, 2, 5, 7), device="cpu")
+    assert kernels._row_layout(x) and not kernels._row_layout(x.contiguous())  # NCDHW rows are not [W, C]
+    assert not kernels.copy_rows_supported(x, x)                              # CPU tensors: PyTorch's copy
+    if torch.cuda.is_available():
+        cuda = x.cuda()
+        assert kernels.copy_rows_supported(cuda, torch.empty_like(cuda))
+        assert not kernels.copy_rows_supported(cuda, torch.empty_like(cuda, dtype=torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------------
 # The runtime: where the Triton kernels are used, and the fallback
 # ---------------------------------------------------------------------------------------------------
 

@@ -297,6 +297,7 @@ class TritonKernel:
 # Process-wide like the compiled kernels: one failure switches every optimized VAE to those.
 triton_normalize = TritonKernel("normalize_into", "GroupNorm")
 triton_add_residual = TritonKernel("add_residual", "residual")
+triton_copy_rows = TritonKernel("copy_rows", "row copy")
 
 
 CUDNN_BENCHMARK_ENV = "SEEDVR2_CUDNN_BENCHMARK"
@@ -416,6 +417,13 @@ class VAERuntime:
             return
         out[:, :channels].copy_(x)
         out[:, channels:].zero_()
+
+    def copy_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out.copy_(x)``; for channels-last frames whose rows sit at other strides in ``out`` (a window of a
+        padded buffer) by the Triton row copy, which PyTorch's strided copy runs at a fraction of memory speed
+        (~40 ms of a 33-frame 1080p encode on an H100, in the downsamplers)."""
+        if not (self.triton_kernels and triton_copy_rows(x, out)):
+            out.copy_(x)
 
     def conv3d(self, x: torch.Tensor, conv: nn.Conv3d, *, with_bias: bool = True) -> torch.Tensor:
         """``conv(x)``, without the bias when ``with_bias`` is False (the caller folds it into the next pass);

@@ -34,6 +34,9 @@ COMBINE_BLOCK = 1024
 # Elements of one residual-sum tile ([pixels, all channels]).
 RESIDUAL_TILE_ELEMENTS = 4096
 RESIDUAL_WARPS = 4
+# Elements of one block of an image row in the row copy.
+COPY_BLOCK = 4096
+COPY_WARPS = 4
 
 
 @triton.jit
@@ -157,6 +160,24 @@ def _residual_kernel(
     tl.store(out_at, total.to(out_ptr.dtype.element_ty), mask=valid)
 
 
+@triton.jit
+def _copy_rows_kernel(
+    x_ptr, out_ptr, row_elements, rows_per_frame, frames_per_batch, x_batch_stride, x_frame_stride, x_row_stride,
+    out_batch_stride, out_frame_stride, out_row_stride, BLOCK: tl.constexpr,
+):
+    """One block of one image row ([W, C], contiguous in both tensors; the rows themselves may sit at other
+    strides in ``out``, e.g. inside a frame one pixel wider and taller)."""
+    row, block = tl.program_id(0), tl.program_id(1)
+    image, height = row // rows_per_frame, (row % rows_per_frame).to(tl.int64)
+    batch, time = (image // frames_per_batch).to(tl.int64), (image % frames_per_batch).to(tl.int64)
+    columns = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = columns < row_elements
+    values = tl.load(x_ptr + batch * x_batch_stride + time * x_frame_stride + height * x_row_stride + columns,
+                     mask=inside)
+    tl.store(out_ptr + batch * out_batch_stride + time * out_frame_stride + height * out_row_stride + columns,
+             values, mask=inside)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------
@@ -260,4 +281,33 @@ def add_residual(
         _residual_kernel[(triton.cdiv(pixels, block_p), images)](
             out, residual, bias, pixels, frames, out.stride(0), out.stride(2), residual.stride(0), residual.stride(2),
             CHANNELS=channels, BLOCK_P=block_p, HAS_BIAS=has_bias, num_warps=RESIDUAL_WARPS,
+        )
+
+
+def _row_layout(tensor: torch.Tensor) -> bool:
+    """Whether every image row of a (B, C, T, H, W) tensor is a contiguous [W, C] stretch."""
+    channels = tensor.shape[1]
+    return (tensor.shape[1] == 1 or tensor.stride(1) == 1) and (tensor.shape[4] == 1 or tensor.stride(4) == channels)
+
+
+def copy_rows_supported(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether :func:`copy_rows` can take these arguments on the GPU: same-shaped CUDA tensors of one dtype
+    whose image rows are contiguous [W, C] stretches (channels-last frames, or windows of them)."""
+    return (x.is_cuda and x.dim() == 5 and x.shape == out.shape and x.dtype == out.dtype and x.device == out.device
+            and _row_layout(x) and _row_layout(out))
+
+
+def copy_rows(x: torch.Tensor, out: torch.Tensor, *, block: int = COPY_BLOCK) -> None:
+    """``out.copy_(x)`` row by row, for channels-last tensors whose rows sit at different strides (e.g. ``out``
+    the top-left window of a frame one pixel wider and taller: the downsamplers' padded input).  PyTorch's
+    strided copy kernel moves these at a fraction of memory speed.  Arguments as :func:`copy_rows_supported`
+    accepts them, except that CPU tensors run under Triton's interpreter (for tests)."""
+    batches, channels, frames, height, width = x.shape
+    row_elements, rows = width * channels, batches * frames * height
+    if rows == 0 or row_elements == 0:
+        return
+    with _on_device(x):
+        _copy_rows_kernel[(rows, triton.cdiv(row_elements, block))](
+            x, out, row_elements, height, frames, x.stride(0), x.stride(2), x.stride(3),
+            out.stride(0), out.stride(2), out.stride(3), BLOCK=block, num_warps=COPY_WARPS,
         )

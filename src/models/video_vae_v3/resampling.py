@@ -41,17 +41,17 @@ class Downsampler3D(nn.Module):
         b, c, t, h, w = x.shape
         if self.temporal:
             padded = self.conv.open_input(memory, (b, c, t, h + 1, w + 1), x, runtime)
-            _pad_bottom_right_into(x, padded.new_frames)
+            _pad_bottom_right_into(x, padded.new_frames, runtime)
             return self.conv.convolve_input(padded, memory, runtime, with_bias=with_bias)
         padded = runtime.empty((b, c, t, h + 1, w + 1), x)
-        _pad_bottom_right_into(x, padded)
+        _pad_bottom_right_into(x, padded, runtime)
         return runtime.conv3d(padded, self.conv, with_bias=with_bias)
 
 
-def _pad_bottom_right_into(x: torch.Tensor, out: torch.Tensor) -> None:
+def _pad_bottom_right_into(x: torch.Tensor, out: torch.Tensor, runtime: "VAERuntime") -> None:
     """``out = F.pad(x, (0, 1, 0, 1))`` for an ``out`` one row and one column larger than ``x``."""
     h, w = x.shape[3:]
-    out[..., :h, :w].copy_(x)
+    runtime.copy_into(x, out[..., :h, :w])
     out[..., h, :].zero_()
     out[..., :h, w].zero_()
 
