@@ -133,6 +133,21 @@ def test_normalize_bfloat16_is_the_float32_result_rounded(kernels):
     assert torch.isnan(buffer[:, :, :2]).all()
 
 
+@pytest.mark.parametrize("tail_frames", [1, 2, 3])
+def test_normalize_writes_the_look_back_tail_from_the_same_stores(kernels, tail_frames):
+    # The last frames also go to a separate tensor (a causal convolution's look-back for its next call).
+    x = _frames_last((2, 16, 3, 5, 7), mean=0.5, std=2.0, dtype=torch.bfloat16, seed=4)
+    weight, bias, shift = _norm_parameters(16, torch.bfloat16)
+    buffer, out = _padded(x)
+    tail_buffer, tail = _padded(x[:, :, :tail_frames], look_back=1)  # NaN-filled, its own strides
+    assert kernels.normalize_into_supported(x, weight, bias, out, 4, EPS, True, shift, tail) == (DEVICE == "cuda")
+    kernels.normalize_into(x, weight, bias, out, 4, EPS, True, shift, tail, tile_elements=64)
+    assert torch.equal(tail, out[:, :, 3 - tail_frames:])
+    assert torch.isnan(tail_buffer[:, :, :1]).all() and torch.isnan(buffer[:, :, :2]).all()
+    assert not kernels.normalize_into_supported(x.cuda() if DEVICE == "cuda" else x, weight, bias, out, 4, EPS,
+                                                True, shift, tail[:, :8])  # not the frames' channels
+
+
 def test_normalize_statistics_survive_a_large_mean(kernels):
     # Mean 1e3, spread 1: E[x²] - E[x]² in float32 loses the variance to cancellation (E[x²] ≈ 1e6 carries
     # an error of ~0.06; F.group_norm in float32 on the CPU is 0.2 off here); two-pass statistics give ~3e-5,

@@ -366,22 +366,26 @@ class VAERuntime:
 
     def normalize(
         self, x: torch.Tensor, norm: nn.GroupNorm, *, silu: bool, out: Optional[torch.Tensor] = None,
-        shift: Optional[torch.Tensor] = None,
+        shift: Optional[torch.Tensor] = None, tail: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Per-frame ``norm(x + shift)`` (then SiLU), written into ``out`` (e.g. the new frames of a padded conv
-        input); ``shift`` is the bias of a convolution run ``with_bias=False``."""
+        input); ``shift`` is the bias of a convolution run ``with_bias=False``.  ``tail`` (k frames) receives a
+        copy of the result's last k frames (a convolution's look-back): the Triton kernel stores them twice,
+        instead of a clone reading them back afterwards."""
         if out is None:
             out = torch.empty_like(x)
         if self.triton_kernels and triton_normalize(
-            x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift
+            x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift, tail
         ):
             return out
         if not self.compile_norm:
             normalize_into(x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift)
-            return out
-        kernel = compiled_normalize if x.is_cuda else normalize_into
-        for x_frame, out_frame in _frames(x, out):  # statistics are per frame anyway
-            kernel(x_frame, norm.weight, norm.bias, out_frame, norm.num_groups, norm.eps, silu, shift)
+        else:
+            kernel = compiled_normalize if x.is_cuda else normalize_into
+            for x_frame, out_frame in _frames(x, out):  # statistics are per frame anyway
+                kernel(x_frame, norm.weight, norm.bias, out_frame, norm.num_groups, norm.eps, silu, shift)
+        if tail is not None:
+            tail.copy_(out[:, :, out.shape[2] - tail.shape[2]:])
         return out
 
     def add_residual(self, out: torch.Tensor, residual: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -114,10 +114,12 @@ def _combine_stats_kernel(
 def _normalize_kernel(
     x_ptr, shift_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, out_ptr, pixels, frames_per_batch,
     x_batch_stride, x_frame_stride, out_batch_stride, out_frame_stride,
+    tail_ptr, tail_start, tail_batch_stride, tail_frame_stride,
     CHANNELS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr,
+    SILU: tl.constexpr, HAS_TAIL: tl.constexpr,
 ):
-    """``(x + shift - mean) * rstd * weight + bias`` (then SiLU) of one tile, stored in ``out``'s dtype."""
+    """``(x + shift - mean) * rstd * weight + bias`` (then SiLU) of one tile, stored in ``out``'s dtype, and
+    for frames from ``tail_start`` on also in ``tail`` (a causal convolution's look-back for its next call)."""
     tile, frame = tl.program_id(0), tl.program_id(1)
     batch, time = (frame // frames_per_batch).to(tl.int64), (frame % frames_per_batch).to(tl.int64)
     offset = tile.to(tl.int64) * (BLOCK_P * CHANNELS)
@@ -135,7 +137,12 @@ def _normalize_kernel(
     if SILU:
         values = values / (1.0 + tl.exp(-values))
     out_base = batch * out_batch_stride + time * out_frame_stride + offset
-    tl.store(out_ptr + out_base + within, values.to(out_ptr.dtype.element_ty), mask=valid)
+    stored = values.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_base + within, stored, mask=valid)
+    if HAS_TAIL:
+        if time >= tail_start:
+            tail_base = batch * tail_batch_stride + (time - tail_start) * tail_frame_stride + offset
+            tl.store(tail_ptr + tail_base + within, stored, mask=valid)
 
 
 @triton.jit
@@ -204,14 +211,23 @@ def _fits(*tensors: torch.Tensor) -> bool:
 
 def normalize_into_supported(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, groups: int, eps: float,
-    silu: bool, shift: Optional[torch.Tensor] = None,
+    silu: bool, shift: Optional[torch.Tensor] = None, tail: Optional[torch.Tensor] = None,
 ) -> bool:
     """Whether :func:`normalize_into` can take these arguments on the GPU (CUDA tensors in the frame layout,
     a power-of-two channel count divisible by ``groups``); same signature as :func:`normalize_into`."""
     return (
         x.is_cuda and _fits(x, out) and x.shape[1] % groups == 0
         and all(t.device == x.device for t in (weight, bias) + ((shift,) if shift is not None else ()))
+        and (tail is None or _tail_fits(tail, out))
     )
+
+
+def _tail_fits(tail: torch.Tensor, out: torch.Tensor) -> bool:
+    """``tail`` can hold ``out``'s last frames: same batch, channels and frame size, at most as many frames,
+    the same dtype and device, in the frame layout."""
+    return (tail.dim() == 5 and tail.shape[:2] == out.shape[:2] and tail.shape[3:] == out.shape[3:]
+            and 0 < tail.shape[2] <= out.shape[2] and tail.dtype == out.dtype and tail.device == out.device
+            and _frame_layout(tail))
 
 
 def add_residual_supported(out: torch.Tensor, residual: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -226,11 +242,13 @@ def _on_device(tensor: torch.Tensor):
 
 def normalize_into(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, groups: int, eps: float,
-    silu: bool, shift: Optional[torch.Tensor] = None, *, tile_elements: int = NORM_TILE_ELEMENTS,
+    silu: bool, shift: Optional[torch.Tensor] = None, tail: Optional[torch.Tensor] = None, *,
+    tile_elements: int = NORM_TILE_ELEMENTS,
 ) -> None:
     """GroupNorm of every frame of ``x`` (B, C, T, H, W) plus ``shift`` (C,) (then SiLU) into ``out``, as
     ``vae_optimizer.normalize_into``; three launches (tile statistics, their combination, the normalisation)
-    over all frames.  Arguments as :func:`normalize_into_supported` accepts them, except that CPU tensors run
+    over all frames.  ``tail`` (B, C, k, H, W), if given, receives a second copy of ``out``'s last k frames from
+    the same stores.  Arguments as :func:`normalize_into_supported` accepts them, except that CPU tensors run
     under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).  ``tile_elements``: pixels x channels of
     one tile."""
     batches, channels, frames, height, width = x.shape
@@ -245,6 +263,9 @@ def normalize_into(
     rstd = torch.empty_like(mean)
     has_shift = shift is not None
     shift = shift.contiguous() if has_shift else weight  # any pointer: the kernels do not read it
+    has_tail = tail is not None
+    tail_start = frames - tail.shape[2] if has_tail else frames
+    tail_strides = (tail.stride(0), tail.stride(2)) if has_tail else (0, 0)
     grid = (tiles, images)
     with _on_device(x):
         _tile_stats_kernel[grid](
@@ -258,7 +279,8 @@ def normalize_into(
         _normalize_kernel[grid](
             x, shift, weight.contiguous(), bias.contiguous(), mean, rstd, out, pixels, frames,
             x.stride(0), x.stride(2), out.stride(0), out.stride(2),
-            CHANNELS=channels, GROUPS=groups, BLOCK_P=block_p, HAS_SHIFT=has_shift, SILU=silu,
+            tail if has_tail else out, tail_start, *tail_strides,
+            CHANNELS=channels, GROUPS=groups, BLOCK_P=block_p, HAS_SHIFT=has_shift, SILU=silu, HAS_TAIL=has_tail,
             num_warps=NORM_WARPS,
         )
 

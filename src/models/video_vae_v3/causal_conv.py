@@ -80,11 +80,23 @@ class CausalConv3d(nn.Conv3d):
         buffer = runtime.empty((batch, channels, look_back + frames, height, width), like)
         return PaddedInput(buffer, look_back, starts_clip=True)
 
+    def next_look_back(self, padded: PaddedInput, memory: CausalMemory, runtime: "VAERuntime") -> Optional[torch.Tensor]:
+        """An empty tensor for the look-back this call will keep, when the producer of the new frames can write
+        it alongside them (a stride-1 convolution given at least ``k_t - 1`` new frames, with a next call to
+        read it); None otherwise: :meth:`convolve_input` then copies the input's tail itself."""
+        look_back = self.kernel_size[0] - 1
+        new = padded.new_frames
+        if self.stride[0] != 1 or memory.closing or new.shape[2] < look_back or look_back == 0:
+            return None
+        return runtime.empty((new.shape[0], new.shape[1], look_back, *new.shape[3:]), new)
+
     def convolve_input(
-        self, padded: PaddedInput, memory: CausalMemory, runtime: "VAERuntime", *, with_bias: bool = True
+        self, padded: PaddedInput, memory: CausalMemory, runtime: "VAERuntime", *, with_bias: bool = True,
+        look_back: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``forward``'s result from a filled :class:`PaddedInput` (without the bias if ``with_bias`` is False:
-        the caller folds it into its next pass); keeps the input's tail for the next call."""
+        the caller folds it into its next pass); keeps the input's tail for the next call (``look_back``: that
+        tail, already written by the producer of the new frames, see :meth:`next_look_back`)."""
         frames = padded.frames
         if frames.shape[2] < self.kernel_size[0]:
             # A strided convolution still collecting its next window (streamed one frame at a time).
@@ -92,7 +104,7 @@ class CausalConv3d(nn.Conv3d):
             memory.keep(self, frames)
             return frames.new_empty((frames.shape[0], self.out_channels, 0, *self._output_size(frames)))
         out = self.convolve_padded(padded, runtime, with_bias=with_bias)
-        memory.keep(self, frames[:, :, out.shape[2] * self.stride[0]:].clone())
+        memory.keep(self, look_back if look_back is not None else frames[:, :, out.shape[2] * self.stride[0]:].clone())
         return out
 
     def convolve_padded(self, padded: PaddedInput, runtime: "VAERuntime", *, with_bias: bool = True) -> torch.Tensor:
@@ -120,13 +132,15 @@ class CausalConv3d(nn.Conv3d):
         left out (with ``norm`` only); ``with_bias=False`` leaves this convolution's bias to the caller."""
         channels = x.shape[1] if norm is not None else runtime.input_channels(x.shape[1])
         padded = self.open_input(memory, (x.shape[0], channels, *x.shape[2:]), x, runtime)
+        look_back = None
         if norm is not None:
-            runtime.normalize(x, norm, silu=True, out=padded.new_frames, shift=input_bias)
+            look_back = self.next_look_back(padded, memory, runtime)
+            runtime.normalize(x, norm, silu=True, out=padded.new_frames, shift=input_bias, tail=look_back)
         else:
             if input_bias is not None:
                 raise ValueError("input_bias is folded into the GroupNorm; a convolution without norm cannot take it.")
             runtime.copy_channels_into(x, padded.new_frames)  # zero channel padding for cuDNN, if any
-        return self.convolve_input(padded, memory, runtime, with_bias=with_bias)
+        return self.convolve_input(padded, memory, runtime, with_bias=with_bias, look_back=look_back)
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
         return tuple(

@@ -51,10 +51,11 @@ class ResnetBlock3D(nn.Module):
         residual sum, conv1's into the second GroupNorm, conv2's and the shortcut's into the residual sum."""
         h = self.conv1.forward_lean(x, memory, runtime, norm=self.norm1, with_bias=False, input_bias=input_bias)
         padded = self.conv2.open_input(memory, h.shape, h, runtime)
-        runtime.normalize(h, self.norm2, silu=True, out=padded.new_frames, shift=self.conv1.bias)
+        look_back = self.conv2.next_look_back(padded, memory, runtime)
+        runtime.normalize(h, self.norm2, silu=True, out=padded.new_frames, shift=self.conv1.bias, tail=look_back)
         del h  # its normalised copy in the padded input is all conv2 needs
-        out = self.conv2.convolve_input(padded, memory, runtime, with_bias=False)
-        del padded
+        out = self.conv2.convolve_input(padded, memory, runtime, with_bias=False, look_back=look_back)
+        del padded, look_back
         if self.conv_shortcut is None:
             residual, residual_bias = x, input_bias
         else:
