@@ -229,6 +229,20 @@ def test_copy_rows_preconditions(kernels):
         assert not kernels.copy_rows_supported(cuda, torch.empty_like(cuda, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_pixels_fills_a_wider_band_leaving_its_bias_column(kernels, dtype):
+    # The upsampler's GEMM input: each pixel's channels, then a bias column, in rows of a band.
+    generator = torch.Generator().manual_seed(5)
+    frame = torch.randn(9, 7, 24, generator=generator).to(DEVICE, dtype)      # (H, W, C), channels-last
+    pixels = frame[2:7]                                                       # a band of 5 rows
+    band = torch.full((5, 7, 24 + 8), float("nan"), dtype=dtype, device=DEVICE)
+    kernels.copy_pixels(pixels, band[..., :24])
+    assert torch.equal(band[..., :24], pixels) and band[..., 24:].isnan().all()
+    assert kernels._evenly_spaced_pixels(band[..., :24]) == 32 and kernels._evenly_spaced_pixels(pixels) == 24
+    assert kernels._evenly_spaced_pixels(frame[:, ::2]) is None               # rows and columns spaced apart
+    assert not kernels.copy_pixels_supported(pixels.cpu(), band[..., :24].cpu())  # CPU: PyTorch's copy
+
+
 # ---------------------------------------------------------------------------------------------------
 # The runtime: where the Triton kernels are used, and the fallback
 # ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ ones (padded to 8 columns, which tensor cores want).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -36,13 +36,16 @@ def shuffle_matrices(weight: torch.Tensor, bias: Optional[torch.Tensor], time_fa
 
 
 def upscale_shuffle_gemm_into(
-    x: torch.Tensor, matrices: torch.Tensor, out: torch.Tensor, *, band_rows: int, drop_first_copy: bool
+    x: torch.Tensor, matrices: torch.Tensor, out: torch.Tensor, *, band_rows: int, drop_first_copy: bool,
+    copy: Callable[[torch.Tensor, torch.Tensor], None] = lambda source, target: target.copy_(source),
 ) -> None:
     """Write ``pixel_shuffle_3d(conv_1x1(x))`` (``matrices`` from :func:`shuffle_matrices`) into ``out``
     (B, C, F', 2H, 2W), without the second time copy of frame 0 when ``drop_first_copy``.
 
     Both ``x`` and ``out`` must hold every frame as a contiguous (H, W, C) block (channels-last), which
-    :func:`supports` checks.  Input rows go through the GEMMs in bands of ``band_rows``.
+    :func:`supports` checks.  Input rows go through the GEMMs in bands of ``band_rows``; ``copy(source,
+    target)`` puts a band's pixels next to their bias column (a faster kernel than PyTorch's strided copy can
+    be passed in).
     """
     batches, in_channels, frames, height, width = x.shape
     time_factor, _, columns, _ = matrices.shape
@@ -57,7 +60,7 @@ def upscale_shuffle_gemm_into(
             for top in range(0, height, rows):
                 count = min(rows, height - top)
                 tokens = band[:count]
-                tokens[..., :in_channels].copy_(pixels[top:top + count])
+                copy(pixels[top:top + count], tokens[..., :in_channels])
                 for dz in range(copies):
                     target_frame = out[batch, :, start + dz].permute(1, 2, 0)  # (2H, 2W, C)
                     for dx in range(2):
