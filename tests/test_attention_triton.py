@@ -13,26 +13,21 @@ at run time is tested without Triton and without a GPU, on a mocked CUDA device.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 import types
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
+from triton_interpreter import (DEVICE, choose_interpreter, compute_as_the_gpu, run_in_fresh_interpreter,
+                                skip_unless_kernels_run_here)
 
 from src.optimization import matrix_ops
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and "triton" not in sys.modules:
-    # The interpreter is chosen when a kernel is defined.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+choose_interpreter()
 
 NO_TRITON = "Triton is not installed: the wide-head attention kernel is optional (CUDA only)"
 HALF_TOLERANCE = 1e-2
@@ -40,9 +35,6 @@ YARDSTICK_MARGIN = 1.2  # times matmul_chunked's error (see test_matches_float32
 HOPPER_SHARED_MEMORY = 232448   # bytes per block an H100 / H200 grants a kernel
 CONSUMER_SHARED_MEMORY = 101376  # an RTX 4090's
 
-
-def _kernels_run_here() -> bool:
-    return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -54,57 +46,15 @@ def wide():
     return attention_triton
 
 
-def _interpreter_as_the_gpu_computes(patch: pytest.MonkeyPatch) -> None:
-    """Three gaps between Triton 3.5's interpreter and a GPU, closed for these tests."""
-    import triton.language as tl
-    from triton.runtime import interpreter
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-
-    # It multiplies bfloat16 blocks as their raw uint16 bits (numpy has no bfloat16): widen them to float32
-    # first, exact for the products, as the tensor cores multiply them.
-    create_dot = InterpreterBuilder.create_dot
-
-    def widened(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        return TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
-
-    # It rounds float32 to bfloat16 by truncation; the GPU rounds to nearest (even).
-    cast = InterpreterBuilder.cast_impl
-
-    def rounded_cast(self, src, dst_type):
-        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
-            return cast(self, src, dst_type)
-        values = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-        return TensorHandle(values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-
-    # It turns a runtime loop bound (a one-element array) into an int with int(array), which numpy >= 2.4
-    # refuses for arrays of one dimension.
-    patch_lang_tensor = interpreter._patch_lang_tensor
-
-    def patch_scalars(tensor):
-        patch_lang_tensor(tensor)
-        tensor.__index__ = lambda self: self.handle.data.item()
-
-    patch.setattr(InterpreterBuilder, "create_dot", dot)
-    patch.setattr(InterpreterBuilder, "cast_impl", rounded_cast)
-    patch.setattr(interpreter, "_patch_lang_tensor", patch_scalars)
-
-
 @pytest.fixture(scope="module")
 def kernels(wide):
     """The module, its kernel compiled for the GPU or run by the interpreter."""
-    if not _kernels_run_here():
-        pytest.skip("no GPU, and Triton was imported before its interpreter could be switched on: "
-                    "test_kernels_in_a_fresh_interpreter runs these tests in a process of their own")
+    skip_unless_kernels_run_here()
     if DEVICE == "cuda":
         yield wide
         return
     with pytest.MonkeyPatch.context() as patch:
-        _interpreter_as_the_gpu_computes(patch)
+        compute_as_the_gpu(patch, bf16_dot=True, bf16_rounding=True, loop_bounds=True)
         yield wide
 
 
@@ -346,13 +296,4 @@ def test_a_failing_kernel_falls_back_to_matmul_chunked_once(mocked_gpu, caplog):
 
 
 def test_kernels_in_a_fresh_interpreter():
-    pytest.importorskip("triton", reason=NO_TRITON)
-    if _kernels_run_here():
-        pytest.skip("the kernel tests run in this process")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-         "not fresh_interpreter and not autotuned", __file__],
-        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert child.returncode == 0 and "skipped" not in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    run_in_fresh_interpreter(__file__, NO_TRITON, "not fresh_interpreter and not autotuned")

@@ -11,23 +11,16 @@ more than one channel block per tap; ``out`` may be any strided view.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
+from triton_interpreter import (DEVICE, choose_interpreter, compute_as_the_gpu, run_in_fresh_interpreter,
+                                skip_unless_kernels_run_here)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and "triton" not in sys.modules:
-    # The interpreter is chosen when a kernel is defined.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+choose_interpreter()
 
 NO_TRITON = "Triton is not installed: the implicit-GEMM convolution is an optional CUDA kernel"
 EXACT = 1e-5
@@ -38,9 +31,6 @@ BF16_STEP = 2.0**-7  # one bfloat16 step, relative (8 significant bits)
 # relative L2 error of the output; 6 % leaves room for the sampling spread of a small output.
 FP8_BOUND = 6e-2
 
-
-def _kernels_run_here() -> bool:
-    return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -55,29 +45,12 @@ def conv():
 @pytest.fixture(scope="module")
 def kernels(conv):
     """The module, its kernel compiled for the GPU or run by the interpreter."""
-    if not _kernels_run_here():
-        pytest.skip("no GPU, and Triton was imported before its interpreter could be switched on: "
-                    "test_kernels_in_a_fresh_interpreter runs these tests in a process of their own")
+    skip_unless_kernels_run_here()
     if DEVICE == "cuda":
         yield conv
         return
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-
-    # Triton 3.5's interpreter multiplies bfloat16 blocks as their raw uint16 bits (numpy has no bfloat16):
-    # widen them to float32 first, exact for the products, as the GPU's tensor cores multiply them.
-    create_dot = InterpreterBuilder.create_dot
-
-    def widened(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        return TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(InterpreterBuilder, "create_dot", dot)
+        compute_as_the_gpu(patch, bf16_dot=True)
         yield conv
 
 
@@ -263,12 +236,4 @@ def test_bad_arguments_are_rejected_with_what_to_do(conv):
 
 
 def test_kernels_in_a_fresh_interpreter():
-    pytest.importorskip("triton", reason=NO_TRITON)
-    if _kernels_run_here():
-        pytest.skip("the kernel tests run in this process")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not fresh_interpreter", __file__],
-        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert child.returncode == 0 and "skipped" not in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    run_in_fresh_interpreter(__file__, NO_TRITON)

@@ -12,15 +12,13 @@ after a failing import is tested without Triton.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import golden_cases, golden_json, load_golden, rel_err
+from triton_interpreter import (DEVICE, choose_interpreter, compute_as_the_gpu, run_in_fresh_interpreter,
+                                skip_unless_kernels_run_here)
 
 from src.models.dit import NaDiT, NaDiTConfig
 from src.models.dit.mlp import SwiGLUMLP
@@ -31,10 +29,7 @@ from src.optimization import fused_kernels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and "triton" not in sys.modules:
-    # The interpreter is chosen when a kernel is defined, Triton's own (tl.sum, ...) included.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+choose_interpreter()
 
 EXACT = 1e-5
 BF16_STEP = 2.0**-7  # one bfloat16 step, relative (8 significant bits)
@@ -43,17 +38,12 @@ BF16_GOLDEN = 2e-2  # a bfloat16 DiT against the float32 goldens (test_dit_golde
 NO_TRITON = "Triton is not installed: its DiT kernels are optional (CUDA only)"
 
 
-def _kernels_run_here() -> bool:
-    return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
 
 @pytest.fixture(scope="module")
 def kernels():
     """The dit_triton module, its kernels compiled for the GPU or run by the interpreter."""
     pytest.importorskip("triton", reason=NO_TRITON)
-    if not _kernels_run_here():
-        pytest.skip("no GPU, and Triton was imported before its interpreter could be switched on: "
-                    "test_kernels_in_a_fresh_interpreter runs these tests in a process of their own")
+    skip_unless_kernels_run_here()
     from src.optimization import dit_triton
 
     return dit_triton
@@ -299,21 +289,7 @@ def rounding_as_on_the_gpu(monkeypatch):
     """Triton 3.5's interpreter rounds float32 to bfloat16 by truncation, where the GPU rounds to nearest
     (even).  Across a whole DiT the truncated residual stream drifts (7B: rel 2.2e-2 from the golden against
     6.6e-3), so the model test rounds as the GPU does."""
-    if DEVICE != "cpu":
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-
-    cast = InterpreterBuilder.cast_impl
-
-    def rounded_cast(self, src, dst_type):
-        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
-            return cast(self, src, dst_type)
-        values = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-        return TensorHandle(values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-
-    monkeypatch.setattr(InterpreterBuilder, "cast_impl", rounded_cast)
+    compute_as_the_gpu(monkeypatch, bf16_rounding=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -373,12 +349,4 @@ def test_failing_import_warns_once_and_falls_back(monkeypatch, caplog):
 
 
 def test_kernels_in_a_fresh_interpreter():
-    pytest.importorskip("triton", reason=NO_TRITON)
-    if _kernels_run_here():
-        pytest.skip("the kernel tests run in this process")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not fresh_interpreter", __file__],
-        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert child.returncode == 0 and "skipped" not in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    run_in_fresh_interpreter(__file__, NO_TRITON)

@@ -12,35 +12,25 @@ Triton.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import DEVICE, choose_interpreter, run_in_fresh_interpreter, skip_unless_kernels_run_here
 
 from src.optimization import fp4_quantization
 from src.optimization.fp4_quantization import FP8_MAX, quantize_fp8
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # chosen when a kernel is defined
+choose_interpreter()
 NO_TRITON = "Triton is not installed: its FP8 quantization kernel is optional (CUDA only)"
 
-
-def _kernels_run_here() -> bool:
-    return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.fixture(scope="module")
 def kernels():
     pytest.importorskip("triton", reason=NO_TRITON)
-    if not _kernels_run_here():
-        pytest.skip("no GPU, and Triton was imported before its interpreter could be switched on: "
-                    "test_kernel_in_a_fresh_interpreter runs these tests in a process of their own")
+    skip_unless_kernels_run_here()
     from src.optimization import fp8_triton
 
     return fp8_triton
@@ -115,15 +105,7 @@ def test_supported_shapes(kernels):
 
 
 def test_kernel_in_a_fresh_interpreter():
-    pytest.importorskip("triton", reason=NO_TRITON)
-    if _kernels_run_here():
-        pytest.skip("the kernel tests run in this process")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not fresh_interpreter", __file__],
-        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert child.returncode == 0 and "skipped" not in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    run_in_fresh_interpreter(__file__, NO_TRITON)
 
 
 # ------------------------------------------------------------------ how FP8 linears choose (no Triton needed)

@@ -12,26 +12,20 @@ switch are tested without Triton.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
+from triton_interpreter import DEVICE, choose_interpreter, run_in_fresh_interpreter, skip_unless_kernels_run_here
 
 from src.optimization import vae_optimizer
 from src.optimization.vae_optimizer import VAERuntime, add_residual, normalize_into
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and "triton" not in sys.modules:
-    # The interpreter is chosen when a kernel is defined, Triton's own (tl.sum, ...) included.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+choose_interpreter()
 
 EXACT = 1e-5
 BF16_STEP = 2.0**-7  # one bfloat16 step, relative (8 significant bits)
@@ -41,17 +35,12 @@ EPS = 1e-6
 NO_TRITON = "Triton is not installed: its VAE kernels are optional (CUDA only)"
 
 
-def _kernels_run_here() -> bool:
-    return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
 
 @pytest.fixture(scope="module")
 def kernels():
     """The vae_triton module, its kernels compiled for the GPU or run by the interpreter."""
     pytest.importorskip("triton", reason=NO_TRITON)
-    if not _kernels_run_here():
-        pytest.skip("no GPU, and Triton was imported before its interpreter could be switched on: "
-                    "test_kernels_in_a_fresh_interpreter runs these tests in a process of their own")
+    skip_unless_kernels_run_here()
     from src.optimization import vae_triton
 
     return vae_triton
@@ -299,12 +288,4 @@ def test_environment_switch(monkeypatch, value, wanted):
 
 
 def test_kernels_in_a_fresh_interpreter():
-    pytest.importorskip("triton", reason=NO_TRITON)
-    if _kernels_run_here():
-        pytest.skip("the kernel tests run in this process")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not fresh_interpreter", __file__],
-        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert child.returncode == 0 and "skipped" not in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    run_in_fresh_interpreter(__file__, NO_TRITON)
