@@ -15,7 +15,7 @@ This module imports Triton; :mod:`.fused_kernels` imports it only when it is abo
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import triton
@@ -143,6 +143,21 @@ def _on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
 
 
+def _row_tile(dim: int, tile_elements: int) -> tuple[int, int]:
+    """(rows, padded width) of a tile of whole rows of width ``dim``, about ``tile_elements`` in all."""
+    block_d = triton.next_power_of_2(dim)
+    return max(1, tile_elements // block_d), block_d
+
+
+def _samples(lengths: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+    """(sample, first row, rows) of every sample with rows, for kernels launched once per sample."""
+    start = 0
+    for sample, length in enumerate(lengths):
+        if length:
+            yield sample, start, length
+        start += length
+
+
 def _same_device_and_dtype(tensors: Sequence[torch.Tensor]) -> bool:
     first = tensors[0]
     return first.dtype in SUPPORTED_DTYPES and all(
@@ -218,17 +233,13 @@ def modulated_rms_norm(x: torch.Tensor, eps: float, scale: torch.Tensor, shift: 
     rows, dim = x.shape
     out = torch.empty((rows, dim), dtype=x.dtype, device=x.device)
     scale, shift = scale.contiguous(), shift.contiguous()
-    block_d = triton.next_power_of_2(dim)
-    block_r = max(1, tile_elements // block_d)
-    start = 0
+    block_r, block_d = _row_tile(dim, tile_elements)
     with _on_device(x):
-        for sample, length in enumerate(lengths):
-            if length:
-                _modulated_rms_norm_kernel[(triton.cdiv(length, block_r),)](
-                    x[start:], scale[sample], shift[sample], out[start:], length, dim, x.stride(0), eps,
-                    BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NORM_WARPS,
-                )
-            start += length
+        for sample, start, length in _samples(lengths):
+            _modulated_rms_norm_kernel[(triton.cdiv(length, block_r),)](
+                x[start:], scale[sample], shift[sample], out[start:], length, dim, x.stride(0), eps,
+                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NORM_WARPS,
+            )
     return out
 
 
@@ -253,17 +264,13 @@ def gated_residual(residual: torch.Tensor, update: torch.Tensor, gate: torch.Ten
     rows, dim = residual.shape
     out = torch.empty((rows, dim), dtype=residual.dtype, device=residual.device)
     gate = gate.contiguous()
-    block_d = triton.next_power_of_2(dim)
-    block_r = max(1, tile_elements // block_d)
-    start = 0
+    block_r, block_d = _row_tile(dim, tile_elements)
     with _on_device(residual):
-        for sample, length in enumerate(lengths):
-            if length:
-                _gated_residual_kernel[(triton.cdiv(length, block_r),)](
-                    residual[start:], update[start:], gate[sample], out[start:], length, dim, residual.stride(0),
-                    update.stride(0), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NORM_WARPS,
-                )
-            start += length
+        for sample, start, length in _samples(lengths):
+            _gated_residual_kernel[(triton.cdiv(length, block_r),)](
+                residual[start:], update[start:], gate[sample], out[start:], length, dim, residual.stride(0),
+                update.stride(0), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NORM_WARPS,
+            )
     return out
 
 
