@@ -32,7 +32,8 @@ class MidBlockAttention(nn.Module):
 
     def forward_lean(self, x: torch.Tensor, runtime: "VAERuntime") -> torch.Tensor:
         """``forward`` with the optimized path's per-frame GroupNorm kernel and the attention kernel picked
-        for this shape ("auto": on CUDA explicit GEMMs for the 512-wide head, ~1.3x the fused kernel)."""
+        for this shape ("auto": on CUDA the Triton flash-attention kernel for the 512-wide head, which SDPA's
+        fused kernels do not take; see matrix_ops)."""
         with attention_backend(AUTO):
             return self._attend(x, runtime.normalize(x, self.group_norm, silu=False))
 
