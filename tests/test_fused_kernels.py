@@ -156,3 +156,17 @@ def test_out_of_memory_is_not_a_kernel_failure(stand_in, monkeypatch):
             fused_kernels.silu_mul(*_gate_and_up())
         monkeypatch.setattr(stand_in.module, "silu_mul", lambda gate, up: gate)
         assert fused_kernels.silu_mul(*_gate_and_up()) is not None   # still on
+
+
+def test_without_custom_operators_compiled_code_traces_the_plain_path(stand_in, monkeypatch):
+    # torch before 2.4 has no torch.library.custom_op: no operator is made, and a compiled block traces the
+    # plain code (which works everywhere) instead of failing to import or to compile.
+    monkeypatch.delattr(torch.library, "custom_op")
+    assert fused_kernels._custom_operator("dit_test_only", lambda x: x, lambda x: x) is None
+    monkeypatch.setattr(fused_kernels, "_silu_mul", fused_kernels._TritonKernel("silu_mul", "SwiGLU", None))
+    mlp = SwiGLUMLP(6, 16)
+    compiled = torch.compile(mlp, backend="eager", fullgraph=True)
+    x = torch.randn(5, 6)
+    with torch.no_grad(), fused_kernels.fused(True):
+        torch.testing.assert_close(compiled(x), mlp.proj_out(F.silu(mlp.proj_in_gate(x)) * mlp.proj_in(x)))
+    assert stand_in.calls == []

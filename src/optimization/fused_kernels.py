@@ -86,9 +86,9 @@ class _TritonKernel:
     """One launcher of :mod:`.dit_triton` (``name``), called with its arguments; returns its result, or None
     when they are outside its preconditions (``<name>_supported``) or once importing, compiling or launching
     it has failed, after one log line.  While torch.compile traces, ``operator`` (the same arguments) stands
-    in for the launcher."""
+    in for the launcher (None: the plain code is traced)."""
 
-    def __init__(self, name: str, label: str, operator: Callable[..., Any]):
+    def __init__(self, name: str, label: str, operator: Callable[..., Any] | None):
         self.name, self.label, self.operator = name, label, operator
         self.failure: str | None = None
 
@@ -96,7 +96,7 @@ class _TritonKernel:
         if self.failure is not None:
             return None
         if torch.compiler.is_compiling():
-            if _module is None or not getattr(_module, f"{self.name}_supported")(*args):
+            if self.operator is None or _module is None or not getattr(_module, f"{self.name}_supported")(*args):
                 return None
             return self.operator(*args)
         try:
@@ -119,65 +119,64 @@ class _TritonKernel:
 # ---------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("seedvr2::dit_qkv_norm_rope", mutates_args=())
-def _qkv_norm_rope_operator(projections: list[torch.Tensor], q_weights: list[torch.Tensor],
-                            k_weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, heads: int,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _custom_operator(name: str, implementation: Callable[..., Any], shapes: Callable[..., Any]) -> Any:
+    """``implementation`` as the opaque operator ``seedvr2::<name>`` with ``shapes`` as its fake, or None on a
+    torch without ``torch.library.custom_op`` (before 2.4): compiled blocks then trace the plain code."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+    operator = torch.library.custom_op(f"seedvr2::{name}", mutates_args=())(implementation)
+    operator.register_fake(shapes)
+    return operator
+
+
+def _qkv_norm_rope_launch(projections: list[torch.Tensor], q_weights: list[torch.Tensor],
+                          k_weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _load_dit_triton().qkv_norm_rope(list(zip(projections, q_weights, k_weights)), cos, sin, heads, eps)
 
 
-@_qkv_norm_rope_operator.register_fake
-def _(projections, q_weights, k_weights, cos, sin, heads, eps):
+def _qkv_norm_rope_shapes(projections, q_weights, k_weights, cos, sin, heads, eps):
     rows = sum(qkv.shape[0] for qkv in projections)
     return tuple(projections[0].new_empty((rows, heads, q_weights[0].shape[0])) for _ in range(3))
 
 
-@torch.library.custom_op("seedvr2::dit_modulated_rms_norm", mutates_args=())
-def _modulated_rms_norm_operator(x: torch.Tensor, eps: float, scale: torch.Tensor, shift: torch.Tensor,
-                                 lengths: list[int]) -> torch.Tensor:
+def _modulated_rms_norm_launch(x: torch.Tensor, eps: float, scale: torch.Tensor, shift: torch.Tensor,
+                               lengths: list[int]) -> torch.Tensor:
     return _load_dit_triton().modulated_rms_norm(x, eps, scale, shift, lengths)
 
 
-@_modulated_rms_norm_operator.register_fake
-def _(x, eps, scale, shift, lengths):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("seedvr2::dit_gated_residual", mutates_args=())
-def _gated_residual_operator(residual: torch.Tensor, update: torch.Tensor, gate: torch.Tensor,
-                             lengths: list[int]) -> torch.Tensor:
+def _gated_residual_launch(residual: torch.Tensor, update: torch.Tensor, gate: torch.Tensor,
+                           lengths: list[int]) -> torch.Tensor:
     return _load_dit_triton().gated_residual(residual, update, gate, lengths)
 
 
-@_gated_residual_operator.register_fake
-def _(residual, update, gate, lengths):
-    return residual.new_empty(residual.shape)
-
-
-@torch.library.custom_op("seedvr2::dit_silu_mul", mutates_args=())
-def _silu_mul_operator(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _silu_mul_launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _load_dit_triton().silu_mul(gate, up)
 
 
-@_silu_mul_operator.register_fake
-def _(gate, up):
-    return torch.empty_like(up)
+_qkv_norm_rope_operator = _custom_operator("dit_qkv_norm_rope", _qkv_norm_rope_launch, _qkv_norm_rope_shapes)
+_modulated_rms_norm_operator = _custom_operator(
+    "dit_modulated_rms_norm", _modulated_rms_norm_launch, lambda x, eps, scale, shift, lengths: x.new_empty(x.shape))
+_gated_residual_operator = _custom_operator(
+    "dit_gated_residual", _gated_residual_launch,
+    lambda residual, update, gate, lengths: residual.new_empty(residual.shape))
+_silu_mul_operator = _custom_operator("dit_silu_mul", _silu_mul_launch, lambda gate, up: torch.empty_like(up))
 
 
-def _qkv_norm_rope_traced(streams, cos, sin, heads, eps):
-    projections, q_weights, k_weights = (list(column) for column in zip(*streams))
-    return _qkv_norm_rope_operator(projections, q_weights, k_weights, cos, sin, heads, eps)
+def _traced(operator: Any, adapt: Callable[..., tuple]) -> Callable[..., Any] | None:
+    """The operator called with the launcher's arguments (``adapt`` maps them), or None without operators."""
+    return None if operator is None else lambda *args: operator(*adapt(*args))
 
 
 # Process-wide: one failure switches every DiT to the plain path for this kernel.
-_qkv_norm_rope = _TritonKernel("qkv_norm_rope", "q/k RMSNorm + rope", _qkv_norm_rope_traced)
-_modulated_rms_norm = _TritonKernel(
-    "modulated_rms_norm", "modulated RMSNorm",
-    lambda x, eps, scale, shift, lengths: _modulated_rms_norm_operator(x, eps, scale, shift, list(lengths)))
-_gated_residual = _TritonKernel(
-    "gated_residual", "gated residual",
-    lambda residual, update, gate, lengths: _gated_residual_operator(residual, update, gate, list(lengths)))
-_silu_mul = _TritonKernel("silu_mul", "SwiGLU", _silu_mul_operator)
+_qkv_norm_rope = _TritonKernel("qkv_norm_rope", "q/k RMSNorm + rope", _traced(
+    _qkv_norm_rope_operator,
+    lambda streams, cos, sin, heads, eps: (*([list(column) for column in zip(*streams)]), cos, sin, heads, eps)))
+_modulated_rms_norm = _TritonKernel("modulated_rms_norm", "modulated RMSNorm", _traced(
+    _modulated_rms_norm_operator, lambda x, eps, scale, shift, lengths: (x, eps, scale, shift, list(lengths))))
+_gated_residual = _TritonKernel("gated_residual", "gated residual", _traced(
+    _gated_residual_operator, lambda residual, update, gate, lengths: (residual, update, gate, list(lengths))))
+_silu_mul = _TritonKernel("silu_mul", "SwiGLU", _traced(_silu_mul_operator, lambda gate, up: (gate, up)))
 
 
 def qkv_norm_rope(streams: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
