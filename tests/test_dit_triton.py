@@ -324,6 +324,35 @@ def test_tiny_dit_through_the_kernels_equals_plain_and_golden(kernels, kernels_t
         assert rel_err(fused, golden) <= min(BF16_GOLDEN, 1.25 * rel_err(plain, golden))
 
 
+def test_compiled_tiny_dit_calls_every_kernel_as_an_operator(kernels, kernels_take_these_tensors):
+    # torch.compile traces the blocks with the kernels as opaque custom operators (backend "eager": Dynamo's
+    # graphs run as traced, no Inductor); the result is the plain model's, and every kernel ran.
+    config = NaDiTConfig.from_kwargs(golden_json("dit3b_config.json")["kwargs"])
+    model = NaDiT(config)
+    model.load_state_dict(load_golden("dit3b_weights.safetensors"), strict=True)
+    model = model.to(DEVICE).eval()
+    case = {name: t.to(DEVICE) for name, t in golden_cases("dit3b_cases.safetensors")["packed2"].items()}
+    arguments = (case["vid"], case["txt"], case["vid_shape"].cpu(), case["txt_shape"].cpu(), case["timestep"])
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        plain = model(*arguments)
+        with fused_kernels.fused(True):
+            fused = compiled(*arguments)
+    torch._dynamo.reset()
+    assert rel_err(fused, plain) <= EXACT
+    kernels_run = {"qkv_norm_rope", "modulated_rms_norm", "gated_residual", "silu_mul"}
+    assert set(kernels_take_these_tensors) == kernels_run
+    operators = {str(node.target) for graph in graphs for node in graph.graph.nodes if "seedvr2" in str(node.target)}
+    assert operators == {f"seedvr2.dit_{name}.default" for name in kernels_run}
+
+
 def test_failing_import_warns_once_and_falls_back(monkeypatch, caplog):
     # Runs without Triton: the import itself is made to fail.
     def no_triton():
