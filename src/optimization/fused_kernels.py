@@ -78,7 +78,9 @@ def _wanted(*tensors: torch.Tensor) -> bool:
     return (
         _enabled and tensors[0].device.type in KERNEL_DEVICES
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))  # no backward for kernels
-        and _triton_kernels_wanted() and _triton_installed()
+        and _triton_kernels_wanted()
+        # While compiling, the module fused(True) imported stands for Triton (the probe is not traced).
+        and (_module is not None if torch.compiler.is_compiling() else _triton_installed())
     )
 
 
