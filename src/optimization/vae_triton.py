@@ -1,4 +1,4 @@
-"""Hand-written Triton kernels for the optimized VAE's per-frame GroupNorm(+SiLU) and residual sum.
+"""Hand-written Triton kernels for the optimized VAE: per-frame GroupNorm(+SiLU), residual sum, and two copies.
 
 The torch.compile versions of these two passes (:class:`.vae_optimizer.CompiledKernel`) are fast once
 compiled, but only with static shapes: every (channels, height, width) compiles on its own, ~17 graphs and
@@ -12,6 +12,11 @@ tensor is a contiguous (H·W, C) matrix; (batch, frame) pairs may sit at any str
 new frames of a padded convolution input.  :func:`normalize_into` and :func:`add_residual` compute what
 their namesakes in vae_optimizer compute, in float32 up to summation order, rounded once to the output's
 dtype (the eager kernels round ``x + shift`` and ``out + residual`` to a half-precision dtype on the way).
+The GroupNorm can also store its last frames a second time, as a causal convolution's look-back (``tail``).
+
+:func:`copy_rows` and :func:`copy_pixels` are plain copies between channels-last tensors laid out differently
+(a window of a padded buffer; pixels next to a bias column), which PyTorch's strided copy kernel runs at a
+fraction of memory speed.
 
 This module imports Triton; vae_optimizer imports it only when it is about to use the kernels.
 """
