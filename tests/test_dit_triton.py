@@ -359,7 +359,7 @@ def test_failing_import_warns_once_and_falls_back(monkeypatch, caplog):
         raise ImportError("No module named 'triton'\nsecond line")
 
     monkeypatch.setattr(fused_kernels, "_load_dit_triton", no_triton)
-    monkeypatch.setattr(fused_kernels, "_triton_installed", lambda: True)
+    monkeypatch.setattr(fused_kernels, "triton_installed", lambda: True)
     monkeypatch.setattr(fused_kernels, "KERNEL_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(fused_kernels, "_silu_mul", fused_kernels._TritonKernel(
         "silu_mul", "SwiGLU", fused_kernels._silu_mul.operator))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from triton_interpreter import DEVICE, choose_interpreter, run_in_fresh_interpreter, skip_unless_kernels_run_here
 
-from src.optimization import fp4_quantization
+from src.optimization import fp4_quantization, fused_kernels
 from src.optimization.fp4_quantization import FP8_MAX, quantize_fp8
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -118,14 +118,14 @@ class _CudaLike:
 
 def test_the_quantizer_uses_the_kernel_only_where_it_applies(monkeypatch):
     quantizer = fp4_quantization._RowQuantizer()
-    monkeypatch.setattr(fp4_quantization.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.delenv(fp4_quantization.TRITON_KERNELS_ENV, raising=False)
+    monkeypatch.setattr(fused_kernels, "triton_installed", lambda: True)
+    monkeypatch.delenv(fused_kernels.TRITON_KERNELS_ENV, raising=False)
     assert quantizer._wanted(_CudaLike())
     assert not quantizer._wanted(torch.zeros(2, 16))                  # CPU tensors: PyTorch ops
-    monkeypatch.setenv(fp4_quantization.TRITON_KERNELS_ENV, "0")
+    monkeypatch.setenv(fused_kernels.TRITON_KERNELS_ENV, "0")
     assert not quantizer._wanted(_CudaLike())
-    monkeypatch.delenv(fp4_quantization.TRITON_KERNELS_ENV)
-    monkeypatch.setattr(fp4_quantization.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.delenv(fused_kernels.TRITON_KERNELS_ENV)
+    monkeypatch.setattr(fused_kernels, "triton_installed", lambda: False)
     assert not quantizer._wanted(_CudaLike())                         # no Triton installed
 
 

@@ -36,7 +36,7 @@ def stand_in(monkeypatch):
 
     module = SimpleNamespace(silu_mul_supported=lambda gate, up: gate.shape == up.shape, silu_mul=silu_mul)
     monkeypatch.setattr(fused_kernels, "_load_dit_triton", lambda: module)
-    monkeypatch.setattr(fused_kernels, "_triton_installed", lambda: True)
+    monkeypatch.setattr(fused_kernels, "triton_installed", lambda: True)
     monkeypatch.setattr(fused_kernels, "KERNEL_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(fused_kernels, "_silu_mul",
                         fused_kernels._TritonKernel("silu_mul", "SwiGLU", fused_kernels._silu_mul.operator))

@@ -54,9 +54,7 @@ from __future__ import annotations
 import enum
 import functools
 import importlib
-import importlib.util
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -65,6 +63,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fused_kernels
 
 log = logging.getLogger("seedvr2")
 
@@ -178,8 +178,8 @@ def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 class _RowQuantizer:
     """Per-row FP8 quantization of 2-D activations: the one-pass Triton kernel of :mod:`.fp8_triton` on CUDA
-    (unless ``SEEDVR2_DIT_TRITON`` is 0/false/no/off, or while torch.compile traces, which fuses the PyTorch
-    ops itself), else :func:`quantize_fp8`.  A kernel that fails to import, compile or launch logs one line
+    (unless the DiT's Triton kernels are switched off, see :func:`.fused_kernels.triton_kernels_wanted`, or while
+    torch.compile traces, which fuses the PyTorch ops itself), else :func:`quantize_fp8`.  A kernel that fails to import, compile or launch logs one line
     and leaves the work to PyTorch for good."""
 
     def __init__(self) -> None:
@@ -188,8 +188,7 @@ class _RowQuantizer:
     def _wanted(self, x: torch.Tensor) -> bool:
         return (self.failure is None and x.is_cuda and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and x.requires_grad)
-                and os.environ.get(TRITON_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-                and importlib.util.find_spec("triton") is not None)
+                and fused_kernels.triton_kernels_wanted() and fused_kernels.triton_installed())
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._wanted(x):
@@ -207,7 +206,6 @@ class _RowQuantizer:
         return quantize_fp8(x, dim=1)
 
 
-TRITON_KERNELS_ENV = "SEEDVR2_DIT_TRITON"  # the DiT's Triton kernels, this one included
 quantize_rows_fp8 = _RowQuantizer()
 
 

@@ -42,7 +42,7 @@ def fused(enabled: bool = True) -> Iterator[None]:
     global _enabled, _module
     previous = _enabled, _module
     _enabled = enabled
-    if enabled and _module is None and _triton_kernels_wanted() and _triton_installed() and _kernel_device_present():
+    if enabled and _module is None and triton_kernels_wanted() and triton_installed() and _kernel_device_present():
         try:
             _module = _load_dit_triton()
         except Exception:  # reported by the first eager call, which imports it again
@@ -57,13 +57,14 @@ def _kernel_device_present() -> bool:
     return any(device != "cuda" for device in KERNEL_DEVICES) or torch.cuda.is_available()
 
 
-def _triton_kernels_wanted() -> bool:
-    """The Triton kernels unless ``SEEDVR2_DIT_TRITON`` is 0/false/no/off (to compare with the plain path)."""
+def triton_kernels_wanted() -> bool:
+    """The DiT's Triton kernels (fp8 activation quantization included) unless ``SEEDVR2_DIT_TRITON`` is
+    0/false/no/off (to compare with the plain path)."""
     return os.environ.get(TRITON_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @functools.cache
-def _triton_installed() -> bool:
+def triton_installed() -> bool:
     # Missing Triton (e.g. Windows without triton-windows) is a normal setup: no warning, the plain path.
     return importlib.util.find_spec("triton") is not None
 
@@ -78,9 +79,9 @@ def _wanted(*tensors: torch.Tensor) -> bool:
     return (
         _enabled and tensors[0].device.type in KERNEL_DEVICES
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))  # no backward for kernels
-        and _triton_kernels_wanted()
+        and triton_kernels_wanted()
         # While compiling, the module fused(True) imported stands for Triton (the probe is not traced).
-        and (_module is not None if torch.compiler.is_compiling() else _triton_installed())
+        and (_module is not None if torch.compiler.is_compiling() else triton_installed())
     )
 
 

@@ -254,6 +254,13 @@ def _frames(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
             yield tuple(t[batch, :, frame].unsqueeze(0).unsqueeze(2) for t in tensors)
 
 
+def _identity_gemm_fits(source: torch.Tensor, frames_last: torch.Tensor) -> bool:
+    """Whether a channel copy can run as an identity GEMM: a CUDA half-precision ``source`` without autograd
+    (``mm`` with ``out=`` has no backward) and channels-last frames (``frames_last``: a (B, T, H, W, C) view)."""
+    return (source.is_cuda and source.dtype in HALF_DTYPES and frames_last[0].is_contiguous()
+            and not source.requires_grad)
+
+
 # Process-wide compiled kernels (code only, no model state), shared by every optimized VAE.
 compiled_normalize = CompiledKernel(normalize_into, "GroupNorm")
 compiled_add_residual = CompiledKernel(add_residual, "residual")
@@ -414,8 +421,7 @@ class VAERuntime:
         frames_last = out.permute(0, 2, 3, 4, 1)
         # Each channel's frames must be one contiguous stretch (a piece split off a longer clip is; the channel
         # stride may be anything): x[b] is then a (C, T·H·W) matrix.
-        if (x.is_cuda and x.dtype in HALF_DTYPES and out.dtype == x.dtype and frames_last[0].is_contiguous()
-                and x[0, 0].is_contiguous() and not x.requires_grad):  # (mm with out= has no backward)
+        if out.dtype == x.dtype and x[0, 0].is_contiguous() and _identity_gemm_fits(x, frames_last):
             selection = torch.eye(channels, out.shape[1], dtype=x.dtype, device=x.device)
             for batch in range(x.shape[0]):
                 torch.mm(x[batch].flatten(1).t(), selection, out=frames_last[batch].view(rows, -1))
@@ -424,17 +430,11 @@ class VAERuntime:
         out[:, channels:].zero_()
 
     def copy_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """``out.copy_(x)``; for channels-last frames whose rows sit at other strides in ``out`` (a window of a
-        padded buffer) by the Triton row copy, which PyTorch's strided copy runs at a fraction of memory speed
-        (~40 ms of a 33-frame 1080p encode on an H100, in the downsamplers)."""
-        if not (self.triton_kernels and triton_copy_rows(x, out)):
-            out.copy_(x)
-
-    def copy_pixels_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """``out.copy_(x)`` for (..., C) pixels spaced differently in ``out`` (the upsampler's GEMM input, one
-        bias column wider), by the Triton pixel copy where it applies (PyTorch's strided copy: ~30 ms of a
-        33-frame 1080p decode on an H100)."""
-        if not (self.triton_kernels and triton_copy_pixels(x, out)):
+        """``out.copy_(x)`` between channels-last tensors laid out differently, by a Triton copy where one fits:
+        rows of frames at other strides (a window of the downsamplers' padded buffer, ~40 ms of a 33-frame
+        1080p encode on an H100 by PyTorch's strided copy), or pixels spaced differently (the upsamplers' GEMM
+        input next to its bias column, ~30 ms of the decode)."""
+        if not (self.triton_kernels and (triton_copy_rows(x, out) or triton_copy_pixels(x, out))):
             out.copy_(x)
 
     def conv3d(self, x: torch.Tensor, conv: nn.Conv3d, *, with_bias: bool = True) -> torch.Tensor:
@@ -457,8 +457,8 @@ class VAERuntime:
         slice itself is strided, and every later copy of it (joining pieces, casting) ran at a fraction of
         memory speed.  Exact: every output is one input times 1 plus zeros."""
         frames_last = x.permute(0, 2, 3, 4, 1)
-        if not (x.is_cuda and x.dtype in HALF_DTYPES and frames_last[0].is_contiguous() and not x.requires_grad):
-            return x[:, :channels]  # (mm with out= has no backward)
+        if not _identity_gemm_fits(x, frames_last):
+            return x[:, :channels]
         rows = x[0].numel() // x.shape[1]
         selection = torch.eye(channels, x.shape[1], dtype=x.dtype, device=x.device)
         out = x.new_empty((x.shape[0], channels, *x.shape[2:]))
@@ -496,7 +496,7 @@ class VAERuntime:
             vae_upsample.upscale_shuffle_gemm_into(
                 x, vae_upsample.shuffle_matrices(conv.weight, conv.bias, time_factor), out,
                 band_rows=UPSCALE_BAND_BYTES // (width * columns * x.element_size()), drop_first_copy=drop_first_copy,
-                copy=self.copy_pixels_into)
+                copy=self.copy_into)
             return
         # Bias of output channel ((dx·2 + dy)·z_r + dz)·C + c, laid out like ``source`` below.
         bias = None if conv.bias is None else conv.bias.view(2, 2, time_factor, c).permute(3, 2, 0, 1)[
