@@ -1,4 +1,4 @@
-"""Causal 3x3x3 VAE convolutions: cuDNN against the Triton implicit GEMM (benchmarks/conv3d_triton_kernel.py) in
+"""Causal 3x3x3 VAE convolutions: cuDNN against the Triton implicit GEMM (src/optimization/conv3d_triton.py) in
 bf16 and in fp8 (e4m3), at the full-size shapes of a 1080p decode.
 
     PYTHONPATH=. python benchmarks/conv3d_triton.py --output conv3d_triton.json
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 
 from performance_test import cuda_time
-from benchmarks.conv3d_triton_kernel import (
+from src.optimization.conv3d_triton import (
     conv3d_causal, quantize_input_fp8, quantize_weight_fp8, tuned_tiles, weight_matrix,
 )
 

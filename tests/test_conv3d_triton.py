@@ -1,4 +1,4 @@
-"""The Triton implicit-GEMM causal convolution (benchmarks/conv3d_triton_kernel.py) against F.conv3d.
+"""The Triton implicit-GEMM causal convolution (src/optimization/conv3d_triton.py) against F.conv3d.
 
 The kernel runs on the GPU when there is one, else on CPU tensors under Triton's interpreter, switched on
 before Triton is imported: here, or, when an earlier test module imported Triton, in a child pytest process
@@ -37,7 +37,7 @@ FP8_BOUND = 6e-2
 def conv():
     """The conv3d_triton module (imported, not necessarily runnable here)."""
     pytest.importorskip("triton", reason=NO_TRITON)
-    from benchmarks import conv3d_triton_kernel as conv3d_triton
+    from src.optimization import conv3d_triton
 
     return conv3d_triton
 

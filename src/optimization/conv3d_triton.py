@@ -1,9 +1,9 @@
-"""The VAE's causal 3x3x3 convolution as a Triton implicit GEMM, in bf16/fp16 and in fp8 (e4m3): an experiment.
+"""The VAE's causal 3x3x3 convolution as a Triton implicit GEMM, in bf16/fp16 and in fp8 (e4m3).
 
-Measured on an H100 (benchmarks/conv3d_triton.py, docs/performance.md): bf16 510-640 TFLOP/s against cuDNN's
-590-800 on the VAE's shapes, so the VAE keeps cuDNN; fp8 with the tensor core's own accumulation reaches
-940-1310 TFLOP/s (1.3-1.6x cuDNN) at 3.8e-2 relative error per convolution, too coarse to adopt without
-trained weights to judge it.  Kept here, with its tests, as the measured basis of that decision.
+The fp8 form is what the VAE's ``fp8_e4m3fn`` quantization runs its resnet convolutions on (:mod:`.vae_fp8`).
+Measured on an H100 (benchmarks/conv3d_triton.py, docs/performance.md): fp8 with the tensor core's own
+accumulation reaches 940-1310 TFLOP/s, 1.3-1.6x cuDNN's bf16, at 3.8e-2 relative error per convolution (the
+operands' e4m3 rounding); bf16 reaches 510-640 TFLOP/s against cuDNN's 590-800, so the bf16 VAE keeps cuDNN.
 
 cuDNN runs the VAE's 3-D convolutions at ~690 TFLOP/s on an H100 for 256/512 channels but only ~470 TFLOP/s
 for the 128-channel full-resolution layers.  :func:`conv3d_causal` computes exactly
@@ -37,6 +37,7 @@ need explicit ``tiles``.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import nullcontext
 from typing import NamedTuple, Optional
@@ -45,10 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .vae_fp8 import FP8_DTYPE, FP8_MAX
+
 TAPS = 27  # 3 x 3 x 3
 TIME_LOOK_BACK = 2  # frames of x before the first output frame
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3 value
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 INPUT_DTYPES = HALF_DTYPES + (torch.float32, FP8_DTYPE)
 OUTPUT_DTYPES = HALF_DTYPES + (torch.float32,)
@@ -82,15 +83,20 @@ HALF_TILES = (
     ConvTiles(256, 128, 64, 32, 8, 3),  # 8 rows x 32 columns
     ConvTiles(128, 256, 64, 64, 8, 3),  # 2 rows x 64 columns
 )
+# fp8: the tiles autotuning chose for the VAE's shapes on an H100 (docs/results/2026-11-21_h100_conv3d_triton.log),
+# 4-warp ones for 128 outputs; few candidates keep the first run's autotuning short.
 FP8_TILES = (
-    ConvTiles(128, 128, 128, 0, 4, 4),
-    ConvTiles(128, 128, 128, 0, 8, 4),
-    ConvTiles(256, 128, 128, 0, 8, 3),
+    ConvTiles(256, 128, 128, 32, 8, 3),  # 8 rows x 32 columns
+    ConvTiles(128, 256, 128, 64, 8, 3),  # 2 rows x 64 columns
     ConvTiles(128, 256, 128, 0, 8, 3),
+    ConvTiles(128, 128, 128, 0, 4, 4),
     ConvTiles(128, 128, 64, 0, 4, 4),
-    ConvTiles(256, 128, 128, 32, 8, 3),
-    ConvTiles(128, 256, 128, 64, 8, 3),
+    # Narrow outputs (conv_out: 3 RGB channels, 32 moment channels): a 128-wide tile would compute 40x the
+    # columns needed for 3 (88 ms against cuDNN's 66 ms in bf16 at 1080p on an H100).
+    ConvTiles(128, 32, 128, 0, 4, 4),
+    ConvTiles(128, 16, 128, 0, 4, 4),
 )
+WIDE_TILE = 128  # output tiles at least this wide serve any number of output channels
 
 
 class Conv3dTritonError(ValueError):
@@ -186,10 +192,15 @@ def _tiles(config: triton.Config) -> ConvTiles:
 
 def usable_tiles(channels: int, out_channels: int, fp8: bool) -> list[ConvTiles]:
     """The autotuning candidates for C input and Cout output channels: K steps that divide C, and output
-    tiles no wider than Cout (the narrowest kept when Cout is smaller than all)."""
-    candidates = FP8_TILES if fp8 else HALF_TILES
+    tiles no wider than Cout; tiles narrower than 128 only for outputs at most twice as wide (they exist for
+    the few channels of conv_out); the narrowest when Cout is smaller than all."""
+    candidates = [t for t in (FP8_TILES if fp8 else HALF_TILES) if channels % t.block_k == 0]
+    fitting = [t for t in candidates
+               if t.block_n <= out_channels and (t.block_n >= WIDE_TILE or 2 * t.block_n >= out_channels)]
+    if fitting or not candidates:
+        return fitting
     narrowest = min(t.block_n for t in candidates)
-    return [t for t in candidates if channels % t.block_k == 0 and t.block_n <= max(out_channels, narrowest)]
+    return [t for t in candidates if t.block_n == narrowest]
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
@@ -202,11 +213,16 @@ def _quick_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
+# Newer Tritons can keep autotuning results on disk with its compiled kernels: later processes skip the timing.
+_CACHE_RESULTS = ({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters
+                  else {})
+
 _tuned_conv_kernel = triton.autotune(
     configs=[_config(tiles) for tiles in dict.fromkeys(HALF_TILES + FP8_TILES)],
     key=["CHANNELS", "out_channels", "FP8_FAST_ACCUMULATION"],  # Triton adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_quick_bench,
+    **_CACHE_RESULTS,
 )(_conv_kernel)
 
 
