@@ -122,6 +122,28 @@ def test_normalize_bfloat16_is_the_float32_result_rounded(kernels):
     assert torch.isnan(buffer[:, :, :2]).all()
 
 
+def test_normalize_stores_scaled_saturated_e4m3_with_its_tail(kernels):
+    # The input of an fp8 convolution (vae_fp8): the result times a per-channel scale, saturated at 448, in e4m3,
+    # also into the look-back tail.  Triton 3.5's CPU interpreter converts float32 to float8 wrongly (31.3 becomes
+    # 16), so there only where the values go is checked; their rounding to nearest is checked on the GPU.
+    x = _frames_last((2, 16, 3, 5, 7), mean=0.5, std=2.0, dtype=torch.bfloat16, seed=6)
+    x[0, 3, 1, 2, 4] = 1e4  # far beyond 448 after scaling: saturates, no NaN
+    weight, bias, shift = _norm_parameters(16, torch.bfloat16)
+    multiplier = (torch.rand(16, generator=torch.Generator().manual_seed(7)) * 50 + 1).to(DEVICE)
+    buffer = torch.full((2, 16, 5, 5, 7), float("nan"), device=DEVICE).to(torch.float8_e4m3fn)
+    buffer = buffer.contiguous(memory_format=torch.channels_last_3d)
+    out, tail = buffer[:, :, 2:], torch.empty_like(buffer[:, :, :2])
+    kernels.normalize_into(x, weight, bias, out, 4, EPS, True, shift, tail, multiplier, tile_elements=64)
+    wide = torch.empty_like(x, dtype=torch.float32)
+    normalize_into(x.float(), weight.float(), bias.float(), wide, 4, EPS, True, shift.float())
+    expected = (wide * multiplier.view(1, -1, 1, 1, 1)).clamp(-448, 448)
+    assert torch.equal(tail.float(), out[:, :, 1:].float()) and not out.float().isnan().any()
+    if DEVICE == "cuda":  # rounded to nearest: half an e4m3 step (2**-4 relative; 2**-10 among subnormals)
+        assert ((out.float() - expected).abs() <= 2.0**-4 * expected.abs() + 2.0**-10).all()
+        assert out.float().abs().max() == 448
+    assert buffer[:, :, :2].float().isnan().all()  # the look-back slots are untouched
+
+
 @pytest.mark.parametrize("tail_frames", [1, 2, 3])
 def test_normalize_writes_the_look_back_tail_from_the_same_stores(kernels, tail_frames):
     # The last frames also go to a separate tensor (a causal convolution's look-back for its next call).

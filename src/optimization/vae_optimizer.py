@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import vae_upsample
+from . import vae_fp8, vae_upsample
 
 if TYPE_CHECKING:
     from ..models.video_vae_v3 import VAEConfig, VideoAutoencoder
@@ -178,12 +178,13 @@ def frame_group_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch
 
 def normalize_into(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, groups: int, eps: float, silu: bool,
-    shift: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, out_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Write GroupNorm of every frame of ``x`` (B, C, T, H, W) (+ SiLU) into ``out``: statistics over each
     (batch, frame, group) in float32, as ``F.group_norm`` computes them frame by frame.  ``shift`` (C,) is
     added to ``x`` first: the bias of the convolution that produced ``x``, folded in here instead of costing
-    a pass of its own."""
+    a pass of its own.  ``out_scale`` (C,) float32 multiplies the result before it is stored (an e4m3 ``out``,
+    see :mod:`.vae_fp8`, is saturated at its largest value)."""
     channels = x.shape[1]
     if shift is not None:
         x = x + shift.view(1, channels, 1, 1, 1)
@@ -194,7 +195,13 @@ def normalize_into(
     scale = torch.rsqrt(var + eps).repeat_interleave(channels // groups, dim=1)[..., None, None]
     values = x - mean  # float32 by type promotion; the only full-size temporary when eager
     values.mul_(scale * weight.float().view(1, channels, 1, 1, 1)).add_(bias.float().view(1, channels, 1, 1, 1))
-    out.copy_(F.silu(values, inplace=True) if silu else values)
+    if silu:
+        F.silu(values, inplace=True)
+    if out_scale is not None:
+        values.mul_(out_scale.view(1, channels, 1, 1, 1))
+    if out.dtype == vae_fp8.FP8_DTYPE:
+        values.clamp_(-vae_fp8.FP8_MAX, vae_fp8.FP8_MAX)
+    out.copy_(values)
 
 
 def add_residual(out: torch.Tensor, residual: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -344,6 +351,8 @@ def _triton_available() -> bool:
 class VAERuntime:
     """How one optimized VAE runs: layout, kernels and piece size, shared by all of its blocks."""
 
+    QUANTIZED_DTYPE = vae_fp8.FP8_DTYPE  # the inputs of the convolutions that ``fp8`` holds
+
     channels_last: bool
     pad_channels: bool
     compile_norm: bool
@@ -354,14 +363,22 @@ class VAERuntime:
     triton_kernels: bool = False
     # The upsamplers' 1x1 conv + pixel shuffle as GEMMs writing in place (channels-last frames only).
     shuffle_gemm: bool = False
+    # The resnet convolutions in e4m3 (the VAE's fp8_e4m3fn quantization), None for the compute dtype.
+    fp8: Optional[vae_fp8.Fp8Convolutions] = None
 
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last_3d if self.channels_last else torch.contiguous_format
 
-    def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised activation of ``shape`` in the runtime's layout, with ``like``'s dtype and device."""
-        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=self.memory_format)
+    def empty(self, shape: tuple[int, ...], like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """An uninitialised activation of ``shape`` in the runtime's layout on ``like``'s device, in ``dtype``
+        (default ``like``'s)."""
+        return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=self.memory_format)
+
+    def input_multiplier(self, conv: nn.Module) -> Optional[torch.Tensor]:
+        """For a convolution that runs in e4m3: what its input's producer multiplies by before storing e4m3
+        values (see :mod:`.vae_fp8`); None for convolutions in the compute dtype."""
+        return None if self.fp8 is None else self.fp8.input_multiplier(conv)
 
     def input_channels(self, channels: int) -> int:
         """Channels of a convolution input buffer holding ``channels`` real ones (zero-padded to 16 when on)."""
@@ -375,23 +392,27 @@ class VAERuntime:
     def normalize(
         self, x: torch.Tensor, norm: nn.GroupNorm, *, silu: bool, out: Optional[torch.Tensor] = None,
         shift: Optional[torch.Tensor] = None, tail: Optional[torch.Tensor] = None,
+        out_scale: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Per-frame ``norm(x + shift)`` (then SiLU), written into ``out`` (e.g. the new frames of a padded conv
         input); ``shift`` is the bias of a convolution run ``with_bias=False``.  ``tail`` (k frames) receives a
         copy of the result's last k frames (a convolution's look-back): the Triton kernel stores them twice,
-        instead of a clone reading them back afterwards."""
+        instead of a clone reading them back afterwards.  ``out_scale``: the :meth:`input_multiplier` of an
+        e4m3 ``out``."""
         if out is None:
             out = torch.empty_like(x)
+        if (out.dtype == vae_fp8.FP8_DTYPE) != (out_scale is not None):
+            raise ValueError("an e4m3 GroupNorm output needs its convolution's out_scale, and only it takes one.")
         if self.triton_kernels and triton_normalize(
-            x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift, tail
+            x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift, tail, out_scale
         ):
             return out
         if not self.compile_norm:
-            normalize_into(x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift)
+            normalize_into(x, norm.weight, norm.bias, out, norm.num_groups, norm.eps, silu, shift, out_scale)
         else:
             kernel = compiled_normalize if x.is_cuda else normalize_into
             for x_frame, out_frame in _frames(x, out):  # statistics are per frame anyway
-                kernel(x_frame, norm.weight, norm.bias, out_frame, norm.num_groups, norm.eps, silu, shift)
+                kernel(x_frame, norm.weight, norm.bias, out_frame, norm.num_groups, norm.eps, silu, shift, out_scale)
         if tail is not None:
             tail.copy_(out[:, :, out.shape[2] - tail.shape[2]:])
         return out
@@ -441,6 +462,8 @@ class VAERuntime:
         """``conv(x)``, without the bias when ``with_bias`` is False (the caller folds it into the next pass);
         ``x`` may carry zero channels beyond ``conv.in_channels``."""
         weight, bias = conv.weight, conv.bias if with_bias else None
+        if x.dtype == vae_fp8.FP8_DTYPE:
+            return self.fp8.convolve(x, conv, bias, weight.dtype, self._convolve)
         extra_in = x.shape[1] - weight.shape[1]
         extra_out = self._aligned(weight.shape[0], CHANNEL_ALIGNMENT) - weight.shape[0]
         if extra_in or extra_out:
@@ -553,6 +576,8 @@ class VAEOptimizationReport:
     conv_route: str = "plain"      # "cudnn_convolution", "F.conv3d" or "plain"
     conv_route_reason: str = ""
     cudnn_benchmark: bool = False
+    quantization: str = "disabled"
+    fp8_route: str = ""            # how the fp8 convolutions run (quantization fp8_e4m3fn)
 
     def summary(self) -> str:
         """One line for the log."""
@@ -564,6 +589,7 @@ class VAEOptimizationReport:
             f"{', channel padding' if self.pad_channels else ''}, {self.norm_kernel} GroupNorm, "
             f"convolutions via {self.conv_route} ({self.conv_route_reason})"
             f"{', cudnn.benchmark' if self.cudnn_benchmark else ''}"
+            f"{f', resnet convolutions in fp8 e4m3 ({self.fp8_route})' if self.fp8_route else ''}"
         )
 
 
@@ -583,9 +609,12 @@ def optimize_vae(
     pad_channels: Optional[bool] = None,
     compile_norm: Optional[bool] = None,
     cudnn_benchmark: Optional[bool] = None,
+    quantization: str = "disabled",
 ) -> VAEOptimizationReport:
     """Switch ``model`` to the optimized path (``enabled=False``: back to the plain one); call it with the
-    model on its device and dtype.  Options left at None take the best choice for that device."""
+    model on its device and dtype.  Options left at None take the best choice for that device.
+    ``quantization="fp8_e4m3fn"`` runs the resnet convolutions in e4m3 (:mod:`.vae_fp8`; not exact: ~4e-2
+    relative per convolution, for speed and memory)."""
     from ..models.video_vae_v3 import VideoAutoencoder
     from .torch_compile import compile_enabled
 
@@ -599,8 +628,10 @@ def optimize_vae(
             f"piece_bytes must be a positive number of bytes (e.g. {DEFAULT_PIECE_BYTES}; smaller uses less memory, "
             f"larger runs faster), got {piece_bytes!r}."
         )
+    fp8 = vae_fp8.check_mode(quantization)
     device, dtype = model.device, model.dtype
     dtype_name = str(dtype).removeprefix("torch.")
+    previous = getattr(model, "runtime", None)
     if not enabled:
         model.runtime = None
         model.to(memory_format=torch.contiguous_format)
@@ -623,6 +654,11 @@ def optimize_vae(
         triton_kernels=on_cuda and channels_last and _triton_available() and _triton_kernels_wanted(),
         shuffle_gemm=channels_last,
     )
+    if fp8:
+        # Quantized once per model: a repeated call (the benchmark's runs) keeps the prepared weights.
+        same = previous is not None and previous.fp8 is not None and previous.fp8.device == device
+        runtime.fp8 = previous.fp8 if same else vae_fp8.Fp8Convolutions.for_model(
+            model, triton_wanted=runtime.triton_kernels)
     model.to(memory_format=runtime.memory_format)
     model.runtime = runtime
     report = VAEOptimizationReport(
@@ -638,6 +674,8 @@ def optimize_vae(
         conv_route="cudnn_convolution" if bypass else "F.conv3d",
         conv_route_reason=reason,
         cudnn_benchmark=runtime.cudnn_benchmark,
+        quantization=quantization,
+        fp8_route=runtime.fp8.route if runtime.fp8 is not None else "",
     )
     logger.info(report.summary())
     return report

@@ -29,7 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .vae_fp8 import FP8_DTYPE, FP8_MAX
+
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The GroupNorm may also write e4m3, the input of a convolution quantized by vae_fp8.
+NORM_OUT_DTYPES = SUPPORTED_DTYPES + (FP8_DTYPE,)
 # Elements of one GroupNorm tile ([pixels, all channels]): a few thousand, 32 values per thread with 4 warps,
 # held in registers between the statistics' two passes.
 NORM_TILE_ELEMENTS = 16384
@@ -119,12 +123,13 @@ def _combine_stats_kernel(
 def _normalize_kernel(
     x_ptr, shift_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, out_ptr, pixels, frames_per_batch,
     x_batch_stride, x_frame_stride, out_batch_stride, out_frame_stride,
-    tail_ptr, tail_start, tail_batch_stride, tail_frame_stride,
+    tail_ptr, tail_start, tail_batch_stride, tail_frame_stride, out_scale_ptr,
     CHANNELS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr, HAS_TAIL: tl.constexpr,
+    SILU: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, SATURATE: tl.constexpr,
 ):
-    """``(x + shift - mean) * rstd * weight + bias`` (then SiLU) of one tile, stored in ``out``'s dtype, and
-    for frames from ``tail_start`` on also in ``tail`` (a causal convolution's look-back for its next call)."""
+    """``(x + shift - mean) * rstd * weight + bias`` (then SiLU, then times ``out_scale``, then clamped to
+    +-SATURATE when it is not 0) of one tile, stored in ``out``'s dtype, and for frames from ``tail_start`` on
+    also in ``tail`` (a causal convolution's look-back for its next call)."""
     tile, frame = tl.program_id(0), tl.program_id(1)
     batch, time = (frame // frames_per_batch).to(tl.int64), (frame % frames_per_batch).to(tl.int64)
     offset = tile.to(tl.int64) * (BLOCK_P * CHANNELS)
@@ -141,6 +146,10 @@ def _normalize_kernel(
     values = (values - mean[None, :]) * scale[None, :] + tl.load(bias_ptr + columns).to(tl.float32)[None, :]
     if SILU:
         values = values / (1.0 + tl.exp(-values))
+    if HAS_OUT_SCALE:
+        values = values * tl.load(out_scale_ptr + columns)[None, :]
+    if SATURATE != 0:  # e4m3 has no infinity: out-of-range values would become NaN
+        values = tl.minimum(tl.maximum(values, -SATURATE), SATURATE)
     out_base = batch * out_batch_stride + time * out_frame_stride + offset
     stored = values.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_base + within, stored, mask=valid)
@@ -214,13 +223,13 @@ def _frame_layout(tensor: torch.Tensor) -> bool:
     return all(tensor.shape[dim] == 1 or tensor.stride(dim) == stride for dim, stride in wanted.items())
 
 
-def _fits(*tensors: torch.Tensor) -> bool:
+def _fits(*tensors: torch.Tensor, dtypes: tuple = SUPPORTED_DTYPES) -> bool:
     """Same-shaped tensors in the frame layout, of a supported dtype, with a power-of-two channel count (the
     kernels' tiles span all channels)."""
     first = tensors[0]
     channels = first.shape[1] if first.dim() == 5 else 0
     return channels > 0 and channels & (channels - 1) == 0 and all(
-        t.dim() == 5 and t.shape == first.shape and t.device == first.device and t.dtype in SUPPORTED_DTYPES
+        t.dim() == 5 and t.shape == first.shape and t.device == first.device and t.dtype in dtypes
         and _frame_layout(t) for t in tensors
     )
 
@@ -228,12 +237,15 @@ def _fits(*tensors: torch.Tensor) -> bool:
 def normalize_into_supported(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, groups: int, eps: float,
     silu: bool, shift: Optional[torch.Tensor] = None, tail: Optional[torch.Tensor] = None,
+    out_scale: Optional[torch.Tensor] = None,
 ) -> bool:
     """Whether :func:`normalize_into` can take these arguments on the GPU (CUDA tensors in the frame layout,
-    a power-of-two channel count divisible by ``groups``); same signature as :func:`normalize_into`."""
+    a power-of-two channel count divisible by ``groups``; ``out`` may be e4m3 with an ``out_scale``); same
+    signature as :func:`normalize_into`."""
     return (
-        x.is_cuda and _fits(x, out) and x.shape[1] % groups == 0
-        and all(t.device == x.device for t in (weight, bias) + ((shift,) if shift is not None else ()))
+        x.is_cuda and _fits(x) and _fits(x, out, dtypes=NORM_OUT_DTYPES) and x.shape[1] % groups == 0
+        and all(t.device == x.device for t in (weight, bias) + tuple(t for t in (shift, out_scale) if t is not None))
+        and (out_scale is None or (out_scale.shape == (x.shape[1],) and out_scale.dtype == torch.float32))
         and (tail is None or _tail_fits(tail, out))
     )
 
@@ -258,12 +270,13 @@ def _on_device(tensor: torch.Tensor):
 
 def normalize_into(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, groups: int, eps: float,
-    silu: bool, shift: Optional[torch.Tensor] = None, tail: Optional[torch.Tensor] = None, *,
-    tile_elements: int = NORM_TILE_ELEMENTS,
+    silu: bool, shift: Optional[torch.Tensor] = None, tail: Optional[torch.Tensor] = None,
+    out_scale: Optional[torch.Tensor] = None, *, tile_elements: int = NORM_TILE_ELEMENTS,
 ) -> None:
-    """GroupNorm of every frame of ``x`` (B, C, T, H, W) plus ``shift`` (C,) (then SiLU) into ``out``, as
-    ``vae_optimizer.normalize_into``; three launches (tile statistics, their combination, the normalisation)
-    over all frames.  ``tail`` (B, C, k, H, W), if given, receives a second copy of ``out``'s last k frames from
+    """GroupNorm of every frame of ``x`` (B, C, T, H, W) plus ``shift`` (C,) (then SiLU, then times
+    ``out_scale`` (C,)) into ``out``, as ``vae_optimizer.normalize_into``; three launches (tile statistics,
+    their combination, the normalisation) over all frames; an e4m3 ``out`` is saturated at +-448.
+    ``tail`` (B, C, k, H, W), if given, receives a second copy of ``out``'s last k frames from
     the same stores.  Arguments as :func:`normalize_into_supported` accepts them, except that CPU tensors run
     under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).  ``tile_elements``: pixels x channels of
     one tile."""
@@ -295,8 +308,9 @@ def normalize_into(
         _normalize_kernel[grid](
             x, shift, weight.contiguous(), bias.contiguous(), mean, rstd, out, pixels, frames,
             x.stride(0), x.stride(2), out.stride(0), out.stride(2),
-            tail if has_tail else out, tail_start, *tail_strides,
+            tail if has_tail else out, tail_start, *tail_strides, out_scale if out_scale is not None else mean,
             CHANNELS=channels, GROUPS=groups, BLOCK_P=block_p, HAS_SHIFT=has_shift, SILU=silu, HAS_TAIL=has_tail,
+            HAS_OUT_SCALE=out_scale is not None, SATURATE=FP8_MAX if out.dtype == FP8_DTYPE else 0.0,
             num_warps=NORM_WARPS,
         )
 

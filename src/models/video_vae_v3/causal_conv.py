@@ -20,6 +20,9 @@ class PaddedInput:
     frames: torch.Tensor
     look_back: int
     starts_clip: bool
+    # For an e4m3 buffer (a convolution quantized by optimization.vae_fp8): per channel, what the producer of
+    # the new frames multiplies its values by before storing them.  None: values are stored as they are.
+    store_scale: Optional[torch.Tensor] = None
 
     @property
     def new_frames(self) -> torch.Tensor:
@@ -68,17 +71,18 @@ class CausalConv3d(nn.Conv3d):
         self, memory: CausalMemory, new_shape: tuple[int, ...], like: torch.Tensor, runtime: "VAERuntime"
     ) -> PaddedInput:
         """Allocate the padded input for new frames of ``new_shape`` (B, C, T, H, W), history copied in; at
-        the clip start the history slots are filled from the first new frame by :meth:`convolve_input`."""
+        the clip start the history slots are filled from the first new frame by :meth:`convolve_input`.  A
+        convolution the runtime quantizes gets an e4m3 buffer (and keeps e4m3 look-back)."""
         batch, channels, frames, height, width = new_shape
-        if memory.continues(self):
-            history = memory.recall(self)
-            look_back = history.shape[2]
-            buffer = runtime.empty((batch, channels, look_back + frames, height, width), like)
+        scale = runtime.input_multiplier(self)
+        dtype = like.dtype if scale is None else runtime.QUANTIZED_DTYPE
+        starts = not memory.continues(self)
+        history = None if starts else memory.recall(self)
+        look_back = self.kernel_size[0] - 1 if history is None else history.shape[2]
+        buffer = runtime.empty((batch, channels, look_back + frames, height, width), like, dtype)
+        if history is not None:
             buffer[:, :, :look_back].copy_(history)
-            return PaddedInput(buffer, look_back, starts_clip=False)
-        look_back = self.kernel_size[0] - 1
-        buffer = runtime.empty((batch, channels, look_back + frames, height, width), like)
-        return PaddedInput(buffer, look_back, starts_clip=True)
+        return PaddedInput(buffer, look_back, starts_clip=starts, store_scale=scale)
 
     def next_look_back(self, padded: PaddedInput, memory: CausalMemory, runtime: "VAERuntime") -> Optional[torch.Tensor]:
         """An empty tensor for the look-back this call will keep, when the producer of the new frames can write
@@ -135,10 +139,13 @@ class CausalConv3d(nn.Conv3d):
         look_back = None
         if norm is not None:
             look_back = self.next_look_back(padded, memory, runtime)
-            runtime.normalize(x, norm, silu=True, out=padded.new_frames, shift=input_bias, tail=look_back)
+            runtime.normalize(x, norm, silu=True, out=padded.new_frames, shift=input_bias, tail=look_back,
+                              out_scale=padded.store_scale)
         else:
             if input_bias is not None:
                 raise ValueError("input_bias is folded into the GroupNorm; a convolution without norm cannot take it.")
+            if padded.store_scale is not None:
+                raise ValueError("an e4m3 convolution input is written by its GroupNorm; this convolution has none.")
             runtime.copy_channels_into(x, padded.new_frames)  # zero channel padding for cuDNN, if any
         return self.convolve_input(padded, memory, runtime, with_bias=with_bias, look_back=look_back)
 

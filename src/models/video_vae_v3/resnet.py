@@ -52,7 +52,8 @@ class ResnetBlock3D(nn.Module):
         h = self.conv1.forward_lean(x, memory, runtime, norm=self.norm1, with_bias=False, input_bias=input_bias)
         padded = self.conv2.open_input(memory, h.shape, h, runtime)
         look_back = self.conv2.next_look_back(padded, memory, runtime)
-        runtime.normalize(h, self.norm2, silu=True, out=padded.new_frames, shift=self.conv1.bias, tail=look_back)
+        runtime.normalize(h, self.norm2, silu=True, out=padded.new_frames, shift=self.conv1.bias, tail=look_back,
+                          out_scale=padded.store_scale)
         del h  # its normalised copy in the padded input is all conv2 needs
         out = self.conv2.convolve_input(padded, memory, runtime, with_bias=False, look_back=look_back)
         del padded, look_back

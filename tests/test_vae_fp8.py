@@ -1,0 +1,231 @@
+"""The VAE's fp8 quantization (optimization/vae_fp8.py) against an independent fake-quantized plain model.
+
+What ``quantization="fp8_e4m3fn"`` promises: every resnet convolution multiplies e4m3 operands — its input
+``SiLU(GroupNorm(.))`` divided by a static per-channel scale ``s_c = (|gamma_c|·64 + |beta_c|) / 448`` and
+saturated at 448, its weight times ``s_c`` quantized per output channel by amax / 448 — and nothing else
+changes.  The expectation is built here from that definition alone: the plain model, its resnet convolutions'
+inputs and weights rounded to e4m3 by forward hooks.  On CPU in float32 each resnet block of the optimized
+fp8 path (widened operands), streamed in one-frame pieces (so every look-back frame is kept in e4m3), must
+equal its fake-quantized block up to summation order; and on a GPU with fp8 tensor cores, the Triton kernel must equal the widened
+route.  Plus: the GroupNorm's e4m3 output and saturation, the settings' validation and the node's input,
+the one-time fallback after a kernel failure.
+"""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import golden_path, rel_err
+
+from src.benchmark.random_weights import randomize_
+from src.models.load import load_vae
+from src.models.video_vae_v3 import VAEConfig, VideoAutoencoder
+from src.models.video_vae_v3.resnet import ResnetBlock3D
+from src.models.video_vae_v3.temporal_slicing import CausalMemory
+from src.optimization import vae_fp8
+from src.optimization.vae_optimizer import normalize_into, optimize_vae
+from src.pipeline.settings import SettingsError, VAESpec
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+E4M3 = torch.float8_e4m3fn
+# Same operands, summation order only.  A float32 difference of ~1e-7 between the two GroupNorms can move a
+# value across an e4m3 rounding boundary now and then, changing it by one e4m3 step: a few in 1e5 elements.
+EXACT = 1e-4
+BF16_STEP = 2.0**-7
+
+
+def _e4m3(values: torch.Tensor) -> torch.Tensor:
+    """``values`` rounded to e4m3 (saturating), back in float32."""
+    return values.float().clamp(-448, 448).to(E4M3).float()
+
+
+def _fed_by_group_norm(model: VideoAutoencoder) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(convolution, the GroupNorm before it) for every convolution whose input is SiLU(GroupNorm(.))."""
+    pairs = [(coder.conv_out, coder.conv_norm_out) for coder in (model.encoder, model.decoder)]
+    for block in _resnets(model):
+        pairs += [(block.conv1, block.norm1), (block.conv2, block.norm2)]
+    return pairs
+
+
+def _fake_quantize(model: VideoAutoencoder) -> VideoAutoencoder:
+    """The plain ``model`` with each GroupNorm-fed convolution computing on e4m3-rounded operands, by the
+    definition."""
+    for conv, norm in _fed_by_group_norm(model):
+        scale = (norm.weight.abs() * 64 + norm.bias.abs()) / 448  # per input channel
+        multiplier = 1.0 / scale  # what the GroupNorm multiplies by (a product, as the kernels compute it)
+        weight = conv.weight.detach() * scale.view(1, -1, 1, 1, 1)
+        weight_scale = weight.abs().amax(dim=(1, 2, 3, 4), keepdim=True) / 448
+        with torch.no_grad():
+            conv.weight.copy_(_e4m3(weight / weight_scale) * weight_scale)  # acts on stored input values
+        conv.register_forward_pre_hook(
+            lambda module, args, m=multiplier: (_e4m3(args[0] * m.view(1, -1, 1, 1, 1)), *args[1:]))
+    return model
+
+
+def _golden() -> VideoAutoencoder:
+    return load_vae(golden_path("vae_weights.safetensors"))
+
+
+def _latent(frames: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(1, 16, frames, 5, 7, generator=generator)
+
+
+def _resnets(model: VideoAutoencoder) -> list[ResnetBlock3D]:
+    return [block for block in model.modules() if isinstance(block, ResnetBlock3D)]
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[VideoAutoencoder, VideoAutoencoder]:
+    """(the fake-quantized plain golden VAE, the golden VAE on the optimized path with fp8 convolutions)."""
+    quantized = _golden()
+    report = optimize_vae(quantized, quantization="fp8_e4m3fn")
+    assert report.quantization == "fp8_e4m3fn" and "fp8" in report.summary()
+    return _fake_quantize(_golden()), quantized
+
+
+@pytest.mark.parametrize("index", [0, 3, 6, 10, 13], ids=lambda i: f"resnet{i}")
+def test_resnet_block_equals_the_fake_quantized_block(models, index):
+    # Block by block, on the same input: the whole model amplifies the rare one-step rounding differences
+    # (quantizing is discontinuous), the block shows the arithmetic.  The fp8 block runs in one-frame pieces, so
+    # each convolution's look-back comes from the e4m3 frames it kept; the reference sees the clip at once.
+    reference, quantized = (_resnets(model)[index] for model in models)
+    channels = reference.conv1.in_channels
+    generator = torch.Generator().manual_seed(index)
+    x = torch.randn(1, channels, 5, 10, 14, generator=generator) * 2 + 0.5
+    expected = reference(x)
+    memory = CausalMemory()
+    pieces = [quantized.forward_lean(piece, memory, models[1].runtime) for piece in x.split(1, dim=2)]
+    assert rel_err(torch.cat(pieces, dim=2), expected) <= EXACT
+
+
+def test_quantization_is_not_the_plain_model_but_close(models):
+    # The rounding must actually happen (a path that ignored it would pass the test above only if the
+    # reference were broken too), and stay within what e4m3 operands give on this random-weight model.
+    quantized, plain = models[1], _golden()
+    z = _latent(2, seed=5)
+    error = rel_err(quantized.decode(z), plain.decode(z))
+    assert 1e-3 < error < 0.2
+
+
+def test_only_group_norm_fed_convolutions_are_quantized():
+    model = _golden()
+    optimize_vae(model, quantization="fp8_e4m3fn")
+    fed = {conv for conv, _ in _fed_by_group_norm(model)}
+    assert set(model.runtime.fp8.convs) == fed and len(fed) == 2 + 2 * len(_resnets(model))
+    for conv in (model.decoder.conv_in, model.encoder.conv_in, model.decoder.up_blocks[0].upsamplers[0].conv):
+        assert model.runtime.input_multiplier(conv) is None
+
+
+@pytest.mark.parametrize("coder", ["encoder", "decoder"])
+def test_conv_out_equals_the_fake_quantized_one(models, coder):
+    # The last GroupNorm and conv_out (3 output channels when decoding), streamed in one-frame pieces.
+    reference, quantized = (getattr(model, coder) for model in models)
+    channels = reference.conv_out.in_channels
+    x = torch.randn(1, channels, 5, 10, 14, generator=torch.Generator().manual_seed(2)) * 2 + 0.5
+    expected = reference.conv_out(torch.nn.functional.silu(reference.conv_norm_out(x)))
+    memory = CausalMemory()
+    pieces = [quantized.conv_out.forward_lean(piece, memory, models[1].runtime, norm=quantized.conv_norm_out)
+              for piece in x.split(1, dim=2)]
+    assert rel_err(torch.cat(pieces, dim=2), expected) <= EXACT
+
+
+def test_prepared_weights_follow_the_definition():
+    conv = torch.nn.Conv3d(8, 4, 3, padding=(0, 1, 1))
+    norm = torch.nn.GroupNorm(2, 8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-2, 3, 8))
+        norm.bias.copy_(torch.linspace(1, -1, 8))
+        norm.weight[3] = norm.bias[3] = 0  # a dead channel: any positive scale
+    prepared = vae_fp8.prepare(conv, norm)
+    scale = ((norm.weight.abs() * 64 + norm.bias.abs()) / 448).clamp_min(vae_fp8.MIN_SCALE)
+    torch.testing.assert_close(prepared.input_multiplier, 1 / scale)
+    assert prepared.matrix.dtype == E4M3 and prepared.matrix.shape == (4, 27 * 8)
+    # Every output channel's largest weight lands on 448 exactly.
+    assert torch.equal(prepared.matrix.float().abs().amax(dim=1), torch.full((4,), 448.0))
+    # The dequantized weight acts on stored values x / s: times 1 / s it is the weight, within e4m3 rounding.
+    restored = prepared.dequantized_weight(torch.float32) / scale.view(1, -1, 1, 1, 1)
+    bound = 2.0**-4 * conv.weight.abs() + prepared.weight_scale.view(-1, 1, 1, 1, 1) * 2.0**-10 / scale.view(
+        1, -1, 1, 1, 1)
+    assert ((restored - conv.weight).abs() <= bound + 1e-12).all()
+
+
+def test_group_norm_stores_scaled_saturated_e4m3():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 3, 4, 5, generator=generator)
+    x[0, 0, 1, 2, 3] = 1e4  # an outlier far beyond INPUT_RANGE deviations
+    weight, bias = torch.rand(8, generator=generator) + 0.5, torch.randn(8, generator=generator)
+    multiplier = torch.rand(8, generator=generator) * 100 + 1
+    wide = torch.empty_like(x)
+    normalize_into(x, weight, bias, wide, 2, 1e-6, True)
+    stored = torch.empty_like(x, dtype=E4M3)
+    normalize_into(x, weight, bias, stored, 2, 1e-6, True, None, multiplier)
+    expected = _e4m3(wide * multiplier.view(1, -1, 1, 1, 1))
+    assert torch.equal(stored.float(), expected)
+    assert stored.float().abs().max() == 448 and not stored.float().isnan().any()
+
+
+def test_settings_reject_unknown_modes_and_fp8_without_optimizations():
+    with pytest.raises(SettingsError, match="one of"):
+        VAESpec(model="vae", quantization="int4")
+    with pytest.raises(SettingsError, match="enable_optimizations"):
+        VAESpec(model="vae", quantization="fp8_e4m3fn", enable_optimizations=False)
+    with pytest.raises(vae_fp8.VAEQuantizationError):
+        optimize_vae(_golden(), quantization="fp16")
+
+
+def test_a_failing_kernel_falls_back_once(monkeypatch, caplog):
+    model = _golden()
+    optimize_vae(model, piece_bytes=1, quantization="fp8_e4m3fn")
+    expected = model.decode(_latent(2))
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel image for this device")
+
+    fake = SimpleNamespace(usable_tiles=lambda *args: [object()], conv3d_causal=broken)
+    monkeypatch.setattr(vae_fp8.importlib, "import_module", lambda *args: fake)
+    model.runtime.fp8.kernel_failure = None  # pretend the kernel can run here
+    with caplog.at_level(logging.WARNING):
+        out = model.decode(_latent(2))
+    assert calls == [1] and rel_err(out, expected) <= 1e-6
+    assert [r for r in caplog.records if "fp8 VAE convolutions" in r.getMessage()].__len__() == 1
+    assert "failed" in model.runtime.fp8.route
+
+
+def test_route_says_why_the_kernel_is_not_used():
+    model = _golden()
+    report = optimize_vae(model, quantization="fp8_e4m3fn")
+    assert "cpu has no fp8 tensor cores" in report.fp8_route
+
+
+# --------------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="the Triton fp8 route needs a GPU with fp8 tensor cores (compute capability 8.9+)")
+@pytest.mark.parametrize("channels, out_channels", [(128, 128), (256, 128), (128, 3)])
+def test_triton_route_equals_the_widened_route_on_the_gpu(channels, out_channels):
+    # One convolution on the same e4m3 input (a whole model would amplify the rare rounding differences).
+    pytest.importorskip("triton")
+    generator = torch.Generator().manual_seed(channels + out_channels)
+    conv = torch.nn.Conv3d(channels, out_channels, 3, padding=(0, 1, 1)).to("cuda", torch.bfloat16)
+    norm = torch.nn.GroupNorm(32, channels).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-0.5, 0.5)
+    convolutions = vae_fp8.Fp8Convolutions({conv: vae_fp8.prepare(conv, norm)}, torch.device("cuda"),
+                                           triton_wanted=True)
+    x = (torch.randn(1, channels, 2 + 3, 20, 36, generator=generator) * 20).clamp(-448, 448)
+    x = x.to("cuda", torch.float8_e4m3fn).contiguous(memory_format=torch.channels_last_3d)
+    widen = lambda x, weight, bias, stride, padding: torch.nn.functional.conv3d(  # noqa: E731
+        x.float(), weight.float(), None if bias is None else bias.float(), stride, padding)
+    fast = convolutions.convolve(x, conv, conv.bias, torch.bfloat16, widen)
+    assert convolutions.kernel_failure is None and fast.dtype == torch.bfloat16
+    convolutions.kernel_failure = "switched off by the test"
+    widened = convolutions.convolve(x, conv, conv.bias, torch.float32, widen)
+    # The tensor cores add the fp8 products in fewer bits over K; the output is rounded to bf16 once.
+    assert rel_err(fast, widened) <= 2 * BF16_STEP
