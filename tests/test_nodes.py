@@ -90,7 +90,10 @@ ADDED = {
          "disabled", None, False),
         ("enable_optimizations", "BOOLEAN", True, None, False),
     ],
-    "SeedVR2LoadVAEModel": [("enable_optimizations", "BOOLEAN", True, None, False)],
+    "SeedVR2LoadVAEModel": [
+        ("enable_optimizations", "BOOLEAN", True, None, False),
+        ("quantization", ["disabled", "fp8_e4m3fn"], "disabled", None, False),
+    ],
 }
 RETURN_TYPES = {"SeedVR2VideoUpscaler": ("IMAGE",), "SeedVR2LoadDiTModel": ("SEEDVR2_DIT",),
                 "SeedVR2LoadVAEModel": ("SEEDVR2_VAE",), "SeedVR2TorchCompileSettings": ("TORCH_COMPILE_ARGS",)}

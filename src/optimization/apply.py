@@ -20,7 +20,7 @@ def optimize_model(managed, spec) -> None:
     """
     lean_vae = managed.kind == "vae" and spec.enable_optimizations
     if lean_vae:
-        vae_optimizer.optimize_vae(managed.model)
+        vae_optimizer.optimize_vae(managed.model, quantization=spec.quantization)
     if spec.compile is None:
         return
     if managed.kind == "dit":

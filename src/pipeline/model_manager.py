@@ -149,7 +149,8 @@ class ModelManager:
         device = torch.device(resolve_device(spec.device))
         dtype = compute_dtype(device)
         path = self._resolve_path(spec.model)
-        key = ("vae", _file_key(path), str(device), dtype)
+        # The optimization switches are applied once per loaded model: a change of them needs another one.
+        key = ("vae", _file_key(path), str(device), dtype, spec.enable_optimizations, spec.quantization)
         cached = self._take(key)
         if cached is not None:
             return cached

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 COLOR_CORRECTIONS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none")
+# The VAE loader's quantization modes (optimization.vae_fp8.MODES, repeated here so settings import no torch).
+VAE_QUANTIZATIONS = ("disabled", "fp8_e4m3fn")
 
 
 class SettingsError(ValueError):
@@ -60,6 +62,16 @@ class VAESpec:
     tile_debug: str = "false"       # "false", "encode" or "decode": draw that direction's VAE tiles
     enable_optimizations: bool = True
     compile: CompileSettings | None = None
+    quantization: str = "disabled"  # "fp8_e4m3fn": resnet convolutions in fp8 (optimization.vae_fp8)
+
+    def __post_init__(self) -> None:
+        if self.quantization not in VAE_QUANTIZATIONS:
+            raise SettingsError(f"VAE quantization must be one of {VAE_QUANTIZATIONS}, got {self.quantization!r}.")
+        if self.quantization != "disabled" and not self.enable_optimizations:
+            raise SettingsError(
+                f"VAE quantization {self.quantization!r} runs on the optimized VAE path: turn enable_optimizations "
+                f"on, or set quantization to 'disabled'."
+            )
 
 
 @dataclass(frozen=True)
