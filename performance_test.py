@@ -50,6 +50,8 @@ def parse_args(argv=None):
                    help="comma list of: attention, compile, e2e, precision, vae_conv, vae_norm, profile")
     p.add_argument("--attention", default="auto", help="attention_mode of the optimized run")
     p.add_argument("--quantization", default="disabled", help="quantization of the optimized run")
+    p.add_argument("--vae-quantization", default="disabled", choices=["disabled", "fp8_e4m3fn"],
+                   help="VAE quantization of the profile section's run")
     p.add_argument("--compile", action="store_true", help="torch.compile in the optimized run")
     p.add_argument("--variants", default="plain,optimized",
                    help="end-to-end runs, in order: plain, optimized, compiled (optimized with the DiT blocks "
@@ -57,7 +59,9 @@ def parse_args(argv=None):
                         "CPU while the VAE runs), lowvram (offload, plus VAE encode and decode in tiles of "
                         "--lowvram-tile px: for 16 GB GPUs), swapN (optimized with N DiT blocks "
                         "swapped to pinned host memory), fp8 (optimized with fp8 matmuls; changes the model, "
-                        "so put it last)")
+                        "so put it after the bf16 DiT variants), fp8vae (optimized with the VAE's resnet "
+                        "convolutions in fp8; before fp8), fp8all (fp8 DiT and fp8 VAE), fp8all_offload (fp8all "
+                        "with the DiT offloaded to the CPU during the VAE phases)")
     p.add_argument("--decode-tile", type=int, default=0, help="VAE decode tile size (0 = untiled)")
     p.add_argument("--encode-tile", type=int, default=0, help="VAE encode tile size (0 = untiled)")
     p.add_argument("--dit-offload", default="none", help="DiT offload device between phases")
@@ -294,17 +298,19 @@ def run_job(args, device, dit, vae, variant: str, iterations: int) -> dict:
     batch = args.batch_size or args.test_frames
     compile_settings = CompileSettings() if (variant == "compiled" or (optimized and args.compile)) else None
     swap = int(variant[4:]) if variant.startswith("swap") else 0
-    if variant == "fp8":
+    if variant in ("fp8", "fp8all", "fp8all_offload"):  # a DiT quantized by an earlier variant has no Linear left
         from src.optimization.fp4_quantization import quantize_linears
 
         print(quantize_linears(dit, "fp8_e4m3fn", compute_dtype=compute_dtype(device), device=device).summary())
-    dit_offload = "cpu" if variant in ("offload", "lowvram") else args.dit_offload
+    dit_offload = "cpu" if variant in ("offload", "lowvram", "fp8all_offload") else args.dit_offload
+    vae_quantization = "fp8_e4m3fn" if variant in ("fp8vae", "fp8all", "fp8all_offload") else "disabled"
     dit_spec = DiTSpec(model=str(args.model), device=str(device), attention_mode=args.attention if optimized else "sdpa",
                        enable_optimizations=optimized, compile=compile_settings, offload_device=dit_offload)
     decode_tile, encode_tile = (args.lowvram_tile,) * 2 if variant == "lowvram" else (args.decode_tile, args.encode_tile)
     vae_spec = VAESpec(model="vae", device=str(device), enable_optimizations=optimized, compile=compile_settings,
                        decode_tiled=decode_tile > 0, decode_tile_size=decode_tile or 1024,
-                       encode_tiled=encode_tile > 0, encode_tile_size=encode_tile or 1024)
+                       encode_tiled=encode_tile > 0, encode_tile_size=encode_tile or 1024,
+                       quantization=vae_quantization)
     settings = UpscaleSettings(resolution=args.resolution, batch_size=batch, color_correction="lab", seed=42)
     manager = PrebuiltManager(dit, vae, device)
     block_swap = None
@@ -523,7 +529,7 @@ def section_profile(args, device, dit, vae) -> dict:
     dit_spec = DiTSpec(model=str(args.model), device=str(device), attention_mode=args.attention,
                        enable_optimizations=True, offload_device=args.dit_offload,
                        compile=CompileSettings() if args.compile else None)
-    vae_spec = VAESpec(model="vae", device=str(device), enable_optimizations=True)
+    vae_spec = VAESpec(model="vae", device=str(device), enable_optimizations=True, quantization=args.vae_quantization)
     settings = UpscaleSettings(resolution=args.resolution, batch_size=args.batch_size or args.test_frames,
                                color_correction="lab", seed=42)
     manager = PrebuiltManager(dit, vae, device)
