@@ -93,7 +93,9 @@ def restore_latent(model_fn: VelocityModel, cond_latent: torch.Tensor, draws: Ra
 
 def decode_latent(vae: VideoAutoencoder, latent: torch.Tensor, tiling: VAETiling = VAETiling(),
                   output_device: torch.device | str | None = None) -> torch.Tensor:
-    """Frames ``(T, 3, H, W)`` (not clamped) of a DiT-space latent ``(t, h, w, 16)``."""
+    """Frames ``(T, 3, H, W)`` (not clamped) of a DiT-space latent ``(t, h, w, 16)``, in the VAE's dtype (its
+    last convolution's; float32 when tiled): the caller widens a batch at a time."""
     z = from_dit_latent(latent).permute(3, 0, 1, 2).unsqueeze(0)
-    video = vae.decode(z, tile_size=tiling.tile_size, tile_overlap=tiling.tile_overlap, output_device=output_device)
+    video = vae.decode(z, tile_size=tiling.tile_size, tile_overlap=tiling.tile_overlap, output_device=output_device,
+                       output_dtype=vae.dtype)
     return video[0].transpose(0, 1)

@@ -80,9 +80,10 @@ def run_sliced(
     step: Optional[int],
     out_frames: int,
     out_device: torch.device,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Apply ``run_chunk`` to ``clip`` (B, C, T, ...) in causal chunks of ``step`` frames (``None``: the
-    whole clip at once) and gather the float32 results, ``out_frames`` long, on ``out_device``."""
+    whole clip at once) and gather the results in ``out_dtype``, ``out_frames`` long, on ``out_device``."""
     bounds = [(0, clip.shape[2])] if step is None else causal_chunks(clip.shape[2], step)
     memory = None if step is None else CausalMemory()
     out: Optional[torch.Tensor] = None
@@ -93,7 +94,7 @@ def run_sliced(
         piece = run_chunk(clip[:, :, start:stop], memory)
         if out is None:
             out = torch.empty(
-                (*piece.shape[:2], out_frames, *piece.shape[3:]), dtype=torch.float32, device=out_device
+                (*piece.shape[:2], out_frames, *piece.shape[3:]), dtype=out_dtype, device=out_device
             )
         out[:, :, filled:filled + piece.shape[2]] = piece
         filled += piece.shape[2]

@@ -90,7 +90,7 @@ def run_tiled(
 ) -> torch.Tensor:
     """Blend ``run_tile`` over spatial tiles of ``source`` (B, C, T, H, W).  ``tile`` and ``overlap`` are in
     latent pixels; one latent pixel is ``source_scale`` pixels of the source and ``out_scale`` of the output.
-    ``run_tile`` returns float32 tiles; the float32 result has the output's full size."""
+    The result, blended in float32 whatever the tiles' dtype, has the output's full size."""
     grid_h, grid_w = source.shape[3] // source_scale, source.shape[4] // source_scale
     rows, cols = tile_spans(grid_h, tile, overlap), tile_spans(grid_w, tile, overlap)
     row_weights, col_weights = blend_weights(rows, out_scale), blend_weights(cols, out_scale)
@@ -102,7 +102,7 @@ def run_tiled(
             )
             if out is None:
                 out = torch.zeros(
-                    (*piece.shape[:3], grid_h * out_scale, grid_w * out_scale), dtype=piece.dtype, device=piece.device
+                    (*piece.shape[:3], grid_h * out_scale, grid_w * out_scale), dtype=torch.float32, device=piece.device
                 )
             weight = (row_weight[:, None] * col_weight[None, :]).to(piece.device)
             out[:, :, :, top * out_scale:bottom * out_scale, left * out_scale:right * out_scale].addcmul_(piece, weight)
