@@ -60,3 +60,20 @@ def test_png_sequence_folder_to_png_frames(tmp_path):
 def test_bad_input_gives_a_clear_error(tmp_path, caplog):
     assert inference_cli.main([str(tmp_path / "missing.mp4"), *_models()]) == 2
     assert "no such file" in caplog.text
+
+
+def test_fp8_vae_without_optimizations_is_refused_clearly(tmp_path, caplog):
+    source = tmp_path / "clip.mp4"
+    _write_mp4(source, frames=2)
+    argv = [str(source), *_models(), "--vae_quantization", "fp8_e4m3fn", "--no_optimizations"]
+    assert inference_cli.main(argv) == 2
+    assert "enable_optimizations" in caplog.text and not (tmp_path / "clip_seedvr2.mp4").exists()
+
+
+def test_png_through_the_fp8_vae(tmp_path):
+    source = tmp_path / "image.png"
+    Image.fromarray(np.full((32, 48, 3), 90, dtype=np.uint8)).save(source)
+    argv = [str(source), *_models(), "--resolution", "64", "--vae_quantization", "fp8_e4m3fn",
+            "--output", str(tmp_path / "out.png")]
+    assert inference_cli.main(argv) == 0
+    assert Image.open(tmp_path / "out.png").size == (96, 64)

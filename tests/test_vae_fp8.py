@@ -229,3 +229,9 @@ def test_triton_route_equals_the_widened_route_on_the_gpu(channels, out_channels
     widened = convolutions.convolve(x, conv, conv.bias, torch.float32, widen)
     # The tensor cores add the fp8 products in fewer bits over K; the output is rounded to bf16 once.
     assert rel_err(fast, widened) <= 2 * BF16_STEP
+
+
+def test_the_settings_offer_exactly_the_modes_the_vae_takes():
+    from src.pipeline.settings import VAE_QUANTIZATIONS
+
+    assert VAE_QUANTIZATIONS == vae_fp8.MODES
