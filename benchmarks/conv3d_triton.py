@@ -24,9 +24,8 @@ import torch.nn.functional as F
 import triton
 
 from performance_test import cuda_time
-from src.optimization.conv3d_triton import (
-    conv3d_causal, quantize_input_fp8, quantize_weight_fp8, tuned_tiles, weight_matrix,
-)
+from src.optimization.conv3d_triton import conv3d_causal, quantize_input_fp8, tuned_tiles, weight_matrix
+from src.optimization.vae_fp8 import quantize_weight_fp8
 
 LAST = torch.channels_last_3d
 REFERENCE_ROWS = 16  # output rows compared with the float32 convolution

@@ -18,6 +18,8 @@ from conftest import rel_err
 from triton_interpreter import (DEVICE, choose_interpreter, compute_as_the_gpu, run_in_fresh_interpreter,
                                 skip_unless_kernels_run_here)
 
+from src.optimization import vae_fp8
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 choose_interpreter()
@@ -118,7 +120,7 @@ def test_fp8_equals_conv3d_of_the_dequantized_operands(kernels, fast):
     x = _input(1, 32, 2, 7, 9, dtype=torch.bfloat16)
     weight, bias = _weight(16, 32)
     x_fp8, x_scale = kernels.quantize_input_fp8(x)
-    matrix_fp8, weight_scale = kernels.quantize_weight_fp8(kernels.weight_matrix(weight))
+    matrix_fp8, weight_scale = vae_fp8.quantize_weight_fp8(kernels.weight_matrix(weight))
     out = kernels.conv3d_causal(x_fp8, matrix_fp8, bias=bias, fp8_scales=(x_scale, weight_scale),
                                 fp8_fast_accumulation=fast, tiles=_tiles(kernels, 64, 16, 32))
     assert out.dtype == torch.bfloat16
@@ -190,7 +192,7 @@ def test_input_quantization(conv):
 
 def test_weight_quantization_per_output_channel(conv):
     matrix = torch.randn(4, 54) * torch.tensor([1e-3, 1.0, 30.0, 0.0]).view(-1, 1)
-    matrix_fp8, scale = conv.quantize_weight_fp8(matrix)
+    matrix_fp8, scale = vae_fp8.quantize_weight_fp8(matrix)
     torch.testing.assert_close(scale[:3], matrix[:3].abs().amax(dim=1) / 448, rtol=1e-6, atol=0)
     assert (matrix_fp8[:3].float().abs().amax(dim=1) == 448).all() and not matrix_fp8[3].float().any()
     error = (matrix_fp8.float() * scale[:, None] - matrix).abs()
@@ -223,7 +225,7 @@ def test_bad_arguments_are_rejected_with_what_to_do(conv):
     _check_rejected(conv, "share one dtype", x, matrix.float())
     _check_rejected(conv, "fp8_scales", x, matrix, fp8_scales=(torch.ones(1), torch.ones(16)))
     x_fp8, x_scale = conv.quantize_input_fp8(x)
-    matrix_fp8, weight_scale = conv.quantize_weight_fp8(matrix)
+    matrix_fp8, weight_scale = vae_fp8.quantize_weight_fp8(matrix)
     _check_rejected(conv, "fp8_scales", x_fp8, matrix_fp8)
     _check_rejected(conv, "16 elements", x_fp8, matrix_fp8, fp8_scales=(x_scale, weight_scale[:8]))
     _check_rejected(conv, "bias", x, matrix, bias=torch.ones(8, device=DEVICE))

@@ -43,7 +43,7 @@ def test_meminfo_parsing_reads_available_and_total():
     assert stable_memory._parse_meminfo("nothing useful") is None
 
 
-@pytest.mark.skipif(not stable_memory.os.path.exists("/proc/meminfo"), reason="Linux only")
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux only")
 def test_host_memory_matches_the_kernel():
     available, total = host_memory()
     assert total == meminfo_kib("MemTotal") * 1024

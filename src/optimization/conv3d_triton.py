@@ -23,8 +23,8 @@ a patch of ``BLOCK_M / patch_width`` rows x ``patch_width`` columns of one frame
 all (tap, channel block) steps, so Triton's software pipelining (``num_stages``) keeps loads in flight
 across tap boundaries; accumulation is float32 and the output is rounded once.
 
-fp8: :func:`quantize_input_fp8` scales x per tensor and :func:`quantize_weight_fp8` the weight per output
-channel (scale = amax / 448, e4m3's largest value); products run in e4m3 and the scales (then the bias)
+fp8: :func:`quantize_input_fp8` scales x per tensor and :func:`.vae_fp8.quantize_weight_fp8` the weight per
+output channel (scale = amax / 448, e4m3's largest value); products run in e4m3 and the scales (then the bias)
 are applied to the float32 sums.  Hopper's tensor cores add fp8 products in reduced precision, so by
 default every BLOCK_K step's partial sum is added into a float32 accumulator (``max_num_imprecise_acc``);
 ``fp8_fast_accumulation`` leaves the whole K to the tensor core instead.
@@ -46,15 +46,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .vae_fp8 import FP8_DTYPE, FP8_MAX
+from . import vae_fp8
+from .vae_fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
 TAPS = 27  # 3 x 3 x 3
 TIME_LOOK_BACK = 2  # frames of x before the first output frame
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 INPUT_DTYPES = HALF_DTYPES + (torch.float32, FP8_DTYPE)
 OUTPUT_DTYPES = HALF_DTYPES + (torch.float32,)
-# The smallest positive scale: an all-zero tensor quantizes to zeros instead of dividing by zero.
-MIN_SCALE = 1e-12
 # Pixel indices are int32, with room for the lanes of the last tile past the end.
 MAX_PIXELS = 2**31 - 1024
 
@@ -238,19 +237,11 @@ def tuned_tiles() -> Optional[ConvTiles]:
 
 
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """A (Cout, C, 3, 3, 3) convolution weight as the kernel's contiguous (Cout, 27·C) matrix: column
-    ``((kt·3 + kh)·3 + kw)·C + c`` holds ``weight[:, c, kt, kh, kw]``."""
+    """A (Cout, C, 3, 3, 3) convolution weight as the kernel's contiguous (Cout, 27·C) matrix (column
+    ``((kt·3 + kh)·3 + kw)·C + c`` holds ``weight[:, c, kt, kh, kw]``: :func:`.vae_fp8.weight_matrix`), checked."""
     if weight.dim() != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
         raise Conv3dTritonError(f"weight must be (Cout, C, 3, 3, 3); got shape {tuple(weight.shape)}")
-    return weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1).contiguous()
-
-
-def quantize_weight_fp8(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A :func:`weight_matrix` in e4m3 per output channel: (matrix_fp8, scale (Cout,) float32), with
-    ``matrix ≈ matrix_fp8 · scale[:, None]`` and scale = row amax / 448."""
-    rows = matrix.float()
-    scale = (rows.abs().amax(dim=1) / FP8_MAX).clamp_min(MIN_SCALE)
-    return (rows / scale[:, None]).to(FP8_DTYPE), scale
+    return vae_fp8.weight_matrix(weight)
 
 
 def quantize_input_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +283,7 @@ def _check_arguments(x, matrix, bias, out, fp8_scales, tiles) -> None:
                                 f"{matrix.dtype}")
     if (x.dtype == FP8_DTYPE) != (fp8_scales is not None):
         raise Conv3dTritonError("fp8_scales=(x_scale, weight_scale) goes with float8_e4m3fn x and weights "
-                                "(quantize_input_fp8, quantize_weight_fp8), and only with them")
+                                "(quantize_input_fp8, vae_fp8.quantize_weight_fp8), and only with them")
     if fp8_scales is not None:
         x_scale, weight_scale = fp8_scales
         if x_scale.numel() != 1 or weight_scale.shape != (out_channels,) or {
@@ -331,7 +322,7 @@ def conv3d_causal(
     """``F.conv3d(x, weight, bias, padding=(0, 1, 1))`` of channels-last ``x`` (B, C, T+2, H, W), with
     ``weight_matrix`` from :func:`weight_matrix`, into ``out`` (B, Cout, T, H, W), any strides; a new
     channels-last tensor (bf16 for fp8 input, else x's dtype) when None.  fp8: x and weight_matrix from
-    :func:`quantize_input_fp8` / :func:`quantize_weight_fp8` and ``fp8_scales`` = their scales.
+    :func:`quantize_input_fp8` / :func:`.vae_fp8.quantize_weight_fp8` and ``fp8_scales`` = their scales.
     ``tiles``: a fixed launch configuration instead of autotuning.  Returns ``out``."""
     _check_arguments(x, weight_matrix, bias, out, fp8_scales, tiles)
     batches, channels, padded_frames, height, width = x.shape

@@ -20,11 +20,12 @@ import functools
 import importlib
 import importlib.util
 import logging
-import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+
+from .switches import env_switch
 
 log = logging.getLogger("seedvr2")
 
@@ -60,7 +61,7 @@ def _kernel_device_present() -> bool:
 def triton_kernels_wanted() -> bool:
     """The DiT's Triton kernels (fp8 activation quantization included) unless ``SEEDVR2_DIT_TRITON`` is
     0/false/no/off (to compare with the plain path)."""
-    return os.environ.get(TRITON_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch(TRITON_KERNELS_ENV, default=True)
 
 
 @functools.cache

@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .switches import env_switch
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def reset_peak_memory(device: torch.device | str) -> None:
 
 def debug_memory_enabled() -> bool:
     """True when ``SEEDVR2_DEBUG_MEMORY`` is 1/true/yes/on."""
-    return os.environ.get(DEBUG_MEMORY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return env_switch(DEBUG_MEMORY_ENV, default=False)
 
 
 @dataclass

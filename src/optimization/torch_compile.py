@@ -28,6 +28,7 @@ from torch import nn
 
 from ..pipeline.settings import CompileSettings
 from . import matrix_ops
+from .switches import env_switch
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class CompileSetupError(ValueError):
 
 def compile_enabled() -> bool:
     """False when ``SEEDVR2_ENABLE_COMPILE`` is 0/false/no/off."""
-    return os.environ.get(ENABLE_COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch(ENABLE_COMPILE_ENV, default=True)
 
 
 def default_cache_dir() -> Path:

@@ -37,7 +37,8 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value
 # Standard deviations of a normalised activation that still fit e4m3 before the GroupNorm saturates them.
 INPUT_RANGE = 64.0
-MIN_SCALE = 1e-12  # a channel with gamma = beta = 0 is all zeros: any positive scale stores it exactly
+# The smallest scale: an all-zero row or channel (gamma = beta = 0) quantizes to zeros, no division by zero.
+MIN_SCALE = 1e-12
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first with fp8 tensor cores
 MIN_INTERLEAVED_CHANNELS = 8  # outputs with fewer channels are written channel-planar
 MODE = "fp8_e4m3fn"
@@ -76,16 +77,28 @@ def input_scales(norm: nn.GroupNorm) -> torch.Tensor:
     return ((gamma * INPUT_RANGE + beta) / FP8_MAX).clamp_min(MIN_SCALE)
 
 
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A (Cout, C, 3, 3, 3) convolution weight as conv3d_triton's contiguous (Cout, 27·C) matrix: column
+    ``((kt·3 + kh)·3 + kw)·C + c`` holds ``weight[:, c, kt, kh, kw]``."""
+    return weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1).contiguous()
+
+
+def quantize_weight_fp8(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A :func:`weight_matrix` in e4m3 per output channel: (matrix_fp8, scale (Cout,) float32), with
+    ``matrix ≈ matrix_fp8 · scale[:, None]`` and scale = row amax / 448."""
+    rows = matrix.float()
+    scale = (rows.abs().amax(dim=1) / FP8_MAX).clamp_min(MIN_SCALE)
+    return (rows / scale[:, None]).to(FP8_DTYPE), scale
+
+
 def prepare(conv: nn.Conv3d, norm: nn.GroupNorm) -> Fp8Conv:
     """The e4m3 form of ``conv`` (a 3x3x3 convolution) fed by ``SiLU(norm(.))``."""
     if tuple(conv.kernel_size) != (3, 3, 3) or tuple(conv.stride) != (1, 1, 1) or tuple(conv.padding) != (0, 1, 1):
         raise ValueError("fp8 VAE convolutions are the causal 3x3x3 ones: stride 1, spatial padding 1.")
     scales = input_scales(norm)
-    weight = conv.weight.detach().float() * scales.view(1, -1, 1, 1, 1)
-    matrix = weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1)  # column ((kt·3 + kh)·3 + kw)·C + c
-    weight_scale = (matrix.abs().amax(dim=1) / FP8_MAX).clamp_min(MIN_SCALE)
-    return Fp8Conv((1.0 / scales).contiguous(), (matrix / weight_scale[:, None]).to(FP8_DTYPE).contiguous(),
-                   weight_scale.contiguous())
+    scaled = conv.weight.detach().float() * scales.view(1, -1, 1, 1, 1)  # s_c folded into the weights
+    matrix, weight_scale = quantize_weight_fp8(weight_matrix(scaled))
+    return Fp8Conv((1.0 / scales).contiguous(), matrix, weight_scale)
 
 
 def kernel_unavailable(device: torch.device, triton_wanted: bool) -> Optional[str]:

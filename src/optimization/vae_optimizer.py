@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import vae_fp8, vae_upsample
+from .switches import env_switch
 
 if TYPE_CHECKING:
     from ..models.video_vae_v3 import VAEConfig, VideoAutoencoder
@@ -322,7 +322,7 @@ def _cudnn_benchmark_wanted() -> bool:
     """cuDNN autotuning only when ``SEEDVR2_CUDNN_BENCHMARK`` is 1/true/yes/on.  It times every algorithm once
     per new convolution shape: 44 s more for the first 33-frame 1080p encode on an H100, for 1-3 % faster
     convolutions afterwards (cuDNN's heuristics already pick the same kernels for most shapes)."""
-    return os.environ.get(CUDNN_BENCHMARK_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    return env_switch(CUDNN_BENCHMARK_ENV, default=False)
 
 
 TRITON_KERNELS_ENV = "SEEDVR2_VAE_TRITON"
@@ -331,7 +331,7 @@ TRITON_KERNELS_ENV = "SEEDVR2_VAE_TRITON"
 def _triton_kernels_wanted() -> bool:
     """The Triton GroupNorm and residual kernels unless ``SEEDVR2_VAE_TRITON`` is 0/false/no/off (to compare
     them with the compiled ones)."""
-    return os.environ.get(TRITON_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch(TRITON_KERNELS_ENV, default=True)
 
 
 def _triton_available() -> bool:

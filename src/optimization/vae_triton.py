@@ -120,6 +120,20 @@ def _combine_stats_kernel(
 
 
 @triton.jit
+def _frame_tile(pixels, frames_per_batch, CHANNELS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The [BLOCK_P pixels, CHANNELS] tile of a pointwise kernel's program (grid: tiles, batch·frames):
+    (frame index, batch, time, offset of the tile in its frame, channel lanes, pixel mask, offsets in the tile)."""
+    tile, frame = tl.program_id(0), tl.program_id(1)
+    # int64 before multiplying: a few frames of a 1080p activation exceed 2**31 elements.
+    batch, time = (frame // frames_per_batch).to(tl.int64), (frame % frames_per_batch).to(tl.int64)
+    offset = tile.to(tl.int64) * (BLOCK_P * CHANNELS)
+    rows, columns = tl.arange(0, BLOCK_P), tl.arange(0, CHANNELS)
+    valid = (rows < pixels - tile * BLOCK_P)[:, None]
+    within = rows[:, None] * CHANNELS + columns[None, :]
+    return frame, batch, time, offset, columns, valid, within
+
+
+@triton.jit
 def _normalize_kernel(
     x_ptr, shift_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, out_ptr, pixels, frames_per_batch,
     x_batch_stride, x_frame_stride, out_batch_stride, out_frame_stride,
@@ -130,12 +144,7 @@ def _normalize_kernel(
     """``(x + shift - mean) * rstd * weight + bias`` (then SiLU, then times ``out_scale``, then clamped to
     +-SATURATE when it is not 0) of one tile, stored in ``out``'s dtype, and for frames from ``tail_start`` on
     also in ``tail`` (a causal convolution's look-back for its next call)."""
-    tile, frame = tl.program_id(0), tl.program_id(1)
-    batch, time = (frame // frames_per_batch).to(tl.int64), (frame % frames_per_batch).to(tl.int64)
-    offset = tile.to(tl.int64) * (BLOCK_P * CHANNELS)
-    rows, columns = tl.arange(0, BLOCK_P), tl.arange(0, CHANNELS)
-    valid = (rows < pixels - tile * BLOCK_P)[:, None]
-    within = rows[:, None] * CHANNELS + columns[None, :]
+    frame, batch, time, offset, columns, valid, within = _frame_tile(pixels, frames_per_batch, CHANNELS, BLOCK_P)
     x_base = batch * x_batch_stride + time * x_frame_stride + offset
     values = tl.load(x_ptr + x_base + within, mask=valid, other=0.0).to(tl.float32)
     if HAS_SHIFT:
@@ -166,12 +175,7 @@ def _residual_kernel(
     CHANNELS: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """``out += residual + bias`` over one [BLOCK_P, CHANNELS] tile of one frame, in float32."""
-    tile, frame = tl.program_id(0), tl.program_id(1)
-    batch, time = (frame // frames_per_batch).to(tl.int64), (frame % frames_per_batch).to(tl.int64)
-    offset = tile.to(tl.int64) * (BLOCK_P * CHANNELS)
-    rows, columns = tl.arange(0, BLOCK_P), tl.arange(0, CHANNELS)
-    valid = (rows < pixels - tile * BLOCK_P)[:, None]
-    within = rows[:, None] * CHANNELS + columns[None, :]
+    _, batch, time, offset, columns, valid, within = _frame_tile(pixels, frames_per_batch, CHANNELS, BLOCK_P)
     out_at = out_ptr + batch * out_batch_stride + time * out_frame_stride + offset + within
     residual_at = residual_ptr + batch * residual_batch_stride + time * residual_frame_stride + offset + within
     total = tl.load(out_at, mask=valid, other=0.0).to(tl.float32)
