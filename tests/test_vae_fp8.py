@@ -7,8 +7,11 @@ changes.  The expectation is built here from that definition alone: the plain mo
 inputs and weights rounded to e4m3 by forward hooks.  On CPU in float32 each resnet block of the optimized
 fp8 path (widened operands), streamed in one-frame pieces (so every look-back frame is kept in e4m3), must
 equal its fake-quantized block up to summation order; and on a GPU with fp8 tensor cores, the Triton kernel must equal the widened
-route.  Plus: the GroupNorm's e4m3 output and saturation, the settings' validation and the node's input,
-the one-time fallback after a kernel failure.
+route.  The decoder's upsampler convolutions are quantized too, with a scale per call from a bound on the
+1x1 conv's outputs (``|y_o| <= Σ_c |W_oc|·max|x_c| + |b_o|``, mapped to 448 / 1.02): each upsampler, streamed
+one input frame at a time, must equal its fake-quantized form, and the worst case the bound allows must
+store finite values.  Plus: the GroupNorm's e4m3 output and saturation, the settings' validation and the
+node's input, the one-time fallback after a kernel failure.
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ from conftest import golden_path, rel_err
 from src.benchmark.random_weights import randomize_
 from src.models.load import load_vae
 from src.models.video_vae_v3 import VAEConfig, VideoAutoencoder
+from src.models.video_vae_v3.resampling import Upsampler3D, pixel_shuffle_3d
 from src.models.video_vae_v3.resnet import ResnetBlock3D
 from src.models.video_vae_v3.temporal_slicing import CausalMemory
 from src.optimization import vae_fp8
-from src.optimization.vae_optimizer import normalize_into, optimize_vae
+from src.optimization.vae_optimizer import VAERuntime, normalize_into, optimize_vae
 from src.pipeline.settings import SettingsError, VAESpec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -63,6 +67,42 @@ def _fake_quantize(model: VideoAutoencoder) -> VideoAutoencoder:
         conv.register_forward_pre_hook(
             lambda module, args, m=multiplier: (_e4m3(args[0] * m.view(1, -1, 1, 1, 1)), *args[1:]))
     return model
+
+
+def _fake_quantized_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` rounded to e4m3 per output channel (scale = amax / 448), back in float32."""
+    weight_scale = weight.abs().amax(dim=(1, 2, 3, 4), keepdim=True) / 448
+    return _e4m3(weight / weight_scale) * weight_scale
+
+
+def _upsampler_scale(upsampler: Upsampler3D, inputs: torch.Tensor) -> torch.Tensor:
+    """The definition: the bound on the 1x1 conv's outputs over ``inputs``, mapped to 448 / 1.02."""
+    largest = inputs.abs().amax(dim=(0, 2, 3, 4))
+    bound = upsampler.upscale_conv.weight.flatten(1).abs() @ largest + upsampler.upscale_conv.bias.abs()
+    return bound.max() * 1.02 / 448
+
+
+def _fake_quantized_upsampler(upsampler: Upsampler3D, x: torch.Tensor) -> torch.Tensor:
+    """The plain upsampler on ``x`` (B, C, T, h, w) as it runs one input frame per call: call j convolves its
+    output frames with their look-back (both from input frames j - 2/time_factor .. j, the first frame
+    repeated before the clip) rounded to e4m3 at the call's scale, by e4m3-rounded weights."""
+    factor = upsampler.time_factor
+    shuffled = pixel_shuffle_3d(upsampler.upscale_conv(x), factor)
+    if factor == 2:
+        shuffled = torch.cat([shuffled[:, :, :1], shuffled[:, :, 2:]], dim=2)
+    padded = torch.cat([shuffled[:, :, :1], shuffled[:, :, :1], shuffled], dim=2)  # causal look-back
+    extended = torch.cat([x[:, :, :1], x[:, :, :1], x], dim=2)  # the input frames behind those
+    weight = _fake_quantized_weight(upsampler.conv.weight.detach())
+    outputs = []
+    for j in range(x.shape[2]):
+        first = factor * j - (1 if factor == 2 and j > 0 else 0)  # call j's first output frame
+        count = 1 if j == 0 else factor
+        window = padded[:, :, first:first + 2 + count]
+        scale = _upsampler_scale(upsampler, extended[:, :, j + 2 - 2 // factor:j + 3])
+        stored = _e4m3(window / scale)
+        assert stored.abs().max() <= 448 and not stored.isnan().any()
+        outputs.append(torch.nn.functional.conv3d(stored * scale, weight, upsampler.conv.bias, padding=(0, 1, 1)))
+    return torch.cat(outputs, dim=2)
 
 
 def _golden() -> VideoAutoencoder:
@@ -111,13 +151,74 @@ def test_quantization_is_not_the_plain_model_but_close(models):
     assert 1e-3 < error < 0.2
 
 
-def test_only_group_norm_fed_convolutions_are_quantized():
+def _upsamplers(model: VideoAutoencoder) -> list[Upsampler3D]:
+    return [block for block in model.modules() if isinstance(block, Upsampler3D)]
+
+
+def test_group_norm_fed_and_upsampler_convolutions_are_quantized():
     model = _golden()
     optimize_vae(model, quantization="fp8_e4m3fn")
     fed = {conv for conv, _ in _fed_by_group_norm(model)}
-    assert set(model.runtime.fp8.convs) == fed and len(fed) == 2 + 2 * len(_resnets(model))
-    for conv in (model.decoder.conv_in, model.encoder.conv_in, model.decoder.up_blocks[0].upsamplers[0].conv):
-        assert model.runtime.input_multiplier(conv) is None
+    upsampling = {upsampler.conv for upsampler in _upsamplers(model)}
+    assert len(fed) == 2 + 2 * len(_resnets(model)) and len(upsampling) == 3
+    assert set(model.runtime.fp8.convs) == fed | upsampling
+    for conv in upsampling:  # scaled per call, not by a GroupNorm
+        assert model.runtime.input_multiplier(conv) is None and model.runtime.fp8.convs[conv].bound is not None
+    for conv in (model.decoder.conv_in, model.encoder.conv_in):
+        assert model.runtime.input_multiplier(conv) is None and conv not in model.runtime.fp8.convs
+
+
+@pytest.mark.parametrize("gemm", [False, True], ids=["bands", "gemm"])
+@pytest.mark.parametrize("index", [0, 1, 2], ids=lambda i: f"upsampler{i}")
+def test_upsampler_equals_the_fake_quantized_upsampler(index, gemm):
+    # One input frame per call: every call after the first recomputes its look-back from kept inputs and takes a
+    # scale of its own.  The two routes of the 1x1 conv + shuffle: bands of rows (contiguous layout) and the
+    # GEMMs writing through a staging band (channels-last).
+    reference = _upsamplers(_golden())[index]
+    model = _golden()
+    optimize_vae(model, quantization="fp8_e4m3fn", channels_last=gemm)
+    upsampler = _upsamplers(model)[index]
+    channels = upsampler.conv.in_channels
+    x = torch.randn(1, channels, 4, 6, 5, generator=torch.Generator().manual_seed(index)) * 2 + 0.5
+    x[0, 1, 2] *= 30  # a frame with an outlying channel: its call's scale is larger than the others'
+    with torch.no_grad():
+        expected = _fake_quantized_upsampler(reference, x)
+        memory = CausalMemory()
+        runtime = model.runtime
+        pieces = [upsampler.forward_lean(piece.contiguous(memory_format=runtime.memory_format), memory, runtime)
+                  for piece in x.split(1, dim=2)]
+    assert rel_err(torch.cat(pieces, dim=2), expected) <= EXACT
+
+
+@pytest.mark.parametrize("gemm", [False, True], ids=["bands", "gemm"])
+def test_the_worst_case_of_the_bound_stores_finite_values(gemm):
+    # Inputs at their channels' largest magnitudes with the signs of one output channel's weights reach that
+    # channel's bound exactly: stored, it must round to 448 (e4m3's largest), not overflow into NaN.
+    torch.manual_seed(0)
+    upsampler = Upsampler3D(8, temporal=False)
+    with torch.no_grad():
+        upsampler.upscale_conv.bias.abs_()
+    bound = vae_fp8.ShuffleBound.of(upsampler.upscale_conv)
+    x = torch.randn(1, 8, 2, 3, 4)
+    largest = x.abs().amax(dim=(0, 2, 3, 4))
+    sums = bound.abs_weight @ largest + bound.abs_bias
+    extreme = int(sums.argmax())
+    x[0, :, 1, 2, 3] = largest * upsampler.upscale_conv.weight[extreme].flatten().sign()
+    runtime = VAERuntime(channels_last=gemm, pad_channels=False, compile_norm=False, cudnn_direct=False,
+                         cudnn_benchmark=False, piece_bytes=1 << 30, shuffle_gemm=gemm,
+                         fp8=vae_fp8.Fp8Convolutions({upsampler.conv: vae_fp8.prepare_upsampler(upsampler)},
+                                                     torch.device("cpu"), triton_wanted=False))
+    x = x.contiguous(memory_format=runtime.memory_format)
+    scale = runtime.upsampler_input_scale(upsampler.conv, [x])
+    torch.testing.assert_close(scale, (sums.max() * 1.02 / 448).reshape(1))
+    out = runtime.empty((1, 8, 2, 6, 8), x, torch.float8_e4m3fn)
+    with torch.no_grad():
+        runtime.upscale_shuffle_into(x, upsampler.upscale_conv, 1, out, drop_first_copy=False, out_scale=1 / scale)
+        expected = pixel_shuffle_3d(upsampler.upscale_conv(x), 1)
+    stored = out.float()
+    assert not stored.isnan().any() and stored.abs().max() == 448
+    # Everything else is the shuffled output in e4m3 at that scale (up to one rounding step).
+    assert ((stored * scale - expected).abs() <= expected.abs() * 2.0**-4 + scale * 2.0**-9).all()
 
 
 @pytest.mark.parametrize("coder", ["encoder", "decoder"])
@@ -208,25 +309,32 @@ def test_route_says_why_the_kernel_is_not_used():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="the Triton fp8 route needs a GPU with fp8 tensor cores (compute capability 8.9+)")
-@pytest.mark.parametrize("channels, out_channels", [(128, 128), (256, 128), (128, 3)])
-def test_triton_route_equals_the_widened_route_on_the_gpu(channels, out_channels):
-    # One convolution on the same e4m3 input (a whole model would amplify the rare rounding differences).
+@pytest.mark.parametrize("channels, out_channels, upsampler", [
+    (128, 128, False), (256, 128, False), (128, 3, False), (256, 256, True), (512, 512, True)])
+def test_triton_route_equals_the_widened_route_on_the_gpu(channels, out_channels, upsampler):
+    # One convolution on the same e4m3 input (a whole model would amplify the rare rounding differences); an
+    # upsampler's with a per-call input scale.
     pytest.importorskip("triton")
     generator = torch.Generator().manual_seed(channels + out_channels)
-    conv = torch.nn.Conv3d(channels, out_channels, 3, padding=(0, 1, 1)).to("cuda", torch.bfloat16)
-    norm = torch.nn.GroupNorm(32, channels).to("cuda", torch.bfloat16)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-0.5, 0.5)
-    convolutions = vae_fp8.Fp8Convolutions({conv: vae_fp8.prepare(conv, norm)}, torch.device("cuda"),
-                                           triton_wanted=True)
+    if upsampler:
+        module = Upsampler3D(channels, temporal=False).to("cuda", torch.bfloat16)
+        conv, prepared = module.conv, vae_fp8.prepare_upsampler(module)
+        input_scale = torch.tensor([0.37], device="cuda")
+    else:
+        conv = torch.nn.Conv3d(channels, out_channels, 3, padding=(0, 1, 1)).to("cuda", torch.bfloat16)
+        norm = torch.nn.GroupNorm(32, channels).to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-0.5, 0.5)
+        prepared, input_scale = vae_fp8.prepare(conv, norm), None
+    convolutions = vae_fp8.Fp8Convolutions({conv: prepared}, torch.device("cuda"), triton_wanted=True)
     x = (torch.randn(1, channels, 2 + 3, 20, 36, generator=generator) * 20).clamp(-448, 448)
     x = x.to("cuda", torch.float8_e4m3fn).contiguous(memory_format=torch.channels_last_3d)
     widen = lambda x, weight, bias, stride, padding: torch.nn.functional.conv3d(  # noqa: E731
         x.float(), weight.float(), None if bias is None else bias.float(), stride, padding)
-    fast = convolutions.convolve(x, conv, conv.bias, torch.bfloat16, widen)
+    fast = convolutions.convolve(x, conv, conv.bias, torch.bfloat16, widen, input_scale)
     assert convolutions.kernel_failure is None and fast.dtype == torch.bfloat16
     convolutions.kernel_failure = "switched off by the test"
-    widened = convolutions.convolve(x, conv, conv.bias, torch.float32, widen)
+    widened = convolutions.convolve(x, conv, conv.bias, torch.float32, widen, input_scale)
     # The tensor cores add the fp8 products in fewer bits over K; the output is rounded to bf16 once.
     assert rel_err(fast, widened) <= 2 * BF16_STEP
 

@@ -254,6 +254,26 @@ def test_copy_pixels_fills_a_wider_band_leaving_its_bias_column(kernels, dtype):
     assert not kernels.copy_pixels_supported(pixels.cpu(), band[..., :24].cpu())  # CPU: PyTorch's copy
 
 
+def test_store_e4m3_rows_fills_every_second_row_saturating(kernels):
+    # The upsampling GEMM's staged output (rows of W·2C values) into every second row of an e4m3 conv input.
+    # Where the values go is checked everywhere; their rounding to nearest on the GPU only (Triton 3.5's CPU
+    # interpreter converts float32 to float8 wrongly).
+    generator = torch.Generator().manual_seed(8)
+    stage = (torch.randn(3, 7, 32, generator=generator) * 100).to(DEVICE, torch.bfloat16)
+    stage[1, 2, 5], stage[2, 0, 0] = 1e4, -1e4  # beyond e4m3's range: saturated, not NaN
+    frame = torch.full((6, 7, 32), float("nan"), device=DEVICE).to(torch.float8_e4m3fn)
+    target = frame[1::2]  # rows 1, 3, 5
+    kernels.store_e4m3_rows(stage, target, block=64)  # 224 values a row: four blocks, the last one partial
+    assert frame[0::2].float().isnan().all() and not target.float().isnan().any()
+    expected = stage.float().clamp(-448, 448)
+    assert target.float()[1, 2, 5] == 448 and target.float()[2, 0, 0] == -448
+    if DEVICE == "cuda":
+        assert torch.equal(target.float(), expected.to(torch.float8_e4m3fn).float())
+        assert kernels.store_e4m3_rows_supported(stage, target)
+        assert not kernels.store_e4m3_rows_supported(stage, torch.empty_like(target, dtype=torch.bfloat16))
+    assert not kernels.store_e4m3_rows_supported(stage.cpu(), target.cpu())  # CPU: PyTorch's cast
+
+
 # ---------------------------------------------------------------------------------------------------
 # The runtime: where the Triton kernels are used, and the fallback
 # ---------------------------------------------------------------------------------------------------

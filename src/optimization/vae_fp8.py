@@ -1,12 +1,13 @@
 """fp8 (e4m3) convolutions for the optimized VAE: its ``fp8_e4m3fn`` quantization.
 
 What is quantized: every 3x3x3 convolution whose input is ``SiLU(GroupNorm(.))`` — the two of each resnet
-block and the encoder's and decoder's conv_out, ~70 % of the VAE's FLOPs at 1080p.  The runtime's GroupNorm
-kernel writes that input into the convolution's padded input, so quantizing it costs no pass of its own:
-the GroupNorm stores e4m3 instead of bf16.  conv_in, the resamplers (whose input comes from a strided copy
-or the upsampling GEMMs) and the shortcuts stay in the compute dtype.
+block and the encoder's and decoder's conv_out, ~70 % of the VAE's FLOPs at 1080p — and the 3x3x3
+convolution of each decoder upsampler, whose input the upsampling GEMM writes (~20 % more of the decode).
+The producer of a quantized convolution's input writes it into the padded input, so quantizing costs no pass
+of its own: the GroupNorm (or the upsampling GEMM's store) writes e4m3 instead of bf16.  conv_in, the
+encoder's downsamplers (fed by a strided copy) and the shortcuts stay in the compute dtype.
 
-Scales.  A GroupNorm output channel is ``gamma_c·z + beta_c`` with ``z`` normalised, so every input channel
+Scales of GroupNorm-fed inputs.  A GroupNorm output channel is ``gamma_c·z + beta_c`` with ``z`` normalised, so every input channel
 gets a static scale ``s_c = (|gamma_c|·INPUT_RANGE + |beta_c|) / 448``: a value ``INPUT_RANGE`` standard
 deviations out still fits e4m3 (448 is its largest value; beyond it the GroupNorm saturates), and values
 of about one deviation land near 448 / INPUT_RANGE, far above e4m3's smallest normal number.  The GroupNorm
@@ -15,6 +16,16 @@ stores ``SiLU(.) / s_c``; ``s_c`` is folded into the weights, which are then qua
 operand's rounding errs by up to 2^-4 relative, so a convolution's output differs from bf16's by ~4e-2
 relative (measured: docs/performance.md); the look-back frames kept between pieces and the padded inputs
 take half the memory.
+
+Scales of upsampler inputs.  The upsampler's 1x1 conv output ``y_o = Σ_c W_oc·x_c + b_o`` has no static
+range: ``x`` is the decoder's residual stream.  Each call therefore takes one scale for its whole padded input
+(the new frames and the look-back, which the upsampler recomputes from its kept inputs in the same call),
+from a bound that holds for every pixel: ``|y_o| <= Σ_c |W_oc|·m_c + |b_o|`` with ``m_c`` the largest ``|x_c|``
+among the inputs, ``s = max_o bound_o / 448 · SHUFFLE_HEADROOM``.  The bound is loose (by ~10x for random
+signs), which costs nothing: e4m3 is floating point, and a value 10x below its largest keeps the same relative
+precision.  It is two reductions over the upsampler's input (4-8x smaller than the convolution's) and a
+matrix-vector product; the convolution multiplies its sums by ``s`` (a per-call input scale) and its
+weights are quantized per output channel as above, without a folded input scale.
 
 Compute.  With Triton on a GPU that has fp8 tensor cores (compute capability 8.9+), the implicit-GEMM
 kernel of :mod:`.conv3d_triton` multiplies the e4m3 operands (1.3-1.6x cuDNN's bf16 on an H100).  Elsewhere
@@ -39,6 +50,9 @@ FP8_MAX = 448.0  # e4m3's largest finite value
 INPUT_RANGE = 64.0
 # The smallest scale: an all-zero row or channel (gamma = beta = 0) quantizes to zeros, no division by zero.
 MIN_SCALE = 1e-12
+# An upsampler input's bound maps to 448 / SHUFFLE_HEADROOM: the rounding of the scaled compute-dtype GEMM
+# (its weights and output, < 1 %) must not carry a value past 464, from where e4m3 rounding gives NaN.
+SHUFFLE_HEADROOM = 1.02
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first with fp8 tensor cores
 MIN_INTERLEAVED_CHANNELS = 8  # outputs with fewer channels are written channel-planar
 MODE = "fp8_e4m3fn"
@@ -57,17 +71,49 @@ def check_mode(mode: str) -> bool:
 
 
 @dataclass
-class Fp8Conv:
-    """One resnet convolution in e4m3: what its input's producer multiplies by, and the quantized weights."""
+class ShuffleBound:
+    """What bounds an upsampler's 1x1 conv outputs from the largest magnitude of each input channel."""
 
-    input_multiplier: torch.Tensor  # (C,) float32, 1 / s_c: the GroupNorm stores SiLU(.) · this, saturated
+    abs_weight: torch.Tensor  # (N, C) float32: |W| of the 1x1 conv
+    abs_bias: torch.Tensor    # (N,) float32: |b| (zeros without a bias)
+
+    @classmethod
+    def of(cls, upscale_conv: nn.Conv3d) -> "ShuffleBound":
+        weight = upscale_conv.weight.detach().float().flatten(1).abs()
+        bias = upscale_conv.bias
+        return cls(weight, weight.new_zeros(weight.shape[0]) if bias is None else bias.detach().float().abs())
+
+    def input_scale(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """``s`` (1,) float32 for the 1x1 conv outputs of ``inputs`` (each (B, C, T, H, W)): every output
+        divided by ``s`` lies within 448 / SHUFFLE_HEADROOM."""
+        largest = None
+        for x in inputs:
+            dims = (0, 2, 3, 4)
+            # Two reductions instead of x.abs(): no temporary the size of x.
+            magnitude = torch.maximum(x.amax(dim=dims), -x.amin(dim=dims)).float()
+            largest = magnitude if largest is None else torch.maximum(largest, magnitude)
+        bound = (self.abs_weight @ largest + self.abs_bias).amax()
+        return (bound * (SHUFFLE_HEADROOM / FP8_MAX)).clamp_min(MIN_SCALE).reshape(1)
+
+
+@dataclass
+class Fp8Conv:
+    """One convolution in e4m3: the quantized weights, and how its input gets into the e4m3 range."""
+
     matrix: torch.Tensor            # (Cout, 27·C) e4m3, conv3d_triton.weight_matrix layout
     weight_scale: torch.Tensor      # (Cout,) float32: the convolution's output is w_o · Σ matrix·input
+    # GroupNorm-fed: (C,) float32, 1 / s_c, what the GroupNorm multiplies SiLU(.) by before storing (s_c is
+    # folded into the weights).  None for an upsampler's conv, whose scale is chosen per call (``bound``).
+    input_multiplier: Optional[torch.Tensor] = None
+    bound: Optional[ShuffleBound] = None
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The (Cout, C, 3, 3, 3) weight that convolves the stored e4m3 input values to the same result."""
+    def dequantized_weight(self, dtype: torch.dtype, input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The (Cout, C, 3, 3, 3) weight that convolves the stored e4m3 input values to the same result
+        (``input_scale``: the per-call scale of an upsampler conv's input)."""
         out_channels, columns = self.matrix.shape
         weight = self.matrix.float() * self.weight_scale[:, None]
+        if input_scale is not None:
+            weight = weight * input_scale
         return weight.view(out_channels, 3, 3, 3, columns // 27).permute(0, 4, 1, 2, 3).to(dtype)
 
 
@@ -91,14 +137,25 @@ def quantize_weight_fp8(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return (rows / scale[:, None]).to(FP8_DTYPE), scale
 
 
-def prepare(conv: nn.Conv3d, norm: nn.GroupNorm) -> Fp8Conv:
-    """The e4m3 form of ``conv`` (a 3x3x3 convolution) fed by ``SiLU(norm(.))``."""
+def _check_shape(conv: nn.Conv3d) -> None:
     if tuple(conv.kernel_size) != (3, 3, 3) or tuple(conv.stride) != (1, 1, 1) or tuple(conv.padding) != (0, 1, 1):
         raise ValueError("fp8 VAE convolutions are the causal 3x3x3 ones: stride 1, spatial padding 1.")
+
+
+def prepare(conv: nn.Conv3d, norm: nn.GroupNorm) -> Fp8Conv:
+    """The e4m3 form of ``conv`` (a 3x3x3 convolution) fed by ``SiLU(norm(.))``."""
+    _check_shape(conv)
     scales = input_scales(norm)
     scaled = conv.weight.detach().float() * scales.view(1, -1, 1, 1, 1)  # s_c folded into the weights
     matrix, weight_scale = quantize_weight_fp8(weight_matrix(scaled))
-    return Fp8Conv((1.0 / scales).contiguous(), matrix, weight_scale)
+    return Fp8Conv(matrix, weight_scale, input_multiplier=(1.0 / scales).contiguous())
+
+
+def prepare_upsampler(upsampler: nn.Module) -> Fp8Conv:
+    """The e4m3 form of a decoder upsampler's 3x3x3 ``conv``, fed by its ``upscale_conv`` and pixel shuffle."""
+    _check_shape(upsampler.conv)
+    matrix, weight_scale = quantize_weight_fp8(weight_matrix(upsampler.conv.weight.detach().float()))
+    return Fp8Conv(matrix, weight_scale, bound=ShuffleBound.of(upsampler.upscale_conv))
 
 
 def kernel_unavailable(device: torch.device, triton_wanted: bool) -> Optional[str]:
@@ -122,11 +179,13 @@ class Fp8Convolutions:
     def __init__(self, convs: dict[nn.Module, Fp8Conv], device: torch.device, *, triton_wanted: bool) -> None:
         self.convs, self.device = convs, device
         self.kernel_failure = kernel_unavailable(device, triton_wanted)
-        self._unit_scale = torch.ones(1, dtype=torch.float32, device=self.device)  # the input's: s_c is in W
+        self._unit_scale = torch.ones(1, dtype=torch.float32, device=self.device)  # GroupNorm-fed: s_c is in W
 
     @classmethod
     def for_model(cls, model: nn.Module, *, triton_wanted: bool) -> "Fp8Convolutions":
-        """Every convolution of a VideoAutoencoder that follows a GroupNorm and SiLU, quantized."""
+        """Every convolution of a VideoAutoencoder that follows a GroupNorm and SiLU, and every upsampler's
+        3x3x3 convolution, quantized."""
+        from ..models.video_vae_v3.resampling import Upsampler3D
         from ..models.video_vae_v3.resnet import ResnetBlock3D
 
         convs: dict[nn.Module, Fp8Conv] = {}
@@ -134,6 +193,8 @@ class Fp8Convolutions:
             if isinstance(block, ResnetBlock3D):
                 convs[block.conv1] = prepare(block.conv1, block.norm1)
                 convs[block.conv2] = prepare(block.conv2, block.norm2)
+            elif isinstance(block, Upsampler3D):
+                convs[block.conv] = prepare_upsampler(block)
         for coder in (model.encoder, model.decoder):
             convs[coder.conv_out] = prepare(coder.conv_out, coder.conv_norm_out)
         return cls(convs, next(model.parameters()).device, triton_wanted=triton_wanted)
@@ -146,24 +207,34 @@ class Fp8Convolutions:
         return f"e4m3 values widened for PyTorch's convolution ({self.kernel_failure})"
 
     def input_multiplier(self, conv: nn.Module) -> Optional[torch.Tensor]:
-        """What the producer of ``conv``'s input multiplies by before storing e4m3 (None: not quantized)."""
+        """What the GroupNorm before ``conv`` multiplies by before storing e4m3 (None: ``conv`` is not quantized
+        or not GroupNorm-fed)."""
         prepared = self.convs.get(conv)
         return None if prepared is None else prepared.input_multiplier
 
+    def upsampler_input_scale(self, conv: nn.Module, inputs: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The scale (1,) of an upsampler ``conv``'s e4m3 input for one call that shuffles ``inputs``
+        (None: ``conv`` is not a quantized upsampler conv)."""
+        prepared = self.convs.get(conv)
+        return None if prepared is None or prepared.bound is None else prepared.bound.input_scale(inputs)
+
     def convolve(self, x: torch.Tensor, conv: nn.Module, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
-                 fallback: Convolve) -> torch.Tensor:
-        """``conv`` of the e4m3 padded input ``x`` (B, C, 2 + T, H, W), plus ``bias``, in ``out_dtype``.
+                 fallback: Convolve, input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``conv`` of the e4m3 padded input ``x`` (B, C, 2 + T, H, W), plus ``bias``, in ``out_dtype``;
+        ``input_scale`` (1,): what the stored values stand for per unit (an upsampler input's per-call scale).
         ``fallback(x, weight, bias, stride, padding)``: the runtime's convolution, for widened operands."""
         prepared = self.convs[conv]
+        if (prepared.bound is not None) != (input_scale is not None):
+            raise ValueError("an upsampler's e4m3 input carries its per-call scale, and only it does.")
         if self.kernel_failure is None:
-            out = self._triton(x, prepared, bias, out_dtype)
+            out = self._triton(x, prepared, bias, out_dtype, input_scale)
             if out is not None:
                 return out
-        weight = prepared.dequantized_weight(out_dtype)
+        weight = prepared.dequantized_weight(out_dtype, input_scale)
         return fallback(x.to(out_dtype), weight, bias, conv.stride, conv.padding)
 
     def _triton(self, x: torch.Tensor, prepared: Fp8Conv, bias: Optional[torch.Tensor],
-                out_dtype: torch.dtype) -> Optional[torch.Tensor]:
+                out_dtype: torch.dtype, input_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         try:
             kernels = importlib.import_module(".conv3d_triton", __package__)
             if not kernels.usable_tiles(x.shape[1], prepared.matrix.shape[0], True):
@@ -176,7 +247,7 @@ class Fp8Convolutions:
                               device=x.device, memory_format=layout)
             return kernels.conv3d_causal(
                 x, prepared.matrix, bias=bias, out=out, fp8_fast_accumulation=True,
-                fp8_scales=(self._unit_scale, prepared.weight_scale))
+                fp8_scales=(self._unit_scale if input_scale is None else input_scale, prepared.weight_scale))
         except torch.cuda.OutOfMemoryError:
             raise  # not a kernel problem: the caller must shrink the work
         except Exception as error:  # Triton/toolchain failure: the widened operands give the same numbers

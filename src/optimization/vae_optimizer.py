@@ -95,6 +95,9 @@ INPUT_CHANNEL_ALIGNMENT = 16
 # Rows of the upsampler's 1x1 conv are computed in bands whose output (input, for the GEMM route) stays
 # below this size.
 UPSCALE_BAND_BYTES = 128 << 20
+# For an e4m3 output (the VAE's fp8 quantization) the GEMM writes compute-dtype bands of at most this size,
+# then stores them as e4m3: small enough to stay in the H100's 50 MB L2 between the two.
+UPSCALE_STAGE_BYTES = 32 << 20
 # Streamed pieces hold as many frames as keep a stage's widest activation below this size.  Every piece
 # costs copies of its convolutions' look-back (2 frames in, 2 out), so larger pieces run faster and smaller
 # ones use less memory; 2 GiB gives 2 frames per piece at 1080p full resolution (1 GiB would give 1 frame,
@@ -313,6 +316,7 @@ triton_normalize = TritonKernel("normalize_into", "GroupNorm")
 triton_add_residual = TritonKernel("add_residual", "residual")
 triton_copy_rows = TritonKernel("copy_rows", "row copy")
 triton_copy_pixels = TritonKernel("copy_pixels", "pixel copy")
+triton_store_e4m3_rows = TritonKernel("store_e4m3_rows", "e4m3 store")
 
 
 CUDNN_BENCHMARK_ENV = "SEEDVR2_CUDNN_BENCHMARK"
@@ -379,6 +383,11 @@ class VAERuntime:
         """For a convolution that runs in e4m3: what its input's producer multiplies by before storing e4m3
         values (see :mod:`.vae_fp8`); None for convolutions in the compute dtype."""
         return None if self.fp8 is None else self.fp8.input_multiplier(conv)
+
+    def upsampler_input_scale(self, conv: nn.Module, inputs: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        """For an upsampler ``conv`` that runs in e4m3: the scale (1,) of its input in a call that upsamples
+        ``inputs``; None when it runs in the compute dtype."""
+        return None if self.fp8 is None else self.fp8.upsampler_input_scale(conv, inputs)
 
     def input_channels(self, channels: int) -> int:
         """Channels of a convolution input buffer holding ``channels`` real ones (zero-padded to 16 when on)."""
@@ -458,12 +467,20 @@ class VAERuntime:
         if not (self.triton_kernels and (triton_copy_rows(x, out) or triton_copy_pixels(x, out))):
             out.copy_(x)
 
-    def conv3d(self, x: torch.Tensor, conv: nn.Conv3d, *, with_bias: bool = True) -> torch.Tensor:
+    def store_e4m3(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out.copy_(x)`` into an e4m3 ``out`` from values already in its range (the upsampling GEMM's
+        scaled output), by the Triton casting copy where it fits."""
+        if not (self.triton_kernels and triton_store_e4m3_rows(x, out)):
+            out.copy_(x)
+
+    def conv3d(self, x: torch.Tensor, conv: nn.Conv3d, *, with_bias: bool = True,
+               input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``conv(x)``, without the bias when ``with_bias`` is False (the caller folds it into the next pass);
-        ``x`` may carry zero channels beyond ``conv.in_channels``."""
+        ``x`` may carry zero channels beyond ``conv.in_channels``.  ``input_scale``: the per-call scale of an
+        e4m3 ``x`` written by an upsampler (:meth:`upsampler_input_scale`)."""
         weight, bias = conv.weight, conv.bias if with_bias else None
         if x.dtype == vae_fp8.FP8_DTYPE:
-            return self.fp8.convolve(x, conv, bias, weight.dtype, self._convolve)
+            return self.fp8.convolve(x, conv, bias, weight.dtype, self._convolve, input_scale)
         extra_in = x.shape[1] - weight.shape[1]
         extra_out = self._aligned(weight.shape[0], CHANNEL_ALIGNMENT) - weight.shape[0]
         if extra_in or extra_out:
@@ -507,19 +524,28 @@ class VAERuntime:
         return F.conv3d(x, weight, bias, stride, padding)
 
     def upscale_shuffle_into(
-        self, x: torch.Tensor, conv: nn.Conv3d, time_factor: int, out: torch.Tensor, *, drop_first_copy: bool
+        self, x: torch.Tensor, conv: nn.Conv3d, time_factor: int, out: torch.Tensor, *, drop_first_copy: bool,
+        out_scale: Optional[torch.Tensor] = None,
     ) -> None:
         """Write ``pixel_shuffle_3d(conv(x), time_factor)`` into ``out``, without the second copy of frame 0
-        when ``drop_first_copy``.  In channels-last memory batched GEMMs write the shuffled frames in place
-        (:mod:`.vae_upsample`); otherwise the 1x1x1 conv runs on bands of rows, so its 4x/8x-wide output
+        when ``drop_first_copy``; for an e4m3 ``out``, times ``out_scale`` (1,) (one over the
+        :meth:`upsampler_input_scale`).  In channels-last memory batched GEMMs write the shuffled frames in
+        place (:mod:`.vae_upsample`); otherwise the 1x1x1 conv runs on bands of rows, so its 4x/8x-wide output
         never exists whole, and its bias is added by the shuffling copy instead of a pass of its own."""
+        if (out.dtype == vae_fp8.FP8_DTYPE) != (out_scale is not None):
+            raise ValueError("an e4m3 upsampler output needs its out_scale, and only it takes one.")
         b, c, frames, height, width = x.shape
         if self.shuffle_gemm and vae_upsample.supports(x, out):
-            columns = x.shape[1] + vae_upsample.BIAS_COLUMNS
+            matrices = vae_upsample.shuffle_matrices(conv.weight, conv.bias, time_factor)
+            rows = UPSCALE_BAND_BYTES // (width * matrices.shape[2] * x.element_size())
+            if out_scale is not None:
+                # Scaled weights: the GEMM's output is already in e4m3's range; it is staged in bands small
+                # enough to stay in L2 on their way to the e4m3 store.
+                matrices = (matrices.float() * out_scale).to(matrices.dtype)
+                rows = min(rows, UPSCALE_STAGE_BYTES // (width * matrices.shape[3] * x.element_size()))
             vae_upsample.upscale_shuffle_gemm_into(
-                x, vae_upsample.shuffle_matrices(conv.weight, conv.bias, time_factor), out,
-                band_rows=UPSCALE_BAND_BYTES // (width * columns * x.element_size()), drop_first_copy=drop_first_copy,
-                copy=self.copy_into)
+                x, matrices, out, band_rows=rows, drop_first_copy=drop_first_copy, copy=self.copy_into,
+                store=self.store_e4m3)
             return
         # Bias of output channel ((dx·2 + dy)·z_r + dz)·C + c, laid out like ``source`` below.
         bias = None if conv.bias is None else conv.bias.view(2, 2, time_factor, c).permute(3, 2, 0, 1)[
@@ -537,7 +563,10 @@ class VAERuntime:
                 source = band[:, :, 0].unflatten(1, (2, 2, time_factor, c)).permute(0, 4, 3, 5, 1, 6, 2)
                 target = out[:, :, start:start + copies, 2 * top:2 * (top + band_rows)]
                 target = target.unflatten(3, (band_rows, 2)).unflatten(5, (width, 2))
-                if bias is None:
+                if out_scale is not None:
+                    shuffled = source[:, :, :copies] if bias is None else source[:, :, :copies] + bias[:, :, :copies]
+                    target.copy_(shuffled.float() * out_scale)
+                elif bias is None:
                     target.copy_(source[:, :, :copies])
                 else:
                     torch.add(source[:, :, :copies], bias[:, :, :copies], out=target)

@@ -38,9 +38,11 @@ def shuffle_matrices(weight: torch.Tensor, bias: Optional[torch.Tensor], time_fa
 def upscale_shuffle_gemm_into(
     x: torch.Tensor, matrices: torch.Tensor, out: torch.Tensor, *, band_rows: int, drop_first_copy: bool,
     copy: Callable[[torch.Tensor, torch.Tensor], None] = lambda source, target: target.copy_(source),
+    store: Callable[[torch.Tensor, torch.Tensor], None] = lambda source, target: target.copy_(source),
 ) -> None:
     """Write ``pixel_shuffle_3d(conv_1x1(x))`` (``matrices`` from :func:`shuffle_matrices`) into ``out``
-    (B, C, F', 2H, 2W), without the second time copy of frame 0 when ``drop_first_copy``.
+    (B, C, F', 2H, 2W), without the second time copy of frame 0 when ``drop_first_copy``.  An ``out`` of
+    another dtype (e4m3) receives each GEMM's result through a staging band, cast by ``store(source, target)``.
 
     Both ``x`` and ``out`` must hold every frame as a contiguous (H, W, C) block (channels-last), which
     :func:`supports` checks.  Input rows go through the GEMMs in bands of ``band_rows``; ``copy(source,
@@ -52,6 +54,7 @@ def upscale_shuffle_gemm_into(
     rows = max(1, min(band_rows, height))
     band = x.new_zeros(rows, width, columns)
     band[..., in_channels] = 1  # the bias column; the input channels are copied in per band
+    stage = None if out.dtype == x.dtype else x.new_empty(rows, width, matrices.shape[3])
     for batch in range(batches):
         for frame in range(frames):
             copies = 1 if drop_first_copy and frame == 0 else time_factor
@@ -65,7 +68,11 @@ def upscale_shuffle_gemm_into(
                     target_frame = out[batch, :, start + dz].permute(1, 2, 0)  # (2H, 2W, C)
                     for dx in range(2):
                         target = target_frame[2 * top + dx:2 * (top + count):2].view(count, width, -1)
-                        torch.bmm(tokens, matrices[dz, dx].expand(count, -1, -1), out=target)
+                        if stage is None:
+                            torch.bmm(tokens, matrices[dz, dx].expand(count, -1, -1), out=target)
+                        else:
+                            torch.bmm(tokens, matrices[dz, dx].expand(count, -1, -1), out=stage[:count])
+                            store(stage[:count], target)
 
 
 def supports(x: torch.Tensor, out: torch.Tensor) -> bool:

@@ -20,9 +20,12 @@ class PaddedInput:
     frames: torch.Tensor
     look_back: int
     starts_clip: bool
-    # For an e4m3 buffer (a convolution quantized by optimization.vae_fp8): per channel, what the producer of
-    # the new frames multiplies its values by before storing them.  None: values are stored as they are.
+    # For an e4m3 buffer (a convolution quantized by optimization.vae_fp8): per channel (or one for all), what
+    # the producer of the new frames multiplies its values by before storing them.  None: stored as they are.
     store_scale: Optional[torch.Tensor] = None
+    # An e4m3 buffer whose scale was chosen for this call (an upsampler's): what a stored value stands for per
+    # unit, which the convolution multiplies its sums by.  None: a static scale, folded into the weights.
+    input_scale: Optional[torch.Tensor] = None
 
     @property
     def new_frames(self) -> torch.Tensor:
@@ -115,7 +118,7 @@ class CausalConv3d(nn.Conv3d):
         """Convolve a filled :class:`PaddedInput` (history slots repeated from the first frame at the clip
         start); the caller keeps whatever the next call needs."""
         self._repeat_first_frame(padded)
-        return runtime.conv3d(padded.frames, self, with_bias=with_bias)
+        return runtime.conv3d(padded.frames, self, with_bias=with_bias, input_scale=padded.input_scale)
 
     @staticmethod
     def _repeat_first_frame(padded: PaddedInput) -> None:

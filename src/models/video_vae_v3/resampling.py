@@ -96,17 +96,23 @@ class Upsampler3D(nn.Module):
 
         The conv's look-back (its last 2 input frames, 4-8x larger than the upsampler's input) is kept as
         the input frames it is computed from, and recomputed: 1x1 conv and shuffle are cheap, memory is not.
+        A conv the runtime quantizes gets an e4m3 buffer, scaled for this call's inputs (look-back included).
         """
         b, c, f, h, w = x.shape
         time_factor, look_back = self.time_factor, self.conv.kernel_size[0] - 1
         starts = not memory.continues(self.conv)
         history: Optional[UpsamplerLookBack] = None if starts else memory.recall(self.conv)
         frames = f * time_factor - (1 if starts and time_factor == 2 else 0)
-        padded = PaddedInput(runtime.empty((b, c, look_back + frames, 2 * h, 2 * w), x), look_back, starts)
+        scale = runtime.upsampler_input_scale(self.conv, [x] if history is None else [history.inputs, x])
+        dtype = None if scale is None else runtime.QUANTIZED_DTYPE
+        store_scale = None if scale is None else 1.0 / scale
+        padded = PaddedInput(runtime.empty((b, c, look_back + frames, 2 * h, 2 * w), x, dtype), look_back, starts,
+                             store_scale=store_scale, input_scale=scale)
         if history is not None:
-            history.write(padded.frames[:, :, :look_back], self.upscale_conv, time_factor, runtime)
+            history.write(padded, self.upscale_conv, time_factor, runtime)
         runtime.upscale_shuffle_into(
-            x, self.upscale_conv, time_factor, padded.new_frames, drop_first_copy=starts and time_factor == 2
+            x, self.upscale_conv, time_factor, padded.new_frames, drop_first_copy=starts and time_factor == 2,
+            out_scale=store_scale,
         )
         out = self.conv.convolve_padded(padded, runtime, with_bias=with_bias)
         del padded
@@ -138,10 +144,13 @@ class UpsamplerLookBack:
         sequence = x if x.shape[2] >= needed else torch.cat([before, x], dim=2)
         return cls(sequence[:, :, -needed:].clone())
 
-    def write(self, out: torch.Tensor, upscale_conv: nn.Conv3d, time_factor: int, runtime: "VAERuntime") -> None:
-        """Recompute the look-back frames into ``out`` (the history slots of the conv's padded input)."""
+    def write(self, padded: PaddedInput, upscale_conv: nn.Conv3d, time_factor: int, runtime: "VAERuntime") -> None:
+        """Recompute the look-back frames into the history slots of the conv's padded input."""
+        out = padded.frames[:, :, :padded.look_back]
         if self.first_copy_only:
-            runtime.upscale_shuffle_into(self.inputs, upscale_conv, time_factor, out[:, :, -1:], drop_first_copy=True)
+            runtime.upscale_shuffle_into(self.inputs, upscale_conv, time_factor, out[:, :, -1:], drop_first_copy=True,
+                                         out_scale=padded.store_scale)
             out[:, :, :-1].copy_(out[:, :, -1:].expand(-1, -1, out.shape[2] - 1, -1, -1))
         else:
-            runtime.upscale_shuffle_into(self.inputs, upscale_conv, time_factor, out, drop_first_copy=False)
+            runtime.upscale_shuffle_into(self.inputs, upscale_conv, time_factor, out, drop_first_copy=False,
+                                         out_scale=padded.store_scale)
