@@ -366,6 +366,27 @@ def test_offload_round_trip_through_pinned_memory():
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
 
 
+@needs_cuda
+def test_unchanged_weights_go_back_to_their_pinned_copy_and_changed_ones_are_copied():
+    model = make_model().cuda()
+    offload(model, "cpu", pin_memory=True)
+    host = {name: p.data_ptr() for name, p in model.named_parameters()}
+    offload(model, "cuda")
+    first, second = list(model.parameters())[:2]
+    with torch.no_grad():
+        first.add_(1.0)                                   # written in place: its host copy is stale
+    second.data = second.data.clone()                     # new data: its host copy may be stale
+    after = snapshot(model)
+    offload(model, "cpu", pin_memory=True)
+    for name, p in model.named_parameters():
+        assert p.is_pinned() and torch.equal(p, after[name].cpu()), name
+        reused = p.data_ptr() == host[name]
+        assert reused == (p is not first and p is not second), name
+    offload(model, "cuda")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, after[name], rtol=0, atol=0)
+
+
 def test_a_refused_blockswap_leaves_the_model_untouched():
     model = make_model(depth=4)
     with torch.device("meta"):

@@ -4,7 +4,9 @@
   before and after, the peak is recorded, and ``SEEDVR2_DEBUG_MEMORY=1`` logs one line per phase.
 * :func:`memory_report` / :func:`memory_pressure` read free/total device memory and host RAM (psutil if
   installed, else ``/proc/meminfo``).
-* :func:`offload` moves a whole model between phases, leaving blocks managed by a BlockSwap alone.
+* :func:`offload` moves a whole model between phases, leaving blocks managed by a BlockSwap alone; a model
+  that came to the GPU from pinned memory goes back to that copy without a transfer, while its weights
+  are unchanged.
 * :func:`copy_to_host` writes GPU results into ordinary (pageable) host tensors through two small pinned
   buffers, the GPU's copy of one chunk overlapping the host's copy of the previous one.
 * :class:`HostPrefault` touches the pages of a fresh host result tensor on a background thread while the
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .switches import env_switch
 
@@ -312,11 +315,33 @@ def _outside_swap(module: nn.Module) -> Iterator[nn.Module]:
         yield from _outside_swap(child)
 
 
+@dataclass
+class _HostCopy:
+    """The pinned host tensor a GPU weight was copied from, and how to tell that the weight is unchanged."""
+
+    host: torch.Tensor
+    data_ptr: int  # the GPU tensor's: assigning new data (``param.data = ...``) moves it
+    version: int   # the GPU tensor's version counter: any in-place write through it increments it
+
+    def still_matches(self, tensor: torch.Tensor) -> bool:
+        return (tensor.data_ptr() == self.data_ptr and tensor._version == self.version
+                and tensor.stride() == self.host.stride())
+
+
+# GPU weight -> its pinned host copy.  Weak keys by identity: a dropped model takes its entries (and pinned
+# memory) along.
+_HOST_COPIES: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
 def offload(model: nn.Module, device: torch.device | str, pin_memory: bool = False) -> nn.Module:
     """Move every parameter and buffer of ``model`` to ``device``, leaving BlockSwap-managed blocks alone.
 
     With ``pin_memory`` a move to the CPU lands in pinned memory, so the next move to the GPU is a fast
-    asynchronous copy.  Use this instead of ``model.to()`` while a BlockSwap is installed.
+    asynchronous copy.  That pinned copy is kept while the weights are on the GPU (pinned memory freed by
+    PyTorch stays in its host cache anyway), so moving them back, unchanged, is free: a DiT offloaded between
+    phases skips the transfer back each time (3.3 GB, 0.06 s on an H100's PCIe; 16 GB for the 7B in bf16).  A
+    weight written in place or given new data since is copied again.  Use this instead of ``model.to()``
+    while a BlockSwap is installed.
     """
     device = _resolve_device(device)
     pin = pin_memory and device.type == "cpu" and torch.cuda.is_available()
@@ -325,6 +350,10 @@ def offload(model: nn.Module, device: torch.device | str, pin_memory: bool = Fal
         for _, tensor in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
             if tensor.device == device and (not pin or tensor.is_pinned()):
                 continue
+            kept = _HOST_COPIES.pop(tensor, None)
+            if pin and kept is not None and kept.still_matches(tensor):
+                tensor.data = kept.host
+                continue
             if pin:
                 # Same strides as the source, so layouts such as channels_last_3d survive the round trip.
                 moved = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, pin_memory=True)
@@ -332,8 +361,14 @@ def offload(model: nn.Module, device: torch.device | str, pin_memory: bool = Fal
                 copied_from_gpu |= tensor.is_cuda
             else:
                 # Only a pinned source makes an asynchronous copy safe (the host-to-GPU direction).
-                moved = tensor.detach().to(device, non_blocking=tensor.is_pinned())
-            tensor.data = moved
+                source = tensor.detach()
+                moved = source.to(device, non_blocking=source.is_pinned())
+            if device.type == "cuda" and tensor.is_pinned():
+                host = tensor.data
+                tensor.data = moved
+                _HOST_COPIES[tensor] = _HostCopy(host, tensor.data_ptr(), tensor._version)
+            else:
+                tensor.data = moved
     if copied_from_gpu:
         torch.cuda.synchronize()  # the asynchronous copies into pinned memory must land before anyone reads them
     return model
