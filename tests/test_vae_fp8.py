@@ -22,9 +22,8 @@ import pytest
 import torch
 from conftest import golden_path, rel_err
 
-from src.benchmark.random_weights import randomize_
 from src.models.load import load_vae
-from src.models.video_vae_v3 import VAEConfig, VideoAutoencoder
+from src.models.video_vae_v3 import VideoAutoencoder
 from src.models.video_vae_v3.resampling import Upsampler3D, pixel_shuffle_3d
 from src.models.video_vae_v3.resnet import ResnetBlock3D
 from src.models.video_vae_v3.temporal_slicing import CausalMemory

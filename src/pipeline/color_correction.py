@@ -13,7 +13,6 @@ mapped through the tables piecewise-linearly in chunks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .settings import COLOR_CORRECTIONS as COLOR_CORRECTION_METHODS
 
