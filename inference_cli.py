@@ -46,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention_mode", default="auto")
     p.add_argument("--quantization", default="disabled", help="the DiT's: disabled, fp8_e4m3fn, fp4_*, gguf")
     p.add_argument("--vae_quantization", choices=VAE_QUANTIZATIONS, default="disabled",
-                   help="fp8_e4m3fn: the VAE's convolutions after each GroupNorm in fp8 (faster, less memory, "
-                        "not exact)")
+                   help="fp8_e4m3fn: the VAE's convolutions after each GroupNorm and in the decoder's upsamplers "
+                        "in fp8 (faster, less memory, not exact)")
     p.add_argument("--no_optimizations", action="store_true", help="run the plain reference path")
     p.add_argument("--blocks_to_swap", type=int, default=0)
     p.add_argument("--dit_offload_device", default="none")

@@ -1,6 +1,7 @@
 """The VAE's causal 3x3x3 convolution as a Triton implicit GEMM, in bf16/fp16 and in fp8 (e4m3).
 
-The fp8 form is what the VAE's ``fp8_e4m3fn`` quantization runs its resnet convolutions on (:mod:`.vae_fp8`).
+The fp8 form is what the VAE's ``fp8_e4m3fn`` quantization runs its GroupNorm-fed and upsampler convolutions on
+(:mod:`.vae_fp8`).
 Measured on an H100 (benchmarks/conv3d_triton.py, docs/performance.md): fp8 with the tensor core's own
 accumulation reaches 940-1310 TFLOP/s, 1.3-1.6x cuDNN's bf16, at 3.8e-2 relative error per convolution (the
 operands' e4m3 rounding); bf16 reaches 510-640 TFLOP/s against cuDNN's 590-800, so the bf16 VAE keeps cuDNN.

@@ -367,7 +367,8 @@ class VAERuntime:
     triton_kernels: bool = False
     # The upsamplers' 1x1 conv + pixel shuffle as GEMMs writing in place (channels-last frames only).
     shuffle_gemm: bool = False
-    # The resnet convolutions in e4m3 (the VAE's fp8_e4m3fn quantization), None for the compute dtype.
+    # The GroupNorm-fed and upsampler convolutions in e4m3 (the VAE's fp8_e4m3fn quantization), None for the
+    # compute dtype.
     fp8: Optional[vae_fp8.Fp8Convolutions] = None
 
     @property
@@ -618,7 +619,7 @@ class VAEOptimizationReport:
             f"{', channel padding' if self.pad_channels else ''}, {self.norm_kernel} GroupNorm, "
             f"convolutions via {self.conv_route} ({self.conv_route_reason})"
             f"{', cudnn.benchmark' if self.cudnn_benchmark else ''}"
-            f"{f', resnet convolutions in fp8 e4m3 ({self.fp8_route})' if self.fp8_route else ''}"
+            f"{f', convolutions in fp8 e4m3 ({self.fp8_route})' if self.fp8_route else ''}"
         )
 
 
@@ -642,8 +643,8 @@ def optimize_vae(
 ) -> VAEOptimizationReport:
     """Switch ``model`` to the optimized path (``enabled=False``: back to the plain one); call it with the
     model on its device and dtype.  Options left at None take the best choice for that device.
-    ``quantization="fp8_e4m3fn"`` runs the resnet convolutions in e4m3 (:mod:`.vae_fp8`; not exact: ~4e-2
-    relative per convolution, for speed and memory)."""
+    ``quantization="fp8_e4m3fn"`` runs the GroupNorm-fed and upsampler convolutions in e4m3 (:mod:`.vae_fp8`;
+    not exact: ~4e-2 relative per convolution, for speed and memory)."""
     from ..models.video_vae_v3 import VideoAutoencoder
     from .torch_compile import compile_enabled
 

@@ -62,7 +62,7 @@ class VAESpec:
     tile_debug: str = "false"       # "false", "encode" or "decode": draw that direction's VAE tiles
     enable_optimizations: bool = True
     compile: CompileSettings | None = None
-    quantization: str = "disabled"  # "fp8_e4m3fn": resnet convolutions in fp8 (optimization.vae_fp8)
+    quantization: str = "disabled"  # "fp8_e4m3fn": convolutions in fp8 (optimization.vae_fp8)
 
     def __post_init__(self) -> None:
         if self.quantization not in VAE_QUANTIZATIONS:
