@@ -55,6 +55,14 @@ def golden_json(name: str) -> dict:
     return json.loads(golden_path(name).read_text())
 
 
+def set_env(monkeypatch: pytest.MonkeyPatch, name: str, value: str | None) -> None:
+    """Set the environment variable ``name`` to ``value`` for one test; None: unset."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error ||a - b|| / ||b|| in float64 (the golden README's metric)."""
     a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()

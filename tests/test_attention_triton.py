@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
-from triton_interpreter import (DEVICE, choose_interpreter, compute_as_the_gpu, run_in_fresh_interpreter,
-                                skip_unless_kernels_run_here)
+from triton_interpreter import (DEVICE, choose_interpreter, compute_as_the_gpu, kernel_module,
+                                run_in_fresh_interpreter, skip_unless_kernels_run_here)
 
 from src.optimization import matrix_ops
 
@@ -40,10 +40,7 @@ CONSUMER_SHARED_MEMORY = 101376  # an RTX 4090's
 @pytest.fixture(scope="module")
 def wide():
     """The attention_triton module (imports Triton)."""
-    pytest.importorskip("triton", reason=NO_TRITON)
-    from src.optimization import attention_triton
-
-    return attention_triton
+    return kernel_module("attention_triton", NO_TRITON, runnable=False)
 
 
 @pytest.fixture(scope="module")

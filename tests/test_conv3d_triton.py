@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
-from triton_interpreter import (DEVICE, choose_interpreter, compute_as_the_gpu, run_in_fresh_interpreter,
-                                skip_unless_kernels_run_here)
+from triton_interpreter import (DEVICE, choose_interpreter, compute_as_the_gpu, kernel_module,
+                                run_in_fresh_interpreter, skip_unless_kernels_run_here)
 
 from src.optimization import vae_fp8
 
@@ -38,10 +38,7 @@ FP8_BOUND = 6e-2
 @pytest.fixture(scope="module")
 def conv():
     """The conv3d_triton module (imported, not necessarily runnable here)."""
-    pytest.importorskip("triton", reason=NO_TRITON)
-    from src.optimization import conv3d_triton
-
-    return conv3d_triton
+    return kernel_module("conv3d_triton", NO_TRITON, runnable=False)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import golden_cases, golden_json, load_golden, rel_err
-from triton_interpreter import (DEVICE, choose_interpreter, compute_as_the_gpu, run_in_fresh_interpreter,
-                                skip_unless_kernels_run_here)
+from triton_interpreter import DEVICE, choose_interpreter, compute_as_the_gpu, kernel_module, run_in_fresh_interpreter
 
 from src.models.dit import NaDiT, NaDiTConfig
 from src.models.dit.mlp import SwiGLUMLP
@@ -42,11 +41,7 @@ NO_TRITON = "Triton is not installed: its DiT kernels are optional (CUDA only)"
 @pytest.fixture(scope="module")
 def kernels():
     """The dit_triton module, its kernels compiled for the GPU or run by the interpreter."""
-    pytest.importorskip("triton", reason=NO_TRITON)
-    skip_unless_kernels_run_here()
-    from src.optimization import dit_triton
-
-    return dit_triton
+    return kernel_module("dit_triton", NO_TRITON)
 
 
 def _random(shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ import logging
 
 import pytest
 import torch
-from triton_interpreter import DEVICE, choose_interpreter, run_in_fresh_interpreter, skip_unless_kernels_run_here
+from triton_interpreter import DEVICE, choose_interpreter, kernel_module, run_in_fresh_interpreter
 
 from src.optimization import fp4_quantization, fused_kernels
 from src.optimization.fp4_quantization import FP8_MAX, quantize_fp8
@@ -29,11 +29,7 @@ NO_TRITON = "Triton is not installed: its FP8 quantization kernel is optional (C
 
 @pytest.fixture(scope="module")
 def kernels():
-    pytest.importorskip("triton", reason=NO_TRITON)
-    skip_unless_kernels_run_here()
-    from src.optimization import fp8_triton
-
-    return fp8_triton
+    return kernel_module("fp8_triton", NO_TRITON)
 
 
 def _rows(rows: int, width: int, dtype: torch.dtype, *, stride_extra: int = 0, seed: int = 0) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The optimization package's environment switches: one reading of on and off."""
 import pytest
+from conftest import set_env
 
 from src.optimization.switches import env_switch
 
@@ -12,9 +13,6 @@ NAME = "SEEDVR2_TEST_SWITCH"
     ("maybe", True, False),  # neither: the default stands
 ])
 def test_env_switch(monkeypatch, value, default_on, default_off):
-    if value is None:
-        monkeypatch.delenv(NAME, raising=False)
-    else:
-        monkeypatch.setenv(NAME, value)
+    set_env(monkeypatch, NAME, value)
     assert env_switch(NAME, default=True) is default_on
     assert env_switch(NAME, default=False) is default_off

@@ -53,25 +53,23 @@ def _fed_by_group_norm(model: VideoAutoencoder) -> list[tuple[torch.nn.Module, t
     return pairs
 
 
+def _fake_quantized_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` rounded to e4m3 per output channel (scale = amax / 448), back in float32."""
+    weight_scale = weight.abs().amax(dim=(1, 2, 3, 4), keepdim=True) / 448
+    return _e4m3(weight / weight_scale) * weight_scale
+
+
 def _fake_quantize(model: VideoAutoencoder) -> VideoAutoencoder:
     """The plain ``model`` with each GroupNorm-fed convolution computing on e4m3-rounded operands, by the
     definition."""
     for conv, norm in _fed_by_group_norm(model):
         scale = (norm.weight.abs() * 64 + norm.bias.abs()) / 448  # per input channel
         multiplier = 1.0 / scale  # what the GroupNorm multiplies by (a product, as the kernels compute it)
-        weight = conv.weight.detach() * scale.view(1, -1, 1, 1, 1)
-        weight_scale = weight.abs().amax(dim=(1, 2, 3, 4), keepdim=True) / 448
-        with torch.no_grad():
-            conv.weight.copy_(_e4m3(weight / weight_scale) * weight_scale)  # acts on stored input values
+        with torch.no_grad():  # acts on stored input values
+            conv.weight.copy_(_fake_quantized_weight(conv.weight.detach() * scale.view(1, -1, 1, 1, 1)))
         conv.register_forward_pre_hook(
             lambda module, args, m=multiplier: (_e4m3(args[0] * m.view(1, -1, 1, 1, 1)), *args[1:]))
     return model
-
-
-def _fake_quantized_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` rounded to e4m3 per output channel (scale = amax / 448), back in float32."""
-    weight_scale = weight.abs().amax(dim=(1, 2, 3, 4), keepdim=True) / 448
-    return _e4m3(weight / weight_scale) * weight_scale
 
 
 def _upsampler_scale(upsampler: Upsampler3D, inputs: torch.Tensor) -> torch.Tensor:

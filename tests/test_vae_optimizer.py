@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import golden_cases, golden_path, rel_err
+from conftest import golden_cases, golden_path, rel_err, set_env
 
 from src.benchmark.random_weights import randomize_
 from src.models.load import load_vae
@@ -481,10 +481,7 @@ def test_choose_tile_size_explains_when_nothing_fits():
 
 @pytest.mark.parametrize("value, wanted", [(None, False), ("1", True), ("on", True), ("0", False)])
 def test_cudnn_autotuning_follows_its_environment_switch(monkeypatch, value, wanted):
-    if value is None:
-        monkeypatch.delenv(vae_optimizer.CUDNN_BENCHMARK_ENV, raising=False)
-    else:
-        monkeypatch.setenv(vae_optimizer.CUDNN_BENCHMARK_ENV, value)
+    set_env(monkeypatch, vae_optimizer.CUDNN_BENCHMARK_ENV, value)
     assert vae_optimizer._cudnn_benchmark_wanted() is wanted
 
 
@@ -495,16 +492,13 @@ def test_the_last_chunk_keeps_no_look_back(piece_bytes):
     model = _golden_vae()
     optimize_vae(model, piece_bytes=piece_bytes)
     z = _latent(2)
-    kept = {}
+    kept, outputs = {}, {}
     with torch.no_grad():
         for last in (False, True):
             memory = CausalMemory(last_chunk=last)
-            out = model.decoder.forward_lean(z.to(model.dtype), memory, model.runtime)
+            outputs[last] = model.decoder.forward_lean(z.to(model.dtype), memory, model.runtime)
             kept[last] = len(memory._frames)
-            if last:
-                torch.testing.assert_close(out, expected)
-            else:
-                expected = out
+    torch.testing.assert_close(outputs[True], outputs[False])
     assert kept[False] > 0 and kept[True] == 0
 
 

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
-from triton_interpreter import DEVICE, choose_interpreter, run_in_fresh_interpreter, skip_unless_kernels_run_here
+from conftest import rel_err, set_env
+from triton_interpreter import DEVICE, choose_interpreter, kernel_module, run_in_fresh_interpreter
 
 from src.optimization import vae_optimizer
 from src.optimization.vae_optimizer import VAERuntime, add_residual, normalize_into
@@ -39,11 +39,7 @@ NO_TRITON = "Triton is not installed: its VAE kernels are optional (CUDA only)"
 @pytest.fixture(scope="module")
 def kernels():
     """The vae_triton module, its kernels compiled for the GPU or run by the interpreter."""
-    pytest.importorskip("triton", reason=NO_TRITON)
-    skip_unless_kernels_run_here()
-    from src.optimization import vae_triton
-
-    return vae_triton
+    return kernel_module("vae_triton", NO_TRITON)
 
 
 def _frames_last(shape, *, mean: float = 0.0, std: float = 1.0, seed: int = 0, dtype=torch.float32,
@@ -322,10 +318,7 @@ def test_runtime_keeps_cpu_tensors_on_the_torch_kernels(kernels, caplog):
 
 @pytest.mark.parametrize("value, wanted", [(None, True), ("1", True), ("0", False), ("off", False)])
 def test_environment_switch(monkeypatch, value, wanted):
-    if value is None:
-        monkeypatch.delenv(vae_optimizer.TRITON_KERNELS_ENV, raising=False)
-    else:
-        monkeypatch.setenv(vae_optimizer.TRITON_KERNELS_ENV, value)
+    set_env(monkeypatch, vae_optimizer.TRITON_KERNELS_ENV, value)
     assert vae_optimizer._triton_kernels_wanted() is wanted
 
 

@@ -9,6 +9,7 @@ that a test's expectations would otherwise trip over.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -37,6 +38,15 @@ def kernels_run_here() -> bool:
 def skip_unless_kernels_run_here() -> None:
     if not kernels_run_here():
         pytest.skip(SKIP_REASON)
+
+
+def kernel_module(name: str, no_triton_reason: str, *, runnable: bool = True):
+    """``src.optimization.<name>`` (which imports Triton), skipping without Triton and, when ``runnable``,
+    where this process cannot run its kernels."""
+    pytest.importorskip("triton", reason=no_triton_reason)
+    if runnable:
+        skip_unless_kernels_run_here()
+    return importlib.import_module(f"src.optimization.{name}")
 
 
 def run_in_fresh_interpreter(test_file: str, no_triton_reason: str, selection: str = "not fresh_interpreter") -> None:
