@@ -11,29 +11,18 @@ configuration autotuning chose.  A failing kernel is recorded, not fatal.  About
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
+from kernel_bench import error_row, parse_args, run_shapes, time_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from performance_test import cuda_time
 from src.optimization import matrix_ops
 from src.optimization.attention_triton import tuned_tiles, wide_attention
 
 SHAPES = {"1080p frame": (1, 1, 32640, 512), "4K image": (1, 1, 129600, 512)}
 REFERENCE_SCORE_ELEMENTS = 1 << 28  # one query slice's float32 scores: 1 GiB
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default=None, help="write the results as JSON here")
-    return p.parse_args(argv)
 
 
 def float32_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -82,28 +71,22 @@ def measure_shape(shape: tuple[int, int, int, int], device: torch.device) -> dic
     q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, generator=generator) for _ in range(3))
     flops = 4 * shape[0] * shape[1] * shape[2] * shape[2] * shape[3]
     reference = float32_reference(q, k, v)
-    rows = {"flops": flops}
+    rows = {"shape": list(shape), "flops": flops}
     for label, kernel in KERNELS.items():
         try:
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            out = kernel(q, k, v)
-            torch.cuda.synchronize(device)
-            first_call = time.perf_counter() - start
-            seconds = cuda_time(lambda kernel=kernel: kernel(q, k, v), device)
+            rows[label], out = time_call(lambda kernel=kernel: kernel(q, k, v), flops, device)
         except Exception as error:  # a compile or launch failure: keep the other kernels
-            rows[label] = {"error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
+            rows[label] = error_row(error)
             continue
-        rows[label] = {"ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "first_call_s": first_call,
-                       "rel_l2_vs_float32": rel_l2(out, reference)}
+        rows[label]["rel_l2_vs_float32"] = rel_l2(out, reference)
         if label == "triton_wide":
             rows[label]["tiles"] = tuned_tiles()._asdict()
         del out
     return rows
 
 
-def print_shape(name: str, shape: tuple, rows: dict) -> None:
-    print(f"\n{name} {list(shape)}  ({rows['flops'] / 1e12:.2f} TFLOP)", flush=True)
+def print_shape(name: str, rows: dict) -> None:
+    print(f"\n{name} {rows['shape']}  ({rows['flops'] / 1e12:.2f} TFLOP)", flush=True)
     print(f"  {'kernel':<16}{'ms':>9}{'TFLOP/s':>9}{'first s':>9}{'rel fp32':>10}  tiles")
     for label in KERNELS:
         row = rows[label]
@@ -116,22 +99,8 @@ def print_shape(name: str, shape: tuple, rows: dict) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = torch.device("cuda")
-    results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-               "triton": triton.__version__, "shapes": {}}
-    start = time.perf_counter()
-    for name, shape in SHAPES.items():
-        with torch.no_grad():
-            rows = measure_shape(shape, device)
-        results["shapes"][name] = {"shape": list(shape), **rows}
-        print_shape(name, shape, rows)
-        torch.cuda.empty_cache()
-        results["seconds"] = time.perf_counter() - start
-        if args.output:
-            Path(args.output).write_text(json.dumps(results, indent=1))
-    print(f"\n{results['seconds']:.0f} s in all")
-    return 0
+    args = parse_args(__doc__.split("\n\n")[0], argv)
+    return run_shapes(SHAPES.items(), measure_shape, print_shape, args.output)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,12 @@ fatal.  About 2-3 minutes on an H100; the JSON is rewritten after every shape.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
-from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
+from kernel_bench import error_row, parse_args, run_shapes, time_call
 
 from performance_test import cuda_time
 from src.optimization.conv3d_triton import conv3d_causal, quantize_input_fp8, tuned_tiles, weight_matrix
@@ -55,12 +51,6 @@ SHAPES = (
 )
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default=None, help="write the results as JSON here")
-    return p.parse_args(argv)
-
-
 def rel_l2(result: torch.Tensor, reference: torch.Tensor) -> float:
     """||result - reference|| / ||reference||, one frame at a time in float32 (whole outputs are GBs)."""
     difference = total = 0.0
@@ -83,17 +73,6 @@ def float32_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
-def measure(call: Callable[[], torch.Tensor], shape: Shape, device: torch.device) -> tuple[dict, torch.Tensor]:
-    """Time ``call`` (its first call apart: compiling, autotuning) and return its row and output."""
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = call()
-    torch.cuda.synchronize(device)
-    first_call = time.perf_counter() - start
-    seconds = cuda_time(call, device)
-    return {"ms": seconds * 1e3, "tflops": shape.flops / seconds / 1e12, "first_call_s": first_call}, out
-
-
 def measure_shape(shape: Shape, device: torch.device) -> dict:
     generator = torch.Generator(device).manual_seed(0)
     x = torch.randn(1, shape.channels, shape.frames + 2, shape.height, shape.width, device=device,
@@ -109,7 +88,7 @@ def measure_shape(shape: Shape, device: torch.device) -> dict:
                                        cudnn.deterministic, cudnn.allow_tf32)
 
     rows, outputs = {}, {}
-    rows["cudnn"], outputs["cudnn"] = measure(cudnn_call, shape, device)
+    rows["cudnn"], outputs["cudnn"] = time_call(cudnn_call, shape.flops, device)
     matrix = weight_matrix(weight)
     out = torch.empty_like(outputs["cudnn"])
     variants = {"triton_bf16": lambda: conv3d_causal(x, matrix, out=out)}
@@ -123,12 +102,12 @@ def measure_shape(shape: Shape, device: torch.device) -> dict:
         variants["triton_fp8_fast_accumulation"] = lambda: conv3d_causal(
             x_fp8, matrix_fp8, out=out_fast, fp8_scales=(x_scale, weight_scale), fp8_fast_accumulation=True)
     except Exception as error:  # fp8 missing from this torch build or device
-        rows["fp8_quantize_x"] = {"error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
+        rows["fp8_quantize_x"] = error_row(error)
     for label, call in variants.items():
         try:
-            rows[label], outputs[label] = measure(call, shape, device)
+            rows[label], outputs[label] = time_call(call, shape.flops, device)
         except Exception as error:  # a compile or launch failure: keep the other variants
-            rows[label] = {"error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
+            rows[label] = error_row(error)
             continue
         rows[label]["tiles"] = tuned_tiles()._asdict()
     for label, output in outputs.items():
@@ -155,22 +134,8 @@ def print_shape(name: str, rows: dict) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = torch.device("cuda")
-    results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-               "triton": triton.__version__, "shapes": {}}
-    start = time.perf_counter()
-    for shape in SHAPES:
-        with torch.no_grad():
-            rows = measure_shape(shape, device)
-        results["shapes"][shape.name] = rows
-        print_shape(shape.name, rows)
-        torch.cuda.empty_cache()
-        results["seconds"] = time.perf_counter() - start
-        if args.output:
-            Path(args.output).write_text(json.dumps(results, indent=1))
-    print(f"\n{results['seconds']:.0f} s in all")
-    return 0
+    args = parse_args(__doc__.split("\n\n")[0], argv)
+    return run_shapes(((shape.name, shape) for shape in SHAPES), measure_shape, print_shape, args.output)
 
 
 if __name__ == "__main__":
