@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from src.models import registry
-from src.pipeline import media
+from src.pipeline import media, timing
 from src.pipeline.progress import Progress
 from src.pipeline.settings import COLOR_CORRECTIONS, VAE_QUANTIZATIONS, DiTSpec, SettingsError, UpscaleSettings, VAESpec
 
@@ -111,11 +111,13 @@ def output_writer(args, info: media.MediaInfo):
 
 
 def main(argv=None) -> int:
+    timing.mark("cli_main")  # SEEDVR2_TIMING_JSON=file: phase timings since process start (see timing.py)
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
     from src.models import download
     from src.pipeline.model_manager import ModelManager
     from src.pipeline.upscaler import upscale_stream
+    timing.mark("imports_done")
 
     try:
         info = media.probe(args.input)
@@ -151,14 +153,19 @@ def main(argv=None) -> int:
     start, written = time.perf_counter(), 0
     try:
         chunks = media.iter_chunks(args.input, args.chunk_size, skip=args.skip_first_frames, limit=args.load_cap)
+        chunks = timing.timed_iter(chunks, "read_input")
         for frames in upscale_stream(chunks, dit, vae, settings, progress=progress, manager=ModelManager()):
-            writer.write(frames)
+            with timing.accumulate("write"):
+                writer.write(frames)
+            timing.mark("first_output_frame")
             written += frames.shape[0]
     except (media.MediaError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2
     finally:
-        writer.close()
+        with timing.accumulate("write"):
+            writer.close()
+        timing.mark("output_closed")
         progress.close()
     seconds = time.perf_counter() - start
     log.info("wrote %d frame(s) to %s in %.1f s (%.2f frames/s)", written, target, seconds, written / max(seconds, 1e-9))

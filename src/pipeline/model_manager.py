@@ -19,6 +19,7 @@ import torch
 
 from ..models.load import load_dit, load_vae
 from ..optimization import stable_memory
+from . import timing
 from .devices import resolve_device
 from .settings import DiTSpec, VAESpec
 
@@ -137,7 +138,8 @@ class ModelManager:
             return cached
         load_device = _load_device(device, spec.offload_device, spec.blocks_to_swap > 0)
         log.info("SeedVR2: loading DiT %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
-        model = load_dit(path, device=load_device, dtype=dtype, quantization=quantization)
+        with timing.span("load_dit", sync=load_device, file=path.name):
+            model = load_dit(path, device=load_device, dtype=dtype, quantization=quantization)
         offload_device = _offload(spec.offload_device)
         managed = ManagedModel("dit", key, model, device, offload_device, dtype, spec.cache_model,
                                info={"path": path, "quantization": quantization, "config": model.config})
@@ -160,7 +162,8 @@ class ModelManager:
             return cached
         load_device = _load_device(device, spec.offload_device, False)
         log.info("SeedVR2: loading VAE %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
-        model = load_vae(path, device=load_device, dtype=dtype)
+        with timing.span("load_vae", sync=load_device, file=path.name):
+            model = load_vae(path, device=load_device, dtype=dtype)
         managed = ManagedModel("vae", key, model, device, _offload(spec.offload_device), dtype, spec.cache_model,
                                info={"path": path})
         self._register(managed, allow_comfy=True)

@@ -27,6 +27,7 @@ from .color_correction import color_correct
 from .devices import resolve_device
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
 from .model_manager import ManagedModel, ModelManager, default_manager
+from . import timing
 from .progress import Progress
 from .restoration import (
     RandomDraws, VAETiling, condition_latent, decode_latent, dit_velocity, draw_randoms, encode_posterior,
@@ -216,10 +217,11 @@ class _Runner:
         device = torch.device(resolve_device(spec.device))
         debug = self.settings.enable_debug or stable_memory.debug_memory_enabled()
         if not debug and stable_memory.memory_pressure(device) < MEMORY_PRESSURE_TO_CLEAR:
-            yield
+            with timing.span(name, sync=device):
+                yield
             return
         start = time.perf_counter()
-        with stable_memory.memory_efficient_context(device, name) as memory:
+        with stable_memory.memory_efficient_context(device, name) as memory, timing.span(name, sync=device):
             yield
         if self.settings.enable_debug:
             log.info("SeedVR2: %s took %.2f s; %s", name, time.perf_counter() - start, memory)
@@ -291,7 +293,7 @@ class _Runner:
             decoded = self._with_oom_retry("decode", lambda tiling: decode_latent(vae.model, latent, tiling),
                                            self._tiling("decode"), batch.padded_length)
             latents[index] = None
-            with progress.section("postprocess"):
+            with progress.section("postprocess"), timing.accumulate("postprocess"):
                 frames = crop(decoded[: batch.length], geometry.height, geometry.width).float()
                 del decoded
                 style = to_model_range(self._batch_pixels(extended, batch, geometry, vae.device))
@@ -397,7 +399,8 @@ def _write_batch(out: torch.Tensor, frames: torch.Tensor, batch: Batch, prepend:
         target = out[start:start + blended, ..., :3]
         target.mul_(weights).add_(head * (1.0 - weights))
     rest = frames[first + blended:]
-    stable_memory.copy_to_host(out[start + blended:start + blended + rest.shape[0], ..., :3], rest)
+    with timing.accumulate("host_copy"):
+        stable_memory.copy_to_host(out[start + blended:start + blended + rest.shape[0], ..., :3], rest)
 
 
 def _input_noise(settings: UpscaleSettings, video: torch.Tensor) -> torch.Tensor:
@@ -433,7 +436,8 @@ def _optimize(managed: ManagedModel, spec) -> None:
         return
     from ..optimization import apply
 
-    apply.optimize_model(managed, spec)
+    with timing.span(f"optimize_{managed.kind}", sync=managed.device):
+        apply.optimize_model(managed, spec)
     managed.info["optimized"] = True
 
 
