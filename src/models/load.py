@@ -87,7 +87,10 @@ def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, qu
             model, {k: v.dtype for k, v in index.tensors.items()}, mode, dtype, device=device
         )
     if report.layers:
-        log.info("SeedVR2: %s", report.summary())
+        # An fp8 file read with quantization "disabled" keeps its fp8 storage: how the file is stored, not a
+        # quantization the user asked for, so it is only told when debugging.
+        asked = quantization != "disabled" or index.path.suffix.lower() == ".gguf"
+        log.log(logging.INFO if asked else logging.DEBUG, "SeedVR2: %s", report.summary())
     return lambda key, tensor: key in report
 
 

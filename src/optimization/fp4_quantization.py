@@ -829,5 +829,4 @@ def prepare_model_for_weights(
             continue
         _replace(model, name, new)
         report.add(name, linear, new, kind, compute_dtype)
-    log.info(report.summary())
     return report
