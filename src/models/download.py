@@ -206,7 +206,7 @@ def _download(info: ModelInfo, folder: Path) -> Path:
         staged = Path(hf_hub_download(repo_id=info.repo, filename=info.filename, local_dir=staging))
     except Exception as exc:  # network, HTTP, disk and offline-mode errors all end the same way for the user
         raise ModelFileError(
-            f"Could not download the model file {info.filename!r} ({type(exc).__name__}: {exc}). {manual}"
+            f"Could not download the model file {info.filename!r} ({_first_line(exc.__cause__ or exc)}). {manual}"
         ) from exc
     digest = sha256_of(staged)
     if digest != info.sha256:
