@@ -44,6 +44,12 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A usage error is one line too (argparse prints the whole usage first)."""
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _one_of(choices) -> str:
     return "one of: " + ", ".join(choices)
 
@@ -78,7 +84,7 @@ model file, 130 interrupted.  --debug adds full tracebacks."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="inference_cli.py", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="inference_cli.py", description=__doc__.split("\n\n")[0],
                                 epilog=_epilog(), formatter_class=_HelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("input", help="a video file, an image, or a folder of images (read in name order)")

@@ -271,3 +271,11 @@ def test_an_empty_folder_is_a_clear_input_error(tmp_path, capsys):
     assert inference_cli.main([str(tmp_path / "empty"), *_models()]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no images found" in err and len(err.splitlines()) == 1
+
+
+def test_a_bad_argument_is_one_error_line_too(capsys):
+    with pytest.raises(SystemExit) as exited:
+        inference_cli.main(["clip.mp4", "--attention_mode", "fastest"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: argument --attention_mode: invalid choice: 'fastest'") and "--help" in err
