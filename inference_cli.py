@@ -14,6 +14,7 @@ import re
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 # Only light modules before the arguments are parsed: --help must not wait for torch.
@@ -243,14 +244,12 @@ def run(args: argparse.Namespace, console) -> int:
     timing.mark("imports_done")
 
     info = media.probe(source)
-    dit_path, vae_path = plan.fetch()
-    log.debug("DiT: %s; VAE: %s", dit_path, vae_path)
-
+    # Every setting is checked before a download or any heavy work; the specs get their files afterwards.
     optimized = not args.no_optimizations
-    dit = DiTSpec(model=str(dit_path), device=args.device, offload_device=args.dit_offload_device,
+    dit = DiTSpec(model="", device=args.device, offload_device=args.dit_offload_device,
                   blocks_to_swap=args.blocks_to_swap, attention_mode=args.attention_mode,
                   quantization=args.quantization, enable_optimizations=optimized)
-    vae = VAESpec(model=str(vae_path), device=args.device, offload_device=args.vae_offload_device,
+    vae = VAESpec(model="", device=args.device, offload_device=args.vae_offload_device,
                   encode_tiled=args.vae_encode_tile_size > 0, encode_tile_size=args.vae_encode_tile_size or 1024,
                   encode_tile_overlap=args.vae_tile_overlap, decode_tiled=args.vae_decode_tile_size > 0,
                   decode_tile_size=args.vae_decode_tile_size or 1024, decode_tile_overlap=args.vae_tile_overlap,
@@ -269,6 +268,9 @@ def run(args: argparse.Namespace, console) -> int:
                                  ("--vae_offload_device", args.vae_offload_device, True)):
         if (problem := device_name_problem(value, offload=offload)) is not None:
             raise InputError(f"{flag}: {problem}")
+    dit_path, vae_path = plan.fetch()
+    log.debug("DiT: %s; VAE: %s", dit_path, vae_path)
+    dit, vae = replace(dit, model=str(dit_path)), replace(vae, model=str(vae_path))
     writer, target = output_writer(args, info)
     phases = ("encode", "upscale", "decode", "postprocess") if info.has_alpha else ("encode", "upscale", "decode")
     progress = ConsoleProgress(source.name, expected_frames(info, args), console, phases=phases)

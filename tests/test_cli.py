@@ -279,3 +279,16 @@ def test_a_bad_argument_is_one_error_line_too(capsys):
     err = capsys.readouterr().err
     assert exited.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith("error: argument --attention_mode: invalid choice: 'fastest'") and "--help" in err
+
+
+def test_settings_are_checked_before_anything_is_downloaded(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from src.models import download
+
+    monkeypatch.setattr(download, "offline_reason", lambda info: None)  # the hub would be reachable
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *a, **k: pytest.fail("a bad setting must be reported before a download"))
+    argv = [str(_image(tmp_path)), "--model_dir", str(tmp_path / "models"), "--resolution", "8"]
+    assert inference_cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: resolution must be at least 16")
