@@ -149,8 +149,10 @@ def test_without_a_terminal_each_phase_is_one_log_line_with_the_time_left(caplog
     finally:
         logger.removeHandler(handler)
     lines = stream.getvalue().splitlines()
-    assert lines[0].startswith("clip.mp4: encode (2 steps); 0/10 frames done, 00:00 elapsed")
-    assert len(lines) == 4 and lines[3].startswith("clip.mp4: encode (2 steps); 5/10 frames done")
+    assert lines[0].startswith("clip.mp4: encode (2 steps); 0 % of 10 frame(s) done, 00:00 elapsed")
+    encoded = 100 * PHASE_WEIGHTS["encode"] / sum(PHASE_WEIGHTS[p] for p in ("encode", "upscale", "decode"))
+    assert lines[1].startswith(f"clip.mp4: upscale (2 steps); {encoded / 2:.0f} % of 10 frame(s) done")
+    assert len(lines) == 4 and lines[3].startswith("clip.mp4: encode (2 steps); 50 % of 10 frame(s) done")
     assert re.search(r"about \d\d:\d\d left$", lines[3])
     assert "\r" not in stream.getvalue()
 

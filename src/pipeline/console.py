@@ -279,7 +279,7 @@ class ConsoleProgress(Progress):
 
     def _log_phase(self) -> None:
         done, elapsed = self.frames_done(), time.monotonic() - self._start
-        where = f"{done:.0f}/{self.total} frames" if self.total else f"{done:.0f} frames"
+        where = f"{100 * done / self.total:.0f} % of {self.total} frame(s)" if self.total else f"{done:.1f} frames"
         eta = ""
         if self.total and done > 0:
             eta = f", about {_clock(elapsed * (self.total - done) / done)} left"
