@@ -264,8 +264,9 @@ def run(args: argparse.Namespace, console) -> int:
     settings.validate()
     from src.pipeline.devices import device_name_problem
 
-    for flag, value, offload in (("--device", args.device, False), ("--dit_offload_device", args.dit_offload_device, True),
-                                 ("--vae_offload_device", args.vae_offload_device, True)):
+    devices = (("--device", args.device, False), ("--dit_offload_device", args.dit_offload_device, True),
+               ("--vae_offload_device", args.vae_offload_device, True))
+    for flag, value, offload in devices:
         if (problem := device_name_problem(value, offload=offload)) is not None:
             raise InputError(f"{flag}: {problem}")
     dit_path, vae_path = plan.fetch()

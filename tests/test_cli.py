@@ -123,7 +123,8 @@ def _messages(stderr: str) -> list[str]:
 
 
 def _imported(stderr: str) -> set[str]:
-    return {line.split("|")[-1].strip().split(".")[0] for line in stderr.splitlines() if line.startswith("import time:")}
+    lines = [line for line in stderr.splitlines() if line.startswith("import time:")]
+    return {line.split("|")[-1].strip().split(".")[0] for line in lines}
 
 
 def _image(tmp_path) -> Path:
