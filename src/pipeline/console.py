@@ -29,9 +29,9 @@ OWN_LOGGERS = ("seedvr2", "src", "__main__")
 # Libraries that attach a console handler of their own at import; their records go through ours instead.
 ADOPTED_LOGGERS = ("huggingface_hub",)
 
-# Share of a chunk's time each phase takes, for the overall bar inside a chunk.  Measured on an H100 at
-# 1080p (docs/performance.md): decoding takes about twice as long as encoding, the one DiT step in between;
-# the alpha channel's upscale is short.  Only the position inside a chunk depends on them.
+# Share of a chunk's time each phase takes, for the bar's position inside a chunk: the earlier node pack's
+# weights, close to the phase times in docs/performance.md (decode the longest, the alpha channel short).
+# Chunk boundaries do not depend on them.
 PHASE_WEIGHTS = {"encode": 0.2, "upscale": 0.25, "decode": 0.5, "postprocess": 0.05}
 
 
