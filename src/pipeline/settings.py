@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..distributed import PARALLEL_MODES
+
 COLOR_CORRECTIONS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none")
 # The VAE loader's quantization modes (optimization.vae_fp8.MODES, repeated here so settings import no torch).
 VAE_QUANTIZATIONS = ("disabled", "fp8_e4m3fn")
@@ -91,6 +93,7 @@ class UpscaleSettings:
     offload_device: str = "cpu"     # where finished frames and between-phase latents are kept
     enable_debug: bool = False
     extra: dict = field(default_factory=dict)
+    parallel: str = "auto"          # how processes of a torch.distributed run share the clip (src/distributed)
 
     def validate(self) -> None:
         if self.resolution < 16:
@@ -112,6 +115,8 @@ class UpscaleSettings:
             raise SettingsError(
                 f"color_correction {self.color_correction!r} is not one of {', '.join(COLOR_CORRECTIONS)}."
             )
+        if self.parallel not in PARALLEL_MODES:
+            raise SettingsError(f"parallel {self.parallel!r} is not one of {', '.join(PARALLEL_MODES)}.")
         for name in ("input_noise_scale", "latent_noise_scale"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

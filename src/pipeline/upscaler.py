@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..distributed import clip_parallel
 from ..optimization import fused_kernels, matrix_ops, stable_memory, vae_optimizer
 from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batches, prepend_mirrored
 from .color_correction import color_correct
@@ -105,6 +106,9 @@ def upscale_stream(chunks: Iterable[torch.Tensor], dit: DiTSpec, vae: VAESpec, s
             clip = chunk if tail_in is None else torch.cat([tail_in, chunk])
             out = runner.run_clip(clip, prepend=settings.prepend_frames if first else 0)
             first = False
+            if out is None:   # another process of a parallel run writes the frames
+                tail_in = chunk[chunk.shape[0] - min(overlap, chunk.shape[0] - 1):] if overlap else None
+                continue
             if tail_out is not None:
                 head = tail_out.shape[0]
                 weights = overlap_weights(head).view(-1, 1, 1, 1)
@@ -133,6 +137,7 @@ class _Runner:
         self.dit: ManagedModel | None = None
         self.vae: ManagedModel | None = None
         self._random_draws: dict[tuple[int, int, int], RandomDraws] = {}
+        self.parallel = clip_parallel.current(settings.parallel)
 
     # ----------------------------------------------------------------------------------------- models
     def _vae(self, direction: str, plan: BatchPlan, geometry: ClipGeometry) -> ManagedModel:
@@ -181,7 +186,8 @@ class _Runner:
         self.dit = self.vae = None
 
     # ----------------------------------------------------------------------------------------- clip
-    def run_clip(self, frames: torch.Tensor, prepend: int) -> torch.Tensor:
+    def run_clip(self, frames: torch.Tensor, prepend: int) -> torch.Tensor | None:
+        """The clip's restored frames; None on the processes of a parallel run other than rank 0."""
         settings = self.settings
         num_frames, in_h, in_w, channels = frames.shape
         height, width = target_size(in_h, in_w, settings.resolution, settings.max_resolution)
@@ -190,21 +196,27 @@ class _Runner:
                             settings.uniform_batch_size, prepend)
         rgb = frames[..., :3]
         extended = prepend_mirrored(rgb, prepend) if prepend else rgb
-        out = torch.empty((num_frames, height, width, channels), dtype=torch.float32,
-                          device=_storage_device(settings.offload_device))
-        prefault = stable_memory.HostPrefault(out)  # maps the result's pages while the GPU encodes
+        parallel = self.parallel.resolve(len(plan.batches))
+        out = None
+        if parallel.writes_output:
+            out = torch.empty((num_frames, height, width, channels), dtype=torch.float32,
+                              device=_storage_device(settings.offload_device))
+            prefault = stable_memory.HostPrefault(out)  # maps the result's pages while the GPU encodes
         if settings.enable_debug:
             log.info("SeedVR2: %d frame(s) %dx%d -> %dx%d in %d batch(es) of up to %d", num_frames, in_w, in_h,
                      width, height, len(plan.batches), settings.batch_size)
 
         with self._phase("encode", self.vae_spec):
-            latents = self._encode_phase(extended, plan, geometry)
+            latents = self._encode_phase(extended, plan, geometry, parallel)
+        if parallel.mode == "windows":
+            latents = parallel.share_latents(latents, clip_parallel.communication_device())
         with self._phase("upscale", self.dit_spec):
-            latents = self._upscale_phase(latents, plan)
-        prefault.wait()
+            latents = self._upscale_phase(latents, plan, parallel)
+        if out is not None:
+            prefault.wait()
         with self._phase("decode", self.vae_spec):
-            self._decode_phase(latents, extended, plan, geometry, out)
-        if channels == 4:
+            self._decode_phase(latents, extended, plan, geometry, out, parallel)
+        if channels == 4 and out is not None:
             with self._phase("postprocess", self.vae_spec):
                 self._alpha_phase(frames[..., 3:], out)
         return out
@@ -232,13 +244,19 @@ class _Runner:
         frames = extended[batch.start:batch.stop].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         return resize_frames(frames, (geometry.height, geometry.width))
 
-    def _encode_phase(self, extended: torch.Tensor, plan: BatchPlan, geometry: ClipGeometry) -> list[torch.Tensor]:
+    def _encode_phase(self, extended: torch.Tensor, plan: BatchPlan, geometry: ClipGeometry,
+                      parallel: clip_parallel.ClipParallel) -> list[torch.Tensor | None]:
+        """Condition latents of the batches this process encodes (None for the others')."""
         settings, progress = self.settings, self.progress
         progress.start_phase("encode", len(plan.batches))
         vae = self._vae("encode", plan, geometry)
         latents = []
         for index, batch in enumerate(plan.batches):
             progress.check_interrupt()
+            if not parallel.owns(index):
+                latents.append(None)
+                progress.advance()
+                continue
             pixels = self._batch_pixels(extended, batch, geometry, vae.device)
             video = to_model_range(pad_to_multiple(pixels, GRID))
             video = pad_temporal(video, batch.padded_length, mode="mirror")
@@ -256,19 +274,28 @@ class _Runner:
             progress.advance()
         return latents
 
-    def _upscale_phase(self, conds: list[torch.Tensor], plan: BatchPlan) -> list[torch.Tensor]:
+    def _upscale_phase(self, conds: list[torch.Tensor | None], plan: BatchPlan,
+                       parallel: clip_parallel.ClipParallel) -> list[torch.Tensor | None]:
         settings, progress = self.settings, self.progress
         progress.start_phase("upscale", len(conds))
         if self.vae is not None:
             self.vae.park()
         dit = self._dit()
         positive, negative = text_embeddings(dit.device, dit.dtype)
-        model_fn = dit_velocity(dit.model, positive, negative)
+        model = dit.model
+        if parallel.mode == "windows":
+            from ..distributed.window_parallel import WindowParallelDiT
+            model = WindowParallelDiT(model)
+        model_fn = dit_velocity(model, positive, negative)
         backend = self.dit_spec.attention_mode if self.dit_spec.enable_optimizations else matrix_ops.PLAIN
         results = []
         with matrix_ops.attention_backend(backend), fused_kernels.fused(self.dit_spec.enable_optimizations):
             for index, cond in enumerate(conds):
                 progress.check_interrupt()
+                if not parallel.restores(index):
+                    results.append(None)
+                    progress.advance()
+                    continue
                 cond = cond.to(dit.device)
                 draws = self._draws(tuple(cond.shape[:3]))
                 try:
@@ -280,8 +307,10 @@ class _Runner:
                 progress.advance()
         return results
 
-    def _decode_phase(self, latents: list[torch.Tensor], extended: torch.Tensor, plan: BatchPlan,
-                      geometry: ClipGeometry, out: torch.Tensor) -> None:
+    def _decode_phase(self, latents: list[torch.Tensor | None], extended: torch.Tensor, plan: BatchPlan,
+                      geometry: ClipGeometry, out: torch.Tensor | None,
+                      parallel: clip_parallel.ClipParallel) -> None:
+        """Decode this process's batches; rank 0 (``out``) writes them all, in order, cross-fading overlaps."""
         settings, progress = self.settings, self.progress
         progress.start_phase("decode", len(latents))
         if self.dit is not None:
@@ -289,6 +318,12 @@ class _Runner:
         vae = self._vae("decode", plan, geometry)
         for index, (batch, latent) in enumerate(zip(plan.batches, latents)):
             progress.check_interrupt()
+            if not parallel.owns(index):
+                if out is not None:   # decoded by another process, written here in clip order
+                    frames = parallel.receive_frames(parallel.owner(index), clip_parallel.communication_device())
+                    _write_batch(out, frames, batch, plan.prepend_frames)
+                progress.advance()
+                continue
             latent = latent.to(vae.device)
             decoded = self._with_oom_retry("decode", lambda tiling: decode_latent(vae.model, latent, tiling),
                                            self._tiling("decode"), batch.padded_length)
@@ -300,7 +335,10 @@ class _Runner:
                 frames = color_correct(frames, style, settings.color_correction)
                 self._draw_tile_debug(frames, geometry)
                 frames = from_model_range(frames.clamp_(-1, 1)).permute(0, 2, 3, 1)
-                _write_batch(out, frames, batch, plan.prepend_frames)
+                if out is None:
+                    parallel.send_frames(frames, clip_parallel.communication_device())
+                else:
+                    _write_batch(out, frames, batch, plan.prepend_frames)
             progress.advance()
 
     def _alpha_phase(self, alpha: torch.Tensor, out: torch.Tensor) -> None:

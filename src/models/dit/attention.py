@@ -85,4 +85,12 @@ class JointWindowAttention(nn.Module):
                 text_sum.index_add_(0, group.text_rows, out[:, video_length:].reshape(-1, inner).float())
         if text_sum is None:
             return windowed, None
-        return windowed, (text_sum * plan.text_weight[:, None]).to(q.dtype)
+        return windowed, self.text_mean(text_sum, plan).to(q.dtype)
+
+    def text_mean(self, text_sum: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        """Each text row's mean over its sample's windows, from the float32 sum over the windows attended here.
+
+        A separate step so that an executor which splits a layer's windows across processes can add up the
+        partial sums (src/distributed/) before the mean is taken.
+        """
+        return text_sum * plan.text_weight[:, None]
