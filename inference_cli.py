@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 # Only light modules before the arguments are parsed: --help must not wait for torch.
+from src.distributed import PARALLEL_MODES
 from src.models import registry
 from src.optimization.modes import ATTENTION_MODES, QUANTIZATION_MODES
 from src.pipeline import timing
@@ -168,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode in tiles of this size in pixels (0 = no tiling; tiles are not exact)")
     run.add_argument("--vae_tile_overlap", type=int, default=128, metavar="PX",
                      help="overlap of neighbouring tiles in pixels, blended to hide seams")
+    run.add_argument("--gpus", type=int, default=1, metavar="N",
+                     help="run on N GPUs of this machine, one process each (started through torchrun; a command "
+                          "started by torchrun itself is recognised); the frames equal a one-GPU run's")
+    run.add_argument("--parallel", choices=PARALLEL_MODES, default="auto", metavar="MODE",
+                     help="how several GPUs share the clip: " + _one_of(PARALLEL_MODES) + "; batches = each GPU "
+                          "takes whole batches, windows = every DiT step split across the GPUs by attention "
+                          "window (for clips of fewer batches than GPUs), auto = batches when there are enough")
     run.add_argument("--debug", action="store_true",
                      help="log model, memory and timing details of every phase, and print full tracebacks")
     return p
@@ -259,7 +267,7 @@ def run(args: argparse.Namespace, console) -> int:
         uniform_batch_size=args.uniform_batch_size, color_correction=args.color_correction,
         temporal_overlap=args.temporal_overlap, prepend_frames=args.prepend_frames,
         input_noise_scale=args.input_noise_scale, latent_noise_scale=args.latent_noise_scale,
-        offload_device="cpu", enable_debug=args.debug,
+        offload_device="cpu", enable_debug=args.debug, parallel=args.parallel,
     )
     settings.validate()
     from src.pipeline.devices import device_name_problem
@@ -269,10 +277,15 @@ def run(args: argparse.Namespace, console) -> int:
     for flag, value, offload in devices:
         if (problem := device_name_problem(value, offload=offload)) is not None:
             raise InputError(f"{flag}: {problem}")
+    if args.gpus < 1:
+        raise InputError(f"--gpus must be at least 1 (got {args.gpus}).")
+    rank = _join_parallel_run(args, dit, vae)
+    if rank is not None:
+        dit, vae = replace(dit, device=args.device), replace(vae, device=args.device)
     dit_path, vae_path = plan.fetch()
     log.debug("DiT: %s; VAE: %s", dit_path, vae_path)
     dit, vae = replace(dit, model=str(dit_path)), replace(vae, model=str(vae_path))
-    writer, target = output_writer(args, info)
+    writer, target = output_writer(args, info) if not rank else (_NoWriter(), None)
     phases = ("encode", "upscale", "decode", "postprocess") if info.has_alpha else ("encode", "upscale", "decode")
     progress = ConsoleProgress(source.name, expected_frames(info, args), console, phases=phases)
     start, written = time.perf_counter(), 0
@@ -292,14 +305,49 @@ def run(args: argparse.Namespace, console) -> int:
             writer.close()
         timing.mark("output_closed")
     seconds = time.perf_counter() - start
+    if target is None:
+        return 0   # another process of a parallel run wrote the file
     log.info("wrote %d frame(s) to %s in %.1f s (%.2f frames/s)", written, target.absolute(), seconds,
              written / max(seconds, 1e-9))
     return 0
 
 
+class _NoWriter:
+    """The writer of a parallel run's processes other than rank 0, which receive no frames."""
+
+    def write(self, frames) -> None:
+        raise RuntimeError("only rank 0 of a parallel run writes frames")
+
+    def close(self) -> None:
+        pass
+
+
+def _join_parallel_run(args, dit, vae) -> int | None:
+    """Under torchrun: join the process group, use this process's GPU; returns the rank (None alone)."""
+    from src.distributed import launch
+
+    info = launch.from_environment()
+    if info is None:
+        return None
+    device = launch.join(info)
+    if args.device != "auto" and not args.device.startswith("cuda") and device != "cpu":
+        raise InputError(f"--device {args.device}: a multi-GPU run places each process on its own GPU")
+    args.device = device
+    if info.rank:
+        logging.getLogger("seedvr2").setLevel(logging.WARNING)   # rank 0 speaks for the run
+    import atexit
+    atexit.register(launch.leave)
+    return info.rank
+
+
 def main(argv=None) -> int:
     timing.mark("cli_main")  # SEEDVR2_TIMING_JSON=file: phase timings since process start (see timing.py)
     args = parse_args(argv)
+    if args.gpus > 1:
+        from src.distributed import launch
+
+        if launch.from_environment() is None:   # start the N processes; each one runs this script again
+            return launch.relaunch(args.gpus, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     from src.pipeline.console import console_logging
 
     with console_logging(debug=args.debug) as console:
