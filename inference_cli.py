@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk_size", type=int, default=0,
                    help="frames read and processed at a time (0 = whole clip; set it for long videos)")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--vram_budget", type=float, default=0.0, help="GPU memory in GiB to plan for (0 = what is free)")
     return p.parse_args(argv)
 
 
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
         uniform_batch_size=args.uniform_batch_size, color_correction=args.color_correction,
         temporal_overlap=args.temporal_overlap, prepend_frames=args.prepend_frames,
         input_noise_scale=args.input_noise_scale, latent_noise_scale=args.latent_noise_scale,
-        offload_device="cpu", enable_debug=args.debug,
+        offload_device="cpu", enable_debug=args.debug, vram_budget=args.vram_budget,
     )
     writer, target = output_writer(args, info)
     progress = ConsoleProgress(Path(args.input).name)

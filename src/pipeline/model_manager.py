@@ -125,6 +125,10 @@ class ModelManager:
         self._cache: dict[tuple, ManagedModel] = {}
         self._resolve_path = resolve_path or _default_resolver
 
+    def path_of(self, name: str) -> Path:
+        """The weight file a spec's model name stands for."""
+        return self._resolve_path(name)
+
     # ------------------------------------------------------------------ loading
     def dit(self, spec: DiTSpec) -> ManagedModel:
         device = torch.device(resolve_device(spec.device))
