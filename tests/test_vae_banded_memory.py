@@ -79,7 +79,12 @@ def test_offloading_and_smaller_bands_lower_the_estimate():
     smaller = estimate_banded_peak_bytes(VAEConfig.released(), "decode", 1088, 1920, frames=33,
                                          dtype=torch.bfloat16, plan=BandPlan(band_pixels=128 * 128, resident_bytes=0))
     assert smaller < offloaded < full
-    # Flat in clip length: only the latent and the result (float32) grow with the frames.
+    # Flat in clip length: only the latent and the result (float32 on the device) grow with the frames, and
+    # nothing but the latent does when the result goes to host memory.
     longer = estimate_banded_peak_bytes(VAEConfig.released(), "decode", 1088, 1920, frames=121,
                                         dtype=torch.bfloat16, plan=BandPlan(band_pixels=512 * 512, resident_bytes=0))
     assert longer - offloaded == (121 - 33) * 3 * 1088 * 1920 * 4 + (31 - 9) * 16 * 136 * 240 * 4
+    to_host = [estimate_banded_peak_bytes(VAEConfig.released(), "decode", 1088, 1920, frames=frames,
+                                          dtype=torch.bfloat16, plan=BandPlan(band_pixels=512 * 512, resident_bytes=0),
+                                          result_element=0) for frames in (33, 121)]
+    assert to_host[1] - to_host[0] == (31 - 9) * 16 * 136 * 240 * 4  # the float32 latent input only

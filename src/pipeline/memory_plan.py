@@ -62,16 +62,20 @@ class MemoryPlan:
             else:
                 side = int(math.isqrt(p.bands.band_pixels)) if p.bands.band_pixels else p.bands.band_rows
                 resident = ("all on the GPU" if p.bands.resident_bytes is None
-                            else f"activations above {p.bands.resident_bytes / GIB:.2f} GiB in host memory")
+                            else f"activations above {_size(p.bands.resident_bytes)} in host memory")
                 how = f"exact bands of {side}x{side} px ({resident})"
-            return f"VAE {name} {how}, peak ~{p.peak / GIB:.2f} GiB"
+            return f"VAE {name} {how}, peak ~{_size(p.peak)}"
 
         dit = (f"DiT {'unchunked' if self.dit_chunk_rows is None else f'in chunks of {self.dit_chunk_rows} tokens'}"
                f"{f', {self.blocks_to_swap} blocks swapped' if self.blocks_to_swap else ''}, "
-               f"peak ~{self.dit_peak / GIB:.2f} GiB")
-        return (f"SeedVR2 memory plan for a {self.budget / GIB:.2f} GiB budget: {phase('encode', self.encode)}; "
+               f"peak ~{_size(self.dit_peak)}")
+        return (f"SeedVR2 memory plan for a {_size(self.budget)} budget: {phase('encode', self.encode)}; "
                 f"{dit}; {phase('decode', self.decode)}"
                 f"{'; DiT moved to the CPU during the VAE phases' if self.dit_off_during_vae else ''}")
+
+
+def _size(count: float) -> str:
+    return f"{count / GIB:.2f} GiB" if count >= GIB / 4 else f"{count / 2**20:.1f} MiB"
 
 
 class BudgetError(RuntimeError):
@@ -117,7 +121,7 @@ def dit_activation_bytes(config, tokens: int, text_tokens: int, dtype: torch.dty
 
 def _fits_vae(config, direction: str, height: int, width: int, frames: int, dtype: torch.dtype,
               available: int, *, untiled_peak: Optional[int], channels_last: bool,
-              user_band_pixels: Optional[int]) -> tuple[Optional[BandPlan], int]:
+              user_band_pixels: Optional[int], result_element: int) -> tuple[Optional[BandPlan], int]:
     if untiled_peak is not None and user_band_pixels is None and untiled_peak <= available:
         return None, untiled_peak
     sizes = [p for p in BAND_PIXELS if user_band_pixels is None or p <= user_band_pixels] or [BAND_PIXELS[-1]]
@@ -129,15 +133,15 @@ def _fits_vae(config, direction: str, height: int, width: int, frames: int, dtyp
         for pixels in sizes:
             plan = BandPlan(band_pixels=pixels, resident_bytes=resident)
             peak = estimate_banded_peak_bytes(config, direction, height, width, frames=frames, dtype=dtype,
-                                              plan=plan, channels_last=channels_last)
+                                              plan=plan, channels_last=channels_last, result_element=result_element)
             if peak <= available:
                 return plan, peak
             if best is None or peak < best[1]:
                 best = (plan, peak)
     raise BudgetError(
-        f"VAE {direction} of {frames} frames at {width}x{height} needs about {best[1] / GIB:.2f} GiB even in "
+        f"VAE {direction} of {frames} frames at {width}x{height} needs about {_size(best[1])} even in "
         f"{int(math.isqrt(best[0].band_pixels))} px bands with its activations in host memory, but the budget "
-        f"leaves {available / GIB:.2f} GiB for it: raise vram_budget, lower batch_size or resolution."
+        f"leaves {_size(available)} for it: raise vram_budget, lower batch_size or resolution."
     )
 
 
@@ -145,25 +149,28 @@ def plan_memory(budget: int, *, vae_config, vae_dtype: torch.dtype, vae_weight_b
                 width: int, frames: int, untiled_peaks: Optional[dict[str, int]] = None, channels_last: bool = False,
                 user_bands: Optional[dict[str, Optional[int]]] = None, dit_config=None,
                 dit_dtype: torch.dtype = torch.bfloat16, dit_weight_bytes: int = 0, dit_blocks: int = 0,
-                text_tokens: int = 0, user_blocks_to_swap: int = 0) -> MemoryPlan:
+                text_tokens: int = 0, user_blocks_to_swap: int = 0, decode_to_host: bool = False) -> MemoryPlan:
     """The plan for a job of ``frames`` frames (the largest batch) of ``height`` x ``width`` padded pixels.
     ``untiled_peaks``: the optimized VAE path's untiled estimates per direction (None: no estimate, always
-    banded); ``user_bands``: the band pixels the loader's tile sizes ask for (None: the planner's choice)."""
+    banded); ``user_bands``: the band pixels the loader's tile sizes ask for (None: the planner's choice);
+    ``decode_to_host``: the decoded video goes to host memory (else it stays on the GPU in the VAE's dtype)."""
     usable = int(budget * (1 - SAFETY_FRACTION))
     untiled_peaks = untiled_peaks or {}
     user_bands = user_bands or {}
     vae_available = usable - vae_weight_bytes
     if vae_available <= 0:
         raise BudgetError(
-            f"the VAE's weights alone ({vae_weight_bytes / GIB:.2f} GiB) do not fit the budget of "
-            f"{budget / GIB:.2f} GiB: raise vram_budget, lower batch_size or resolution."
+            f"the VAE's weights alone ({_size(vae_weight_bytes)}) do not fit the budget of "
+            f"{_size(budget)}: raise vram_budget, lower batch_size or resolution."
         )
     phases = {}
     for direction in ("encode", "decode"):
         bands, activations = _fits_vae(
             vae_config, direction, height, width, frames, vae_dtype, vae_available,
             untiled_peak=untiled_peaks.get(direction), channels_last=channels_last,
-            user_band_pixels=user_bands.get(direction))
+            user_band_pixels=user_bands.get(direction),
+            result_element=4 if direction == "encode" else 0 if decode_to_host else torch.empty(
+                (), dtype=vae_dtype).element_size())
         phases[direction] = VAEPhasePlan(bands, activations + vae_weight_bytes)
 
     chunk_rows, swap, dit_peak = None, user_blocks_to_swap, 0

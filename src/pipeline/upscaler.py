@@ -14,7 +14,6 @@ batch.  Every batch is seeded identically, so a frame's result does not depend o
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batc
 from .color_correction import color_correct
 from .devices import resolve_device
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
+from ..models.video_vae_v3.banded import BandPlan
 from .model_manager import ManagedModel, ModelManager, compute_dtype, default_manager
 from . import timing
 from .progress import Progress
@@ -383,7 +383,11 @@ class _Runner:
                 pass
         limit = tiling.tile_size or 1 << 30
         sizes = sorted({size for size in sizes if size < limit}, reverse=True)
-        return [VAETiling(size, min(tiling.tile_overlap, size // 4) // 8 * 8) for size in sizes]
+        # Exact bands of that size, their activations in host memory on a GPU: less memory than the same
+        # bands kept on the GPU, the same output.
+        resident = 0 if model.device.type == "cuda" else None
+        return [VAETiling(size, min(tiling.tile_overlap, size // 4) // 8 * 8,
+                          bands=BandPlan.from_tile_size(size, resident_bytes=resident)) for size in sizes]
 
     def _draw_tile_debug(self, frames: torch.Tensor, geometry: ClipGeometry) -> None:
         """Outline the VAE tiles of the direction the loader's ``tile_debug`` names, if it is tiled."""
@@ -446,13 +450,7 @@ class _Runner:
         if self.dit is not None:
             return self.dit.model.config, _parameter_bytes(self.dit.model)
         try:
-            from ..models.load import inspect_dit
-
-            path = self.manager.path_of(self.dit_spec.model)
-            index, config = inspect_dit(path)
-            element = torch.empty((), dtype=compute_dtype(torch.device(resolve_device(self.dit_spec.device))))
-            count = sum(math.prod(info.shape) for info in index.tensors.values())
-            return config, min(count * element.element_size(), path.stat().st_size)
+            return self.manager.dit_facts(self.dit_spec)
         except Exception as exc:  # a file the loader will report on properly; plan without the DiT
             log.debug("SeedVR2: memory plan without the DiT (%s)", exc)
             return None, 0

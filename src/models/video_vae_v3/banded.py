@@ -455,7 +455,8 @@ def chunk_frames(config, direction: str, frames: int) -> list[int]:
 
 
 def estimate_banded_peak_bytes(config, direction: str, height: int, width: int, *, frames: int,
-                               dtype: torch.dtype, plan: BandPlan, channels_last: bool = False) -> int:
+                               dtype: torch.dtype, plan: BandPlan, channels_last: bool = False,
+                               result_element: int = 4) -> int:
     """Upper bound on the compute device's peak bytes of a banded encode/decode of one clip (weights not
     counted; the clip's input and result on the device counted): ``height`` x ``width`` video pixels,
     ``frames`` video frames.
@@ -465,7 +466,8 @@ def estimate_banded_peak_bytes(config, direction: str, height: int, width: int, 
     ``plan.resident_bytes``; everything when None), (2) the largest band working set (a convolution's padded
     band input, its new rows, their float32 normalisation, its output rows with residual and float32
     statistics copy; an upsampler's 1x1-conv and shuffle temporaries) or the per-frame attention (tokens,
-    k, v, query chunk and its scores), (3) the input and the float32/compute-dtype result.
+    k, v, query chunk and its scores), (3) the clip's input and its result, ``result_element`` bytes a value
+    (4: float32; the compute dtype's size for a decode in the model's dtype; 0 when it goes to host memory).
     """
     e = torch.empty((), dtype=dtype).element_size()
     widths, levels = config.block_out_channels, config.num_levels
@@ -542,9 +544,9 @@ def estimate_banded_peak_bytes(config, direction: str, height: int, width: int, 
         attention(c, t, h, w)
         resnet(c, c, t, h, w)
         conv(c, 2 * config.latent_channels, t, h, w)
-        io = first * config.in_channels * height * width * 4
+        io = frames * config.in_channels * height * width * 4  # the pipeline's batch, float32 on the device
         latent_frames = (frames - 1) // config.temporal_downsample_factor + 1
-        io += latent_frames * 2 * config.latent_channels * h * w * 4
+        io += latent_frames * 2 * config.latent_channels * h * w * result_element
     else:
         reversed_widths = widths[::-1]
         latent_frames = (frames - 1) // config.temporal_downsample_factor + 1
@@ -566,5 +568,5 @@ def estimate_banded_peak_bytes(config, direction: str, height: int, width: int, 
                 t, h, w = conv(channels, channels, t_in, 2 * h, 2 * w, normalized=False, shuffle=time_factor)
         conv(widths[0], config.out_channels, t, h, w)
         io = latent_frames * config.latent_channels * (height // factor) * (width // factor) * 4
-        io += frames * config.out_channels * height * width * 4
+        io += frames * config.out_channels * height * width * result_element
     return int(max(live_peak, look_back_total) + work_peak + io)
