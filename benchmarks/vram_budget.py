@@ -198,13 +198,14 @@ def main(argv=None) -> int:
         height, width = sizes["decode"]
         rows = {}
         budget = None if device.type != "cuda" else args.decode_budget
+        # One plan (made for the longer clip) for both lengths, so that their peaks compare like for like.
+        plan = memory_plan.plan_memory(
+            int((budget or 1e9) * GIB), vae_config=vae_config, vae_dtype=dtype,
+            vae_weight_bytes=sum(p.numel() * p.element_size() for p in vae.parameters()), height=height,
+            width=width, frames=long_frames, channels_last=vae.runtime.channels_last, decode_to_host=True)
         for count in (frames, long_frames):
             latent = torch.randn(1, 16, (count - 1) // 4 + 1, height // 8, width // 8, generator=torch.Generator()
                                  .manual_seed(3)).to(dtype)
-            plan = memory_plan.plan_memory(
-                int((budget or 1e9) * GIB), vae_config=vae_config, vae_dtype=dtype,
-                vae_weight_bytes=sum(p.numel() * p.element_size() for p in vae.parameters()), height=height,
-                width=width, frames=count, channels_last=vae.runtime.channels_last, decode_to_host=True)
             stable_memory.offload(vae, device)
             with Cap(device, budget) as cap:
                 out = vae.decode(latent.to(device), output_dtype=dtype, band_plan=plan.decode.bands,

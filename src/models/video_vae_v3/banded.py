@@ -188,6 +188,8 @@ class BandedRunner:
         self.groups = model.config.norm_num_groups
         self.stat_dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.host_writes = False
+        # The layout the convolutions want (channels-last on the optimized GPU path): padded bands are born in it.
+        self.memory_format = self.runtime.memory_format if self.runtime is not None else torch.contiguous_format
 
     # ----------------------------------------------------------------------------------------- memory
     def store(self, shape: tuple[int, ...]) -> Store:
@@ -244,7 +246,7 @@ class BandedRunner:
             batch = new.shape[0]
             if causal:
                 padded = torch.empty((batch, new.shape[1], total, hi - lo, new.shape[4]), dtype=new.dtype,
-                                     device=new.device)
+                                     device=new.device, memory_format=self.memory_format)
                 padded[:, :, look_back:].copy_(new)
                 if history is None:
                     padded[:, :, :look_back].copy_(new[:, :, :1].expand(-1, -1, look_back, -1, -1))
