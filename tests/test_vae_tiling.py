@@ -168,3 +168,12 @@ def test_invalid_tiling_is_rejected_by_encode_and_decode(vae):
         vae.encode(torch.zeros(1, 3, 1, 16, 16), tile_size=40)
     with pytest.raises(VAEInputError, match="smaller than the tile size"):
         vae.decode(torch.zeros(1, 16, 1, 2, 2), tile_size=32, tile_overlap=32)
+
+
+def test_tile_debug_boxes_are_the_full_resolution_bands():
+    from src.pipeline.tile_debug import band_boxes, tile_boxes
+
+    boxes = band_boxes((100, 64), BandPlan(band_pixels=64 * 30))
+    assert boxes == [(0, 30, 0, 64), (30, 60, 0, 64), (60, 90, 0, 64), (90, 100, 0, 64)]
+    # A tile size means bands of tile_size² pixels: 64² px at 160 wide = 25 rows.
+    assert tile_boxes((96, 160), 64, 16) == [(0, 25, 0, 160), (25, 50, 0, 160), (50, 75, 0, 160), (75, 96, 0, 160)]
