@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default="16,12,8", help="pipeline budgets in GiB")
     p.add_argument("--decode-budget", type=float, default=5.0)
     p.add_argument("--image-budget", type=float, default=24.0)
+    p.add_argument("--long-frames", type=int, default=121, help="frames of the long decode (flat-peak check)")
     p.add_argument("--smoke", action="store_true", help="toy sizes and models, to check the script")
     p.add_argument("--device", default="cuda")
     p.add_argument("--output", default=None)
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
         dit_config, vae_config = NaDiTConfig.released("3b"), VAEConfig.released()
         sizes = {"in": (640, 360), "resolution": 1080, "decode": (1088, 1920), "image_in": (2048, 1152),
                  "image_out": 4320}
-        frames, long_frames = 33, 121
+        frames, long_frames = 33, args.long_frames
     dit = random_dit(dit_config, device, dtype)
     vae = random_vae(device, dtype, config=vae_config)
     optimize_vae(vae)
