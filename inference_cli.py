@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode in tiles of this size in pixels (0 = no tiling; tiles are not exact)")
     run.add_argument("--vae_tile_overlap", type=int, default=128, metavar="PX",
                      help="overlap of neighbouring tiles in pixels, blended to hide seams")
+    run.add_argument("--vram_budget", type=float, default=0.0, metavar="GIB",
+                     help="GPU memory in GiB the run plans for (VAE bands, DiT chunks, offloading, BlockSwap are "
+                          "chosen to fit; 0 = what the GPU has free)")
     run.add_argument("--gpus", type=int, default=1, metavar="N",
                      help="run on N GPUs of this machine, one process each (started through torchrun; a command "
                           "started by torchrun itself is recognised); the frames equal a one-GPU run's")
@@ -268,6 +271,7 @@ def run(args: argparse.Namespace, console) -> int:
         temporal_overlap=args.temporal_overlap, prepend_frames=args.prepend_frames,
         input_noise_scale=args.input_noise_scale, latent_noise_scale=args.latent_noise_scale,
         offload_device="cpu", enable_debug=args.debug, parallel=args.parallel,
+        vram_budget=args.vram_budget,
     )
     settings.validate()
     from src.pipeline.devices import device_name_problem

@@ -125,6 +125,19 @@ class ModelManager:
         self._cache: dict[tuple, ManagedModel] = {}
         self._resolve_path = resolve_path or _default_resolver
 
+    def dit_facts(self, spec: DiTSpec) -> tuple:
+        """(config, weight bytes once loaded) of the DiT ``spec`` names, from its file's header (no data read),
+        for the memory planner."""
+        import math
+
+        from ..models.load import inspect_dit
+
+        path = self._resolve_path(spec.model)
+        index, config = inspect_dit(path)
+        element = torch.empty((), dtype=compute_dtype(torch.device(resolve_device(spec.device)))).element_size()
+        count = sum(math.prod(info.shape) for info in index.tensors.values())
+        return config, min(count * element, path.stat().st_size)  # quantized files stay smaller
+
     # ------------------------------------------------------------------ loading
     def dit(self, spec: DiTSpec) -> ManagedModel:
         device = torch.device(resolve_device(spec.device))

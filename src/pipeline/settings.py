@@ -94,6 +94,7 @@ class UpscaleSettings:
     enable_debug: bool = False
     extra: dict = field(default_factory=dict)
     parallel: str = "auto"          # how processes of a torch.distributed run share the clip (src/distributed)
+    vram_budget: float = 0.0        # GiB the run may use on the GPU; 0: what the device has free (memory_plan)
 
     def validate(self) -> None:
         if self.resolution < 16:
@@ -117,6 +118,11 @@ class UpscaleSettings:
             )
         if self.parallel not in PARALLEL_MODES:
             raise SettingsError(f"parallel {self.parallel!r} is not one of {', '.join(PARALLEL_MODES)}.")
+        if not isinstance(self.vram_budget, (int, float)) or not 0 <= self.vram_budget <= 4096:
+            raise SettingsError(
+                f"vram_budget must be 0 (use what the GPU has free) or a size in GiB up to 4096, got "
+                f"{self.vram_budget!r}."
+            )
         for name in ("input_noise_scale", "latent_noise_scale"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

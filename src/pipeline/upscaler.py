@@ -22,12 +22,14 @@ from typing import Iterable, Iterator
 import torch
 
 from ..distributed import clip_parallel
-from ..optimization import fused_kernels, matrix_ops, stable_memory, vae_optimizer
+from ..models.video_vae_v3.banded import BandPlan
+from ..optimization import dit_chunking, fused_kernels, matrix_ops, stable_memory, vae_optimizer
+from . import memory_plan
 from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batches, prepend_mirrored
 from .color_correction import color_correct
 from .devices import resolve_device
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
-from .model_manager import ManagedModel, ModelManager, default_manager
+from .model_manager import ManagedModel, ModelManager, compute_dtype, default_manager
 from . import timing
 from .progress import Progress
 from .restoration import (
@@ -36,7 +38,7 @@ from .restoration import (
 )
 from .settings import DiTSpec, SettingsError, UpscaleSettings, VAESpec
 from .text_embeddings import text_embeddings
-from .tile_debug import draw_tiles, tile_boxes
+from .tile_debug import band_boxes, draw_tiles, tile_boxes
 
 log = logging.getLogger("seedvr2")
 
@@ -138,6 +140,7 @@ class _Runner:
         self.vae: ManagedModel | None = None
         self._random_draws: dict[tuple[int, int, int], RandomDraws] = {}
         self.parallel = clip_parallel.current(settings.parallel)
+        self.memory: memory_plan.MemoryPlan | None = None  # the VRAM planner's choices for this clip
 
     # ----------------------------------------------------------------------------------------- models
     def _vae(self, direction: str, plan: BatchPlan, geometry: ClipGeometry) -> ManagedModel:
@@ -147,6 +150,9 @@ class _Runner:
             _optimize(self.vae, self.vae_spec)
         frames = max(batch.padded_length for batch in plan.batches)
         required = self._vae_activation_bytes(direction, frames, geometry)
+        if self.memory is not None and self.memory.dit_off_during_vae and self.dit is not None \
+                and self.dit.patcher is None and self.dit.resident_on(self.vae.device):
+            self.dit.park(torch.device("cpu"))  # the plan: both do not fit the budget together
         self.vae.activate(memory_required=required)
         self._make_room(required)
         return self.vae
@@ -166,6 +172,9 @@ class _Runner:
     def _vae_activation_bytes(self, direction: str, frames: int, geometry: ClipGeometry) -> int:
         """Estimated activation memory of one VAE batch (0 when unknown: the plain path has no estimate)."""
         model = self.vae.model
+        if self.memory is not None:
+            phase = self.memory.encode if direction == "encode" else self.memory.decode
+            return max(0, phase.peak - _parameter_bytes(model))
         runtime = getattr(model, "runtime", None)
         if runtime is None:
             return 0
@@ -205,6 +214,7 @@ class _Runner:
         if settings.enable_debug:
             log.info("SeedVR2: %d frame(s) %dx%d -> %dx%d in %d batch(es) of up to %d", num_frames, in_w, in_h,
                      width, height, len(plan.batches), settings.batch_size)
+        self._plan_memory(geometry, plan)
 
         with self._phase("encode", self.vae_spec):
             latents = self._encode_phase(extended, plan, geometry, parallel)
@@ -289,7 +299,9 @@ class _Runner:
         model_fn = dit_velocity(model, positive, negative)
         backend = self.dit_spec.attention_mode if self.dit_spec.enable_optimizations else matrix_ops.PLAIN
         results = []
-        with matrix_ops.attention_backend(backend), fused_kernels.fused(self.dit_spec.enable_optimizations):
+        chunks = None if self.memory is None else self.memory.dit_chunk_rows
+        with matrix_ops.attention_backend(backend), fused_kernels.fused(self.dit_spec.enable_optimizations), \
+                dit_chunking.token_chunks(chunks):
             for index, cond in enumerate(conds):
                 progress.check_interrupt()
                 if not parallel.restores(index):
@@ -367,6 +379,9 @@ class _Runner:
         return self._random_draws[latent_shape]
 
     def _tiling(self, direction: str) -> VAETiling:
+        if self.memory is not None:
+            bands = (self.memory.encode if direction == "encode" else self.memory.decode).bands
+            return VAETiling(bands=bands)
         spec = self.vae_spec
         if direction == "encode" and spec.encode_tiled:
             return VAETiling(spec.encode_tile_size, spec.encode_tile_overlap)
@@ -406,14 +421,77 @@ class _Runner:
                 pass
         limit = tiling.tile_size or 1 << 30
         sizes = sorted({size for size in sizes if size < limit}, reverse=True)
-        return [VAETiling(size, min(tiling.tile_overlap, size // 4) // 8 * 8) for size in sizes]
+        # Exact bands of that size, their activations in host memory on a GPU: less memory than the same
+        # bands kept on the GPU, the same output.
+        resident = 0 if model.device.type == "cuda" else None
+        return [VAETiling(size, min(tiling.tile_overlap, size // 4) // 8 * 8,
+                          bands=BandPlan.from_tile_size(size, resident_bytes=resident)) for size in sizes]
 
     def _draw_tile_debug(self, frames: torch.Tensor, geometry: ClipGeometry) -> None:
         """Outline the VAE tiles of the direction the loader's ``tile_debug`` names, if it is tiled."""
         direction = self.vae_spec.tile_debug
         tiling = self._tiling(direction) if direction in ("encode", "decode") else VAETiling()
-        if tiling.tile_size is not None:
+        if tiling.bands is not None:
+            draw_tiles(frames, band_boxes(geometry.padded, tiling.bands), direction)
+        elif tiling.tile_size is not None:
             draw_tiles(frames, tile_boxes(geometry.padded, tiling.tile_size, tiling.tile_overlap), direction)
+
+    def _plan_memory(self, geometry: ClipGeometry, plan: BatchPlan) -> None:
+        """Plan the run for the VRAM budget (``vram_budget``, or what the GPU has free): VAE bands, DiT token
+        chunks, BlockSwap, the DiT's offloading; log the plan and its predicted peaks.  Only on a GPU, or
+        where a budget is given."""
+        settings, spec = self.settings, self.vae_spec
+        device = torch.device(resolve_device(spec.device))
+        if device.type != "cuda" and not settings.vram_budget:
+            return
+        if self.vae is None:
+            self.vae = self.manager.vae(spec)
+            _optimize(self.vae, spec)
+        model = self.vae.model
+        runtime = getattr(model, "runtime", None)
+        height, width = geometry.padded
+        frames = max(batch.padded_length for batch in plan.batches)
+        if settings.vram_budget:
+            budget = int(settings.vram_budget * memory_plan.GIB)
+        else:
+            budget = memory_plan.default_budget(device) + self._resident_bytes(device)
+        untiled = None
+        if runtime is not None:
+            untiled = {direction: vae_optimizer.estimate_peak_bytes(
+                model.config, direction, height, width, frames=frames, dtype=model.dtype,
+                piece_bytes=runtime.piece_bytes, fused_norm=runtime.compile_norm) for direction in ("encode", "decode")}
+        user = {"encode": spec.encode_tile_size ** 2 if spec.encode_tiled else None,
+                "decode": spec.decode_tile_size ** 2 if spec.decode_tiled else None}
+        dit_config, dit_bytes = self._dit_facts()
+        try:
+            self.memory = memory_plan.plan_memory(
+                budget, vae_config=model.config, vae_dtype=model.dtype, vae_weight_bytes=_parameter_bytes(model),
+                height=height, width=width, frames=frames, untiled_peaks=untiled,
+                channels_last=runtime is not None and runtime.channels_last, user_bands=user,
+                dit_config=dit_config, dit_dtype=compute_dtype(device), dit_weight_bytes=dit_bytes,
+                dit_blocks=0 if dit_config is None else dit_config.num_layers, text_tokens=memory_plan.TEXT_TOKENS,
+                user_blocks_to_swap=self.dit_spec.blocks_to_swap)
+        except memory_plan.BudgetError as exc:
+            raise UpscaleError(f"{exc} Your workflow is unchanged.") from exc
+        log.info(self.memory.summary())
+        if self.dit is None:
+            self.dit_spec = memory_plan.with_swap(self.dit_spec, self.memory)
+
+    def _resident_bytes(self, device: torch.device) -> int:
+        """Bytes our own models hold on ``device`` now (they are part of what the run may use)."""
+        return sum(_parameter_bytes(managed.model) for managed in (self.dit, self.vae)
+                   if managed is not None and managed.patcher is None and managed.resident_on(device))
+
+    def _dit_facts(self):
+        """(config, weight bytes) of the DiT, read from its file's header when it is not loaded yet; (None, 0)
+        when unknown (the plan then covers the VAE only)."""
+        if self.dit is not None:
+            return self.dit.model.config, _parameter_bytes(self.dit.model)
+        try:
+            return self.manager.dit_facts(self.dit_spec)
+        except Exception as exc:  # a file the loader will report on properly; plan without the DiT
+            log.debug("SeedVR2: memory plan without the DiT (%s)", exc)
+            return None, 0
 
     def _latent_store(self, device: torch.device) -> torch.device:
         """Latents wait between phases on the offload device (they are small), else where they are."""
@@ -452,6 +530,10 @@ def _storage_device(name: str, default: torch.device | None = None) -> torch.dev
     if name in ("none", "", None):
         return default if default is not None else torch.device("cpu")
     return torch.device(resolve_device(name, offload=True))
+
+
+def _parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def _release_cached_memory() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...optimization import fused_kernels, matrix_ops
+from ...optimization import dit_chunking, fused_kernels, matrix_ops
 from .config import NaDiTConfig
 from .normalization import RMSNorm
 from .rope import WindowRope
@@ -74,15 +74,23 @@ class JointWindowAttention(nn.Module):
         windowed = q.new_empty((plan.video_offset.shape[0], inner))
         text_sum = None if video_queries_only else q.new_zeros((text_rows, inner), dtype=torch.float32)
         for group in plan.groups:
-            index, video_length = group.token_index, group.video_length
-            queries = index[:, :video_length] if video_queries_only else index
-            out = matrix_ops.attention(q[queries].transpose(1, 2), k[index].transpose(1, 2), v[index].transpose(1, 2))
-            out = out.transpose(1, 2)                             # (windows, queries, heads, head_dim)
-            # Scattered straight from the strided output: one pass, no contiguous copy first.
-            windowed.view(-1, self.heads, self.head_dim).index_put_(
-                (group.video_rows.view(index.shape[0], video_length),), out[:, :video_length])
-            if text_sum is not None:
-                text_sum.index_add_(0, group.text_rows, out[:, video_length:].reshape(-1, inner).float())
+            windows, video_length = group.token_index.shape[0], group.video_length
+            video_rows = group.video_rows.view(windows, video_length)
+            text_rows = None if text_sum is None else group.text_rows.view(windows, -1)
+            # Windows attend independently: dit_chunking may take them a few at a time (exact, smaller gathers).
+            step = dit_chunking.window_chunk(windows, group.token_index.shape[1])
+            for first in range(0, windows, step):
+                index = group.token_index[first:first + step]
+                queries = index[:, :video_length] if video_queries_only else index
+                out = matrix_ops.attention(q[queries].transpose(1, 2), k[index].transpose(1, 2),
+                                           v[index].transpose(1, 2))
+                out = out.transpose(1, 2)                             # (windows, queries, heads, head_dim)
+                # Scattered straight from the strided output: one pass, no contiguous copy first.
+                windowed.view(-1, self.heads, self.head_dim).index_put_(
+                    (video_rows[first:first + step],), out[:, :video_length])
+                if text_rows is not None:
+                    text_sum.index_add_(0, text_rows[first:first + step].reshape(-1),
+                                        out[:, video_length:].reshape(-1, inner).float())
         if text_sum is None:
             return windowed, None
         return windowed, self.text_mean(text_sum, plan).to(q.dtype)
