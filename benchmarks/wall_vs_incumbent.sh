@@ -51,5 +51,9 @@ PYTHONUNBUFFERED=1 "$PYTHON" performance_test.py --sections wall --wall-runs "$R
     --wall-out "$WALL_DIR/out_$PART" --wall-timeout 300 --verbose --output "$OUT/wall_$PART.json" "$@" 2>&1 \
     | tee -a "$OUT/wall_$PART.log"
 status=${PIPESTATUS[0]}
+if [ "$PART" = 2 ] || [ "$PART" = all ]; then  # checkpoint reading alone: per tensor vs the staged reader
+    "$PYTHON" benchmarks/load_speed.py --gb 6.8 --dir "$WALL_DIR/load_speed" --output "$OUT/load_speed.json" 2>&1 \
+        | tee -a "$OUT/wall_$PART.log"
+fi
 tar -czf "$OUT/wall_${PART}_logs.tar.gz" -C "$WALL_DIR" --exclude='*.mp4' --exclude='*.png' "out_$PART" 2>/dev/null
 exit "$status"
