@@ -21,6 +21,7 @@ class Loaded:
     def __init__(self, thread: str, inference: bool):
         self.thread, self.inference, self.info, self.activated = thread, inference, {"optimized": True}, 0
         self.device = CUDA
+        self.model = torch.nn.Linear(2, 2)  # CPU weights: nothing to record on the compute stream
 
     def activate(self, memory_required: int = 0):
         self.activated += 1
@@ -62,6 +63,7 @@ def runner(monkeypatch):
     monkeypatch.setattr(upscaler, "resolve_device", lambda name, **kw: name)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * GIB, 80 * GIB))
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "compute stream")
     monkeypatch.setattr(torch.cuda, "stream", contextmanager(lambda stream: (yield)))
 
     def make(manager):
@@ -144,3 +146,26 @@ def test_weight_bytes_of_a_dit_file_in_the_compute_dtype(tmp_path):
                                             offload_device="cpu")) == 12 * 4 + 5 * 4 + 2 * 8
     gguf = ModelManager(resolve_path=lambda name: tmp_path / "dit.gguf")
     assert gguf.dit_weight_bytes(DiTSpec(model="dit.gguf", device="cpu")) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_side_loaded_run_equals_the_inline_run(monkeypatch):
+    from conftest import golden_path
+
+    from src.pipeline.model_manager import ModelManager
+
+    dit = DiTSpec(model=str(golden_path("dit3b_weights.safetensors")), device="cuda:0")
+    vae = VAESpec(model=str(golden_path("vae_weights.safetensors")), device="cuda:0")
+    frames = torch.rand(5, 48, 64, 3, generator=torch.Generator().manual_seed(0))
+    settings = UpscaleSettings(resolution=64, batch_size=5)
+    threads = []
+    real_dit = ModelManager.dit
+    monkeypatch.setattr(ModelManager, "dit", lambda self, spec: threads.append(threading.current_thread().name)
+                        or real_dit(self, spec))
+    outputs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(upscaler.PREFETCH_DIT_ENV, switch)
+        with torch.inference_mode():
+            outputs.append(upscaler.upscale(frames, dit, vae, settings, manager=ModelManager()))
+    assert threads == ["seedvr2-dit-load", "MainThread"]
+    assert torch.equal(outputs[0], outputs[1])

@@ -170,6 +170,7 @@ class _Runner:
         if free < vae_required + needed + PREFETCH_MARGIN_BYTES:
             return
         inference = torch.is_inference_mode_enabled()  # ComfyUI runs nodes in inference mode: so does the thread
+        compute_stream = torch.cuda.current_stream(device)
         future: Future = Future()
 
         def load() -> None:
@@ -178,6 +179,11 @@ class _Runner:
                 with torch.inference_mode(inference), torch.cuda.stream(stream):
                     managed = self.manager.dit(self.dit_spec)
                     stream.synchronize()
+                # The weights were allocated on the side stream; the allocator must not hand their memory out
+                # again, once they are freed, before the compute stream's kernels that read them are done.
+                for tensor in (*managed.model.parameters(), *managed.model.buffers()):
+                    if tensor.is_cuda:
+                        tensor.record_stream(compute_stream)
                 future.set_result(managed)
             except BaseException as exc:  # re-raised where the DiT is needed
                 future.set_exception(exc)
