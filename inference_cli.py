@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -172,5 +173,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """End the process once the output file is complete and closed, skipping the interpreter's teardown of
+    CUDA, tensors and modules, which the user would otherwise wait for: the operating system frees it all."""
+    timing.finish()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

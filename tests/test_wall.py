@@ -131,3 +131,12 @@ def test_wall_section_runs_the_cli_and_the_node_in_fresh_processes(tmp_path):
     spans = json.loads(open(node["log"].replace(".log", ".timing.json")).read())["spans"]
     queue2 = next(s for s in spans if s["name"] == "queue2")
     assert not [s for s in spans if s["name"].startswith("load_") and s["start"] >= queue2["start"]]
+
+
+def test_the_cli_exits_with_its_status_and_writes_its_timeline_first(tmp_path):
+    report = tmp_path / "t.json"
+    child = subprocess.run([sys.executable, "inference_cli.py", str(tmp_path / "missing.mp4")], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, timing.ENV_VAR: str(report)})
+    assert child.returncode == 2 and "error" in child.stderr
+    marks = json.loads(report.read_text())["marks"]
+    assert 0 < marks["cli_main"] <= marks["exit"]

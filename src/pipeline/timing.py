@@ -222,10 +222,17 @@ accumulate = TIMELINE.accumulate
 timed_iter = TIMELINE.timed_iter
 
 
+def finish() -> None:
+    """Mark the exit and write the report (once); runs at interpreter exit, or earlier for a fast exit."""
+    if TIMELINE.enabled and "exit" not in TIMELINE.marks:
+        TIMELINE.mark("exit")
+        TIMELINE.write()
+
+
 if TIMELINE.enabled:  # written at interpreter exit, so early returns and errors are reported too
     import atexit
 
-    atexit.register(lambda: (TIMELINE.mark("exit"), TIMELINE.write()))
+    atexit.register(finish)
 
 
 def enabled() -> bool:
