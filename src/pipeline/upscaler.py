@@ -179,11 +179,12 @@ class _Runner:
                 with torch.inference_mode(inference), torch.cuda.stream(stream):
                     managed = self.manager.dit(self.dit_spec)
                     stream.synchronize()
-                # The weights were allocated on the side stream; the allocator must not hand their memory out
-                # again, once they are freed, before the compute stream's kernels that read them are done.
-                for tensor in (*managed.model.parameters(), *managed.model.buffers()):
-                    if tensor.is_cuda:
-                        tensor.record_stream(compute_stream)
+                    # The weights were allocated on the side stream; the allocator must not hand their memory
+                    # out again, once freed, before the compute stream's kernels reading them are done.  (Inside
+                    # the inference mode: record_stream counts as an in-place use of inference tensors.)
+                    for tensor in (*managed.model.parameters(), *managed.model.buffers()):
+                        if tensor.is_cuda:
+                            tensor.record_stream(compute_stream)
                 future.set_result(managed)
             except BaseException as exc:  # re-raised where the DiT is needed
                 future.set_exception(exc)
