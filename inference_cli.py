@@ -22,6 +22,7 @@ from src.pipeline.progress import Progress
 from src.pipeline.settings import COLOR_CORRECTIONS, VAE_QUANTIZATIONS, DiTSpec, SettingsError, UpscaleSettings, VAESpec
 
 log = logging.getLogger("seedvr2")
+WRITE_FRAMES = 8  # frames handed to the writer at a time: its uint8 conversion of a long clip stays bounded
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -157,7 +158,8 @@ def main(argv=None) -> int:
         chunks = timing.timed_iter(chunks, "read_input")
         for frames in upscale_stream(chunks, dit, vae, settings, progress=progress, manager=ModelManager()):
             with timing.accumulate("write"):
-                writer.write(frames)
+                for start in range(0, frames.shape[0], WRITE_FRAMES):  # the writer's conversions stay small
+                    writer.write(frames[start:start + WRITE_FRAMES])
             timing.mark("first_output_frame")
             written += frames.shape[0]
     except (media.MediaError, ValueError) as exc:
