@@ -158,3 +158,31 @@ def test_the_cli_hands_the_writer_a_few_frames_at_a_time(tmp_path, monkeypatch):
                                *_models()]) == 0
     assert sum(calls) == 11 and max(calls) <= inference_cli.WRITE_FRAMES and len(calls) >= 2
     assert next(media.iter_chunks(target, 0)).shape[0] == 11
+
+
+def test_triton_compiles_cache_loads_and_autotuning_are_totalled(tmp_path, monkeypatch):
+    triton = pytest.importorskip("triton")
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or not hasattr(knobs.runtime, "jit_post_compile_hook"):
+        pytest.skip(f"triton {triton.__version__} has no compile hooks")
+    line = timing.Timeline(tmp_path / "t.json")
+    monkeypatch.setattr(timing, "TIMELINE", line)
+    monkeypatch.setattr(timing, "_TRITON_WATCHED", False)
+    seen = []
+    for owner, name in ((knobs.runtime, "jit_cache_hook"), (knobs.runtime, "jit_post_compile_hook"),
+                        (knobs.compilation, "listener"), (knobs.autotuning, "listener")):
+        monkeypatch.setattr(owner, name, lambda name=name, **kw: seen.append(name))  # hooks set before ours
+    timing.watch_triton()
+    runtime = knobs.runtime
+    assert runtime.jit_cache_hook(key=1) is None  # never asks Triton to skip the compile
+    time.sleep(0.02)
+    runtime.jit_post_compile_hook(key=1)  # compiled (no listener call said it came from the cache)
+    runtime.jit_cache_hook(key=2)
+    knobs.compilation.listener(cache_hit=True)
+    runtime.jit_post_compile_hook(key=2)
+    knobs.autotuning.listener(duration=1.5, cache_hit=False)
+    knobs.autotuning.listener(duration=None, cache_hit=True)
+    assert line.totals["triton_compile"] >= 0.02 and line.counts["triton_cache_load"] == 1
+    assert line.totals["triton_autotune"] == 1.5 and line.counts["triton_autotune_cached"] == 1
+    assert seen.count("jit_cache_hook") == 2 and seen.count("listener") == 3  # the earlier hooks still run
+    assert line.info["triton_hooks"].startswith("triton ")
