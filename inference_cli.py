@@ -158,8 +158,8 @@ def main(argv=None) -> int:
         chunks = timing.timed_iter(chunks, "read_input")
         for frames in upscale_stream(chunks, dit, vae, settings, progress=progress, manager=ModelManager()):
             with timing.accumulate("write"):
-                for start in range(0, frames.shape[0], WRITE_FRAMES):  # the writer's conversions stay small
-                    writer.write(frames[start:start + WRITE_FRAMES])
+                for first in range(0, frames.shape[0], WRITE_FRAMES):  # the writer's conversions stay small
+                    writer.write(frames[first:first + WRITE_FRAMES])
             timing.mark("first_output_frame")
             written += frames.shape[0]
     except (media.MediaError, ValueError) as exc:
