@@ -8,7 +8,6 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from src.optimization import stable_memory
 from src.pipeline import upscaler
 from src.pipeline.progress import Progress
 from src.pipeline.settings import DiTSpec, UpscaleSettings, VAESpec
