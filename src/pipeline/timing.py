@@ -71,7 +71,7 @@ class Timeline:
 
     @contextmanager
     def span(self, name: str, *, sync=None, **extra) -> Iterator[None]:
-        """Time a block; ``sync`` (a torch device) is synchronised before the end is taken."""
+        """Time a block; ``sync`` (a torch device): its current stream is synchronised before the end is taken."""
         if not self.enabled:
             yield
             return
@@ -135,7 +135,8 @@ def _synchronize(device) -> None:
         return
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_initialized():
-        torch.cuda.synchronize(device)
+        # This thread's stream only: a load on a side thread must not wait for the encode beside it.
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _memory_report() -> dict:
