@@ -3,7 +3,7 @@
 Off unless ``SEEDVR2_TIMING_JSON`` names a file; then the CLI (and the benchmark's node driver) write there,
 at the end of the run, every recorded span and mark as seconds since the *process* started (read from the
 kernel on Linux, so interpreter start-up and imports count), plus the peak host RSS and CUDA memory.  Spans
-that end a GPU phase synchronise the device first, so a phase's end is when its work is done; that costs a
+that end a GPU phase synchronise their stream first, so a phase's end is when its work is done; that costs a
 few microseconds per phase and happens only while recording.
 
 Disabled, every call is one attribute check: the pipeline can call it unconditionally.
