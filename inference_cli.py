@@ -25,6 +25,7 @@ from src.pipeline import timing
 from src.pipeline.settings import COLOR_CORRECTIONS, VAE_QUANTIZATIONS
 
 log = logging.getLogger("seedvr2")
+WRITE_FRAMES = 8  # frames handed to the writer at a time: its uint8 conversion of a long clip stays bounded
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 DEFAULT_MODEL_DIR = "models/SEEDVR2"
@@ -299,7 +300,8 @@ def run(args: argparse.Namespace, console) -> int:
         for frames in upscale_stream(progress.chunks(chunks), dit, vae, settings, progress=progress,
                                      manager=ModelManager()):
             with timing.accumulate("write"):
-                writer.write(frames)
+                for first in range(0, frames.shape[0], WRITE_FRAMES):  # the writer's conversions stay small
+                    writer.write(frames[first:first + WRITE_FRAMES])
             timing.mark("first_output_frame")
             written += frames.shape[0]
         progress.finish()
@@ -407,5 +409,18 @@ def _is_out_of_memory(exc: BaseException) -> bool:
         words in text.lower() for words in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
+def _exit_now(code: int) -> None:
+    """End the process once the output file is complete and closed, skipping the interpreter's teardown of
+    CUDA, tensors and modules, which the user would otherwise wait for: the operating system frees it all."""
+    timing.finish()
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()   # a multi-GPU run's process leaves its group first
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -297,7 +297,7 @@ def plan_run(name: str, config: WallConfig, inputs: dict[str, Path]) -> dict:
         command = [config.python, str(REPO / "src" / "benchmark" / "node_run.py"), "--pack", str(REPO),
                    "--input", str(source), "--dit", dit.name, "--vae", VAE_FILE, "--device", config.device,
                    "--resolution", str(resolution), "--batch-size", str(config.batch_size), "--queues", "2",
-                   "--summary", str(out / f"{name}.summary.json")]
+                   "--summary", str(out / f"{name}.summary.json"), "--save", str(out / f"{name}.mp4")]
         return {"command": command, "cold": cold, "target": out / f"{name}.summary.json", "cwd": config.root,
                 "ours": True}
     command = _cli_command(config, source, target, dit, resolution, extra)
@@ -349,5 +349,7 @@ def print_wall(results: dict) -> None:
         queues = run.get("queues") or []
         q = ", ".join(f"queue{e['queue']} {e['seconds']:.2f}s" for e in queues)
         status = "" if run["returncode"] == 0 and run["output_exists"] else f" FAILED (exit {run['returncode']})"
-        print(f"  {run['name']:<22} {run['wall_s']:>7.2f} s{status}  rss {run['child_rss_peak_bytes'] / 2**30:.1f} GiB"
+        vram = run.get("memory", {}).get("cuda_peak_allocated_bytes")
+        vram = f"  vram {vram / 2**30:.1f} GiB" if vram else ""
+        print(f"  {run['name']:<22} {run['wall_s']:>7.2f} s{status}  rss {run['child_rss_peak_bytes'] / 2**30:.1f} GiB{vram}"
               + (f"  [{q}]" if q else "") + ("\n      " + ", ".join(parts) if parts else ""))

@@ -4,16 +4,33 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_METADATA_KEY, CheckpointError, CheckpointIndex, check_strict, float_dtype_rule, materialize, read_index, require_kind
+from . import checkpoint, staged_read
+from .checkpoint import CONFIG_METADATA_KEY, CheckpointError, CheckpointIndex, check_strict, float_dtype_rule, read_index, require_kind
 from .dit import NaDiT, NaDiTConfig
 from .video_vae_v3 import VAEConfig, VideoAutoencoder
 
 log = logging.getLogger("seedvr2")
 
 WINDOW_HINT_KEYS = ("window", "window_method")
+STAGED_LOAD_ENV = "SEEDVR2_STAGED_LOAD"  # 0: read tensors one at a time through safetensors (to compare)
+
+
+def staged(path, device) -> bool:
+    """Whether ``path`` goes to ``device`` through the chunked pinned reader: safetensors files bound for a GPU.
+    For the CPU, safetensors' memory map is already zero-copy where the dtype is kept."""
+    return (Path(path).suffix.lower() == ".safetensors" and torch.device(device).type == "cuda"
+            and os.environ.get(STAGED_LOAD_ENV, "1") != "0")
+
+
+def materialize(model: torch.nn.Module, path, *, device, dtype_for, overrides={}) -> torch.nn.Module:
+    """Fill the meta ``model`` from ``path`` (see :func:`staged`), else tensor by tensor."""
+    if staged(path, device):
+        return staged_read.materialize(model, Path(path), device=device, dtype_for=dtype_for, overrides=overrides)
+    return checkpoint.materialize(model, Path(path), device=device, dtype_for=dtype_for, overrides=overrides)
 
 
 def _detect(index: CheckpointIndex, config_cls, what: str):

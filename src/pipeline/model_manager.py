@@ -164,6 +164,31 @@ class ModelManager:
         self._register(managed, allow_comfy="block_swap" not in managed.info)
         return managed
 
+    def dit_weight_bytes(self, spec: DiTSpec) -> int | None:
+        """Device memory the DiT's weights take when :meth:`dit` loads them for ``spec``: 0 when it is cached
+        or loads to the offload device (BlockSwap), None when unknown (not a safetensors file)."""
+        device = torch.device(resolve_device(spec.device))
+        path = self._resolve_path(spec.model)
+        if str(path).lower().endswith(".gguf") or not str(path).lower().endswith(".safetensors"):
+            return None
+        dtype = compute_dtype(device)
+        key = ("dit", _file_key(path), str(device), dtype, spec.quantization, spec.blocks_to_swap,
+               spec.swap_io_components, spec.offload_device)
+        if key in self._cache or _load_device(device, spec.offload_device, spec.blocks_to_swap > 0) != device:
+            return 0
+        from ..models.checkpoint import read_index
+
+        total = 0
+        for info in read_index(path).tensors.values():
+            size = torch.empty(0, dtype=info.dtype).element_size()
+            if info.dtype.is_floating_point:
+                size = max(size, dtype.itemsize)  # fp8 files may be widened to the compute dtype
+            numel = 1
+            for n in info.shape:
+                numel *= n
+            total += numel * size
+        return total
+
     def vae(self, spec: VAESpec) -> ManagedModel:
         device = torch.device(resolve_device(spec.device))
         dtype = compute_dtype(device)

@@ -3,7 +3,7 @@
 Off unless ``SEEDVR2_TIMING_JSON`` names a file; then the CLI (and the benchmark's node driver) write there,
 at the end of the run, every recorded span and mark as seconds since the *process* started (read from the
 kernel on Linux, so interpreter start-up and imports count), plus the peak host RSS and CUDA memory.  Spans
-that end a GPU phase synchronise the device first, so a phase's end is when its work is done; that costs a
+that end a GPU phase synchronise their stream first, so a phase's end is when its work is done; that costs a
 few microseconds per phase and happens only while recording.
 
 Disabled, every call is one attribute check: the pipeline can call it unconditionally.
@@ -71,7 +71,7 @@ class Timeline:
 
     @contextmanager
     def span(self, name: str, *, sync=None, **extra) -> Iterator[None]:
-        """Time a block; ``sync`` (a torch device) is synchronised before the end is taken."""
+        """Time a block; ``sync`` (a torch device): its current stream is synchronised before the end is taken."""
         if not self.enabled:
             yield
             return
@@ -135,7 +135,8 @@ def _synchronize(device) -> None:
         return
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_initialized():
-        torch.cuda.synchronize(device)
+        # This thread's stream only: a load on a side thread must not wait for the encode beside it.
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _memory_report() -> dict:
@@ -222,10 +223,17 @@ accumulate = TIMELINE.accumulate
 timed_iter = TIMELINE.timed_iter
 
 
+def finish() -> None:
+    """Mark the exit and write the report (once); runs at interpreter exit, or earlier for a fast exit."""
+    if TIMELINE.enabled and "exit" not in TIMELINE.marks:
+        TIMELINE.mark("exit")
+        TIMELINE.write()
+
+
 if TIMELINE.enabled:  # written at interpreter exit, so early returns and errors are reported too
     import atexit
 
-    atexit.register(lambda: (TIMELINE.mark("exit"), TIMELINE.write()))
+    atexit.register(finish)
 
 
 def enabled() -> bool:

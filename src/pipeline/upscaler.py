@@ -14,7 +14,9 @@ batch.  Every batch is seeded identically, so a frame's result does not depend o
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -24,6 +26,7 @@ import torch
 from ..distributed import clip_parallel
 from ..models.video_vae_v3.banded import BandPlan
 from ..optimization import dit_chunking, fused_kernels, matrix_ops, stable_memory, vae_optimizer
+from ..optimization.switches import env_switch
 from . import memory_plan
 from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batches, prepend_mirrored
 from .color_correction import color_correct
@@ -44,6 +47,8 @@ log = logging.getLogger("seedvr2")
 
 SPATIAL_FACTOR, TEMPORAL_FACTOR, GRID = 8, 4, 16
 OOM_TILE_SIZES = (512, 256)  # VAE tile sizes tried, in order, when a batch does not fit untiled
+PREFETCH_DIT_ENV = "SEEDVR2_PREFETCH_DIT"  # 0: load the DiT after the encode (see _Runner._prefetch_dit)
+PREFETCH_MARGIN_BYTES = 2 << 30
 MEMORY_PRESSURE_TO_CLEAR = 0.75  # used fraction of device or host memory above which phases clear caches
 
 
@@ -141,6 +146,7 @@ class _Runner:
         self._random_draws: dict[tuple[int, int, int], RandomDraws] = {}
         self.parallel = clip_parallel.current(settings.parallel)
         self.memory: memory_plan.MemoryPlan | None = None  # the VRAM planner's choices for this clip
+        self._dit_loading: Future | None = None  # the DiT loading on a side thread while the VAE encodes
 
     # ----------------------------------------------------------------------------------------- models
     def _vae(self, direction: str, plan: BatchPlan, geometry: ClipGeometry) -> ManagedModel:
@@ -155,7 +161,47 @@ class _Runner:
             self.dit.park(torch.device("cpu"))  # the plan: both do not fit the budget together
         self.vae.activate(memory_required=required)
         self._make_room(required)
+        if direction == "encode":
+            self._prefetch_dit(required)
         return self.vae
+
+    def _prefetch_dit(self, vae_required: int) -> None:
+        """Start loading the DiT on a side thread (and CUDA stream) while the VAE encodes, when its weights fit
+        beside the encode's activations with room to spare; the upscale phase waits for it.  Reading the file
+        and copying it to the GPU then overlap the encode instead of following it."""
+        if self.dit is not None or self._dit_loading is not None or not env_switch(PREFETCH_DIT_ENV, True):
+            return
+        device = self.vae.device
+        if device.type != "cuda" or torch.device(resolve_device(self.dit_spec.device)) != device:
+            return
+        needed = self.manager.dit_weight_bytes(self.dit_spec)
+        if needed is None:
+            return
+        free, _total = torch.cuda.mem_get_info(device)
+        if free < vae_required + needed + PREFETCH_MARGIN_BYTES:
+            return
+        inference = torch.is_inference_mode_enabled()  # ComfyUI runs nodes in inference mode: so does the thread
+        compute_stream = torch.cuda.current_stream(device)
+        future: Future = Future()
+
+        def load() -> None:
+            try:
+                stream = torch.cuda.Stream(device)
+                with torch.inference_mode(inference), torch.cuda.stream(stream):
+                    managed = self.manager.dit(self.dit_spec)
+                    stream.synchronize()
+                    # The weights were allocated on the side stream; the allocator must not hand their memory
+                    # out again, once freed, before the compute stream's kernels reading them are done.  (Inside
+                    # the inference mode: record_stream counts as an in-place use of inference tensors.)
+                    for tensor in (*managed.model.parameters(), *managed.model.buffers()):
+                        if tensor.is_cuda:
+                            tensor.record_stream(compute_stream)
+                future.set_result(managed)
+            except BaseException as exc:  # re-raised where the DiT is needed
+                future.set_exception(exc)
+
+        self._dit_loading = future
+        threading.Thread(target=load, name="seedvr2-dit-load", daemon=True).start()
 
     def _make_room(self, required: int) -> None:
         """Outside ComfyUI (which does this itself), move a resident DiT to the CPU when the VAE phase's
@@ -185,12 +231,20 @@ class _Runner:
 
     def _dit(self) -> ManagedModel:
         if self.dit is None:
-            self.dit = self.manager.dit(self.dit_spec)
+            loading, self._dit_loading = self._dit_loading, None
+            with timing.span("wait_dit_load"):
+                self.dit = loading.result() if loading is not None else self.manager.dit(self.dit_spec)
             _optimize(self.dit, self.dit_spec)
         self.dit.activate()
         return self.dit
 
     def close(self) -> None:
+        if self._dit_loading is not None:  # the run stopped before the DiT was needed: release it too
+            loading, self._dit_loading = self._dit_loading, None
+            try:
+                self.dit = self.dit or loading.result()
+            except Exception:  # the run's own error is the one to report
+                pass
         self.manager.finish(self.dit, self.vae)
         self.dit = self.vae = None
 

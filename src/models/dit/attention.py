@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...optimization import dit_chunking, fused_kernels, matrix_ops
+from . import graph_breaks
 from .config import NaDiTConfig
 from .normalization import RMSNorm
 from .rope import WindowRope
@@ -62,7 +63,7 @@ class JointWindowAttention(nn.Module):
             return vid_out, None
         return vid_out, self.proj_out.text()(text_mean)
 
-    @torch.compiler.disable
+    @graph_breaks.eager
     def _attend_windows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, text_rows: int,
                         video_queries_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of every window group: (video outputs in token order, text mean or None).
