@@ -105,9 +105,11 @@ def output_writer(args, info: media.MediaInfo):
         target = source.with_name(f"{source.stem}_seedvr2.png")
     else:
         target = source.with_name(f"{source.stem}_seedvr2")
+    single = fmt == "png" and info.kind == "image" and target.suffix.lower() == ".png"
+    media.check_output(target, source, folder=fmt == "png" and not single)  # never overwrite the input
     if fmt == "mp4":
         return media.VideoWriter(target, info.fps or 24.0), target
-    return media.PngWriter(target, single=(info.kind == "image" and target.suffix.lower() == ".png")), target
+    return media.PngWriter(target, single=single), target
 
 
 def main(argv=None) -> int:
@@ -119,6 +121,7 @@ def main(argv=None) -> int:
 
     try:
         info = media.probe(args.input)
+        writer, target = output_writer(args, info)
         folders = [Path(args.model_dir)]
         dit_path = download.ensure_model(args.dit_model, folders)
         vae_path = download.ensure_model(args.vae_model, folders)
@@ -146,19 +149,19 @@ def main(argv=None) -> int:
         input_noise_scale=args.input_noise_scale, latent_noise_scale=args.latent_noise_scale,
         offload_device="cpu", enable_debug=args.debug,
     )
-    writer, target = output_writer(args, info)
     progress = ConsoleProgress(Path(args.input).name)
     start, written = time.perf_counter(), 0
     try:
-        chunks = media.iter_chunks(args.input, args.chunk_size, skip=args.skip_first_frames, limit=args.load_cap)
-        for frames in upscale_stream(chunks, dit, vae, settings, progress=progress, manager=ModelManager()):
-            writer.write(frames)
-            written += frames.shape[0]
+        # the output takes its name only when complete: an error, Ctrl-C or SIGTERM drops it
+        with media.terminate_raises(), writer:
+            chunks = media.iter_chunks(args.input, args.chunk_size, skip=args.skip_first_frames, limit=args.load_cap)
+            for frames in upscale_stream(chunks, dit, vae, settings, progress=progress, manager=ModelManager()):
+                writer.write(frames)
+                written += frames.shape[0]
     except (media.MediaError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2
     finally:
-        writer.close()
         progress.close()
     seconds = time.perf_counter() - start
     log.info("wrote %d frame(s) to %s in %.1f s (%.2f frames/s)", written, target, seconds, written / max(seconds, 1e-9))
