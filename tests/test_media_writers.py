@@ -332,22 +332,22 @@ def _chunk(n=1, value=0.5):
     return torch.full((n, 2, 2, 3), value)
 
 
-def test_write_returns_while_the_previous_chunk_is_encoded_and_the_queue_is_bounded(tmp_path):
+def test_write_returns_while_the_previous_chunk_is_encoded_and_the_writer_holds_few_chunks(tmp_path):
     writer = _held_writer(tmp_path / "out.bin")
     writer.write(_chunk(1))
     assert writer.started.wait(30)          # the first chunk is being encoded, and write() has returned
-    for _ in range(media.QUEUE_CHUNKS):
-        writer.write(_chunk(2))             # waits in the queue
-    blocked = threading.Thread(target=writer.write, args=(_chunk(3),))
+    for size in range(2, media.QUEUE_CHUNKS + 1):
+        writer.write(_chunk(size))          # waits in the queue
+    blocked = threading.Thread(target=writer.write, args=(_chunk(9),))
     blocked.start()
     blocked.join(0.5)
-    assert blocked.is_alive()               # one chunk more than the queue holds: the caller waits
+    assert blocked.is_alive()               # one chunk more than the writer holds: the caller waits
     writer.release.set()
     blocked.join(30)
     writer.close()
-    assert writer.chunks == [1] + [2] * media.QUEUE_CHUNKS + [3]
+    assert writer.chunks == list(range(1, media.QUEUE_CHUNKS + 1)) + [9]
     assert (tmp_path / "out.bin").exists() and _leftovers(tmp_path) == []
-    assert writer.busy_seconds > 0 and not writer._thread.is_alive()
+    assert writer.busy_seconds > 0 and writer.wait_seconds > 0 and not writer._thread.is_alive()
 
 
 def test_an_error_on_the_writer_thread_reaches_the_caller(tmp_path):

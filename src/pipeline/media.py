@@ -151,7 +151,9 @@ FRAME_NAME = re.compile(r"\d{6}\.png")  # the names of a PNG sequence written he
 # zlib level 1: several times faster than Pillow's default 6 for about a tenth more bytes on upscaled frames
 # (docs/performance.md, "Writing the output").
 PNG_COMPRESS_LEVEL = 1
-QUEUE_CHUNKS = 1           # chunks waiting for the writer thread (besides the one it is writing)
+# Chunks the writer holds (being written or waiting); ``write`` waits while it holds this many.  With 1, host
+# memory holds at most the chunk being written and the one being computed.
+QUEUE_CHUNKS = 1
 _BAND_ELEMENTS = 1 << 16   # floats converted at a time: the uint8 conversion's temporaries stay ~256 KB
 _JOIN_TIMEOUT_S = 60.0     # how long an abort waits for the writer thread to finish its current frame
 _CONTAINERS = {".mov": "mov", ".mkv": "matroska"}  # other suffixes get mp4
@@ -245,9 +247,9 @@ def _partial_sibling(final: Path, token: str) -> Path:
 class _Writer:
     """What every writer shares: the partial sibling renamed into place on success, and the writer thread.
 
-    ``write`` hands a chunk to the writer thread (it waits only while ``QUEUE_CHUNKS`` chunks are already
-    waiting) and re-raises, as a MediaError, anything that thread hit; the tensor must not be changed after
-    it was handed over.  ``close`` finishes the file and renames it into place; ``abort`` (or leaving a
+    ``write`` hands a chunk to the writer thread (it waits only while the writer holds ``QUEUE_CHUNKS``
+    chunks) and re-raises, as a MediaError, anything that thread hit; the tensor must not be changed after it
+    was handed over.  ``close`` finishes the file and renames it into place; ``abort`` (or leaving a
     ``with`` block through an exception) drops everything written.  Subclasses implement ``_start`` (create
     the partial output for the first chunk), ``_encode``, ``_finish`` (flush and close) and ``_discard``.
     """
@@ -264,7 +266,8 @@ class _Writer:
         self._token = f"{os.getpid()}-{secrets.token_hex(3)}"
         self._partial: Path | None = None
         self._background = background
-        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(QUEUE_CHUNKS)  # released when the writer is done with a chunk
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -295,7 +298,7 @@ class _Writer:
             return
         try:
             if self._thread is not None:
-                self._put(_DONE)
+                self._queue.put(_DONE)
                 self._join()
             elif self._error is None and self._partial is not None:
                 self._finish()
@@ -340,15 +343,12 @@ class _Writer:
         return False
 
     # ------------------------------------------------------------------------------------------ thread
-    def _put(self, item) -> None:
+    def _put(self, frames: torch.Tensor) -> None:
         start = time.perf_counter()
-        while True:
-            try:
-                self._queue.put(item, timeout=0.1)
-                break
-            except queue.Full:
-                if self._error is not None or not self._thread.is_alive():
-                    self._raise_failure()
+        while not self._slots.acquire(timeout=0.1):  # short waits: an interrupt is handled meanwhile
+            if self._error is not None or not self._thread.is_alive():
+                self._raise_failure()
+        self._queue.put(frames)
         self.wait_seconds += time.perf_counter() - start
 
     def _join(self) -> None:
@@ -372,11 +372,12 @@ class _Writer:
                     break
                 self._consume(item)
                 del item
+                self._slots.release()
             if not self._stop.is_set() and self._partial is not None:
                 self._finish()
         except BaseException as exc:
-            self._error = exc
-            self._drain()  # a caller waiting to queue a chunk sees the error instead
+            self._error = exc  # a caller waiting for a slot sees it
+            self._drain()
 
     def _consume(self, frames: torch.Tensor) -> None:
         start = time.perf_counter()
@@ -516,6 +517,8 @@ class PngWriter(_Writer):
             self._written += 1
             while len(self._pending) > 2 * self._workers:  # bounded: a few frames in flight
                 self._pending.popleft().result()
+        while self._pending:  # the chunk is written before its slot is given back
+            self._pending.popleft().result()
 
     def _save(self, frame: torch.Tensor, target: Path) -> None:
         from PIL import Image
