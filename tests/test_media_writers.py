@@ -79,6 +79,9 @@ def test_png_frames_written_equal_frames_given(tmp_path):
     assert names == [f"{i:06d}.png" for i in range(7)]
     read = np.stack([np.asarray(Image.open(tmp_path / "seq" / name)) for name in names])
     assert (read == _reference_uint8(rgb)).all()
+    with media.PngWriter(tmp_path / "seq2", background=False) as writer:  # written by the caller itself
+        writer.write(rgb)
+    assert all((tmp_path / "seq" / n).read_bytes() == (tmp_path / "seq2" / n).read_bytes() for n in names)
     with media.PngWriter(tmp_path / "one.png", single=True) as writer:
         writer.write(rgba[:1])
     image = Image.open(tmp_path / "one.png")
@@ -171,6 +174,17 @@ def test_an_injected_write_failure_leaves_nothing_under_the_final_name(tmp_path,
     assert str(target) in message and "No space left on device" in message
     assert not target.exists() and _leftovers(tmp_path) == []
     assert not [t for t in threading.enumerate() if t.name.startswith("seedvr2-")]
+
+
+def test_an_interrupt_inside_a_writer_without_a_thread_stays_an_interrupt(tmp_path, monkeypatch):
+    def save(self, fp, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        with media.PngWriter(tmp_path / "frames", background=False, workers=1) as writer:
+            writer.write(_smooth(2, 8, 8))
+    assert not (tmp_path / "frames").exists() and _leftovers(tmp_path) == []
 
 
 def test_an_injected_failure_through_the_cli_is_one_error_and_no_file(tmp_path, monkeypatch, caplog):

@@ -283,9 +283,12 @@ class _Writer:
         if not self._background:
             try:
                 self._consume(frames)
-            except BaseException as exc:
+            except Exception as exc:
                 self._error = exc
                 self._raise_failure()
+            except BaseException:  # an interrupt stays an interrupt
+                self.abort()
+                raise
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="seedvr2-writer", daemon=True)
