@@ -422,13 +422,14 @@ class _Writer:
 
 class VideoWriter(_Writer):
     """RGB frames to an H.264 file (yuv420p; odd sizes padded by one edge pixel), encoded on a background
-    thread by x264's own frame threads (``threads`` 0: as many as x264 picks for the cores)."""
+    thread by x264's own threads (``threads`` 0: as many as x264 picks for the cores).  ``thread_type``
+    FRAME encodes whole frames in parallel; PyAV's default, SLICE, splits each frame and scales less."""
 
     def __init__(self, path: str | Path, fps: float, crf: int = 12, preset: str = "medium", threads: int = 0,
-                 *, background: bool = True):
+                 thread_type: str = "FRAME", *, background: bool = True):
         super().__init__(path, background=background)
         self._fps = fps if fps > 0 else 24.0
-        self._crf, self._preset, self._threads = crf, preset, threads
+        self._crf, self._preset, self._threads, self._thread_type = crf, preset, threads, thread_type
         self._container = self._stream = self._buffer = None
 
     def _start(self, frames: torch.Tensor) -> None:
@@ -444,7 +445,7 @@ class VideoWriter(_Writer):
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(self._crf), "preset": self._preset}
         stream.codec_context.thread_count = self._threads
-        stream.codec_context.thread_type = "FRAME"  # whole frames in parallel: more throughput than slices
+        stream.codec_context.thread_type = self._thread_type
         self._stream = stream
         self._buffer = np.empty((stream.height, stream.width, 3), np.uint8)
 
