@@ -3,6 +3,7 @@ disk or an interrupt, the input is never the output, and writing runs beside the
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,17 @@ def test_mp4_round_trip_within_codec_tolerance(tmp_path):
     apart = ((frames[:, None] - frames[None]).abs() * 255).mean(dim=(2, 3, 4))
     assert per_frame.max() < 0.25 * apart[~torch.eye(len(frames), dtype=torch.bool)].min(), (per_frame, apart)
     assert _leftovers(tmp_path) == []
+
+
+def test_x264_encodes_on_several_threads(tmp_path):
+    with media.VideoWriter(tmp_path / "out.mp4", 24.0) as writer:  # x264 caps threads by macroblock rows
+        writer.write(_smooth(3, 128, 160))
+    # x264 records its settings in the stream: frame threads, more than one where there are several cores
+    # (PyAV's default gave sliced threads)
+    settings = re.search(rb"x264 - core .*? options: ([^\x00]*)", (tmp_path / "out.mp4").read_bytes()).group(1)
+    options = dict(item.split("=", 1) for item in settings.decode().split() if "=" in item)
+    assert options["crf"].startswith("12") and options["sliced_threads"] == "0", options
+    assert int(options["threads"]) > 1 or (os.cpu_count() or 1) == 1, options
 
 
 # ------------------------------------------------------------------------------------------- failures

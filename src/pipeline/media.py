@@ -240,7 +240,7 @@ def check_output(target: str | Path, source: str | Path, folder: bool) -> Path:
 
 
 def _partial_sibling(final: Path, token: str) -> Path:
-    """A hidden sibling that says it is incomplete; it keeps the suffix (the container is chosen by it)."""
+    """A hidden sibling that says it is incomplete; it keeps the suffix, so it still says what it holds."""
     return final.with_name(f".{final.stem}.partial-{token}{final.suffix}")
 
 
@@ -423,7 +423,8 @@ class _Writer:
 class VideoWriter(_Writer):
     """RGB frames to an H.264 file (yuv420p; odd sizes padded by one edge pixel), encoded on a background
     thread by x264's own threads (``threads`` 0: as many as x264 picks for the cores).  ``thread_type``
-    FRAME encodes whole frames in parallel; PyAV's default, SLICE, splits each frame and scales less."""
+    FRAME encodes whole frames in parallel; PyAV's default, SLICE, gives x264's sliced threads, which x264
+    calls low-latency but lower-efficiency (``sliced_threads=1`` in the options it writes into the file)."""
 
     def __init__(self, path: str | Path, fps: float, crf: int = 12, preset: str = "medium", threads: int = 0,
                  thread_type: str = "FRAME", *, background: bool = True):
