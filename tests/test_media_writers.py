@@ -87,6 +87,7 @@ def test_png_frames_written_equal_frames_given(tmp_path):
     image = Image.open(tmp_path / "one.png")
     assert image.mode == "RGBA" and (np.asarray(image) == _reference_uint8(rgba[:1])[0]).all()
     assert _leftovers(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("seedvr2-")]  # all joined at close
 
 
 def test_mp4_round_trip_within_codec_tolerance(tmp_path):
