@@ -305,11 +305,13 @@ def run(args: argparse.Namespace, console) -> int:
             chunks = timing.timed_iter(chunks, "read_input")
             for frames in upscale_stream(progress.chunks(chunks), dit, vae, settings, progress=progress,
                                          manager=ModelManager()):
-                with timing.accumulate("write"):
-                    writer.write(frames)
+                writer.write(frames)
                 timing.mark("first_output_frame")
                 written += frames.shape[0]
             timing.mark("computed")
+        # The writer's own thread encoded and wrote; the pipeline waited only for a full queue and the close.
+        timing.add("write", getattr(writer, "busy_seconds", 0.0))
+        timing.add("write_wait", getattr(writer, "wait_seconds", 0.0))
         progress.finish()
     finally:
         progress.close()
