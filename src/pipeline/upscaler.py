@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 import torch
@@ -87,39 +87,131 @@ def upscale_stream(chunks: Iterable[torch.Tensor], dit: DiTSpec, vae: VAESpec, s
                    progress: Progress | None = None, manager: ModelManager | None = None) -> Iterator[torch.Tensor]:
     """Upscale a clip that arrives in chunks, yielding finished frames as soon as they are final.
 
-    Consecutive chunks share ``temporal_overlap`` frames: the tail of each chunk's output is held back and
-    cross-faded with the head of the next, exactly like batches inside a chunk.
+    The result is the whole-clip result, frame by frame: the clip is cut into exactly the batches
+    :func:`upscale` would use (batch k covers frames ``[k·step, k·step + batch_size)`` of the clip with its
+    prepended frames, ``step = batch_size − temporal_overlap``; the last one ends with the clip) and they
+    are blended in the same order.  Chunks only decide which batches go through the encode → DiT → decode
+    phases together: every batch whose frames have all arrived.  Host memory holds the frames of the
+    batches still to run, the ``temporal_overlap`` frames of output waiting for the next batch's blend,
+    and one chunk's output.  Every frame read is yielded exactly once (checked).
     """
     settings.validate()
     progress = progress or Progress()
     manager = manager or default_manager()
     runner = _Runner(dit, vae, settings, progress, manager)
-    overlap = settings.temporal_overlap
-    tail_in: torch.Tensor | None = None
-    tail_out: torch.Tensor | None = None
-    first = True
+    stream = _BatchStream(runner, settings)
+    written = 0
     try:
         for chunk in chunks:
-            check_images(chunk)
-            clip = chunk if tail_in is None else torch.cat([tail_in, chunk])
-            out = runner.run_clip(clip, prepend=settings.prepend_frames if first else 0)
-            first = False
-            if tail_out is not None:
-                head = tail_out.shape[0]
-                weights = overlap_weights(head).view(-1, 1, 1, 1)
-                out[:head] = tail_out * weights + out[:head] * (1 - weights)
-            keep = min(overlap, out.shape[0] - 1) if overlap else 0
-            tail_in = chunk[chunk.shape[0] - keep:] if keep else None
-            if keep:
-                tail_out = out[out.shape[0] - keep:].clone()
-                out = out[: out.shape[0] - keep]
-            else:
-                tail_out = None
+            for out in stream.feed(chunk):
+                written += out.shape[0]
+                yield out
+        for out in stream.finish():
+            written += out.shape[0]
             yield out
-        if tail_out is not None:
-            yield tail_out
     finally:
         runner.close()
+    if written != stream.received:
+        raise UpscaleError(f"internal error: {stream.received} frame(s) were read but {written} written; "
+                           f"please report this with your batch_size, temporal_overlap and chunk size.")
+
+
+class _BatchStream:
+    """The whole-clip batch plan, run as its frames arrive.
+
+    Indices are those of the *extended* clip (``prepend_frames`` mirrored frames, then the clip).
+    ``source`` holds the extended frames from ``base`` on (the frames of the batches still to run);
+    ``tail`` the output frames ``[emitted, emitted + len(tail))`` that a later batch still blends into.
+    """
+
+    def __init__(self, runner: "_Runner", settings: UpscaleSettings):
+        self.runner, self.settings = runner, settings
+        self.prepend = settings.prepend_frames
+        self.step = settings.batch_size - settings.temporal_overlap
+        self.received = 0                        # clip frames read
+        self.head: list[torch.Tensor] = []       # frames kept until the prepended ones can be mirrored
+        self.source: torch.Tensor | None = None
+        self.base = 0
+        self.next_batch = 0
+        self.emitted = self.prepend              # extended index of the next frame to yield
+        self.tail: torch.Tensor | None = None
+        self.geometry: ClipGeometry | None = None
+        self.frame_shape: tuple[int, ...] | None = None
+
+    def feed(self, chunk: torch.Tensor) -> Iterator[torch.Tensor]:
+        check_images(chunk)
+        if self.frame_shape is None:
+            self.frame_shape = tuple(chunk.shape[1:])
+            height, width = target_size(chunk.shape[1], chunk.shape[2], self.settings.resolution,
+                                        self.settings.max_resolution)
+            self.geometry = ClipGeometry(height, width)
+        elif tuple(chunk.shape[1:]) != self.frame_shape:
+            raise SettingsError(f"frame {self.received} is {tuple(chunk.shape[1:])} (height, width, channels), "
+                                f"unlike the first frames {self.frame_shape}: every frame must have one size.")
+        self.received += chunk.shape[0]
+        if self.source is None:
+            self.head.append(chunk)
+            if self.received <= self.prepend:
+                return  # the mirrored frames need frames 1 … prepend_frames
+            self._start(torch.cat(self.head))
+        else:
+            self.source = torch.cat([self.source, chunk])
+        total = self.base + self.source.shape[0]
+        ready = []
+        while self.next_batch * self.step + self.settings.batch_size <= total:  # full batches: in every plan
+            ready.append(self.next_batch)
+            self.next_batch += 1
+        if ready:
+            plan = plan_batches(total - self.prepend, self.settings.batch_size, self.settings.temporal_overlap,
+                                self.settings.uniform_batch_size, self.prepend)
+            yield from self._run(plan.batches[ready[0]:ready[-1] + 1], final=False)
+
+    def finish(self) -> Iterator[torch.Tensor]:
+        """The end of the clip: the batches left (the last one ends with the clip), then the held frames."""
+        if self.received == 0:
+            raise SettingsError("there are no frames to upscale (the input is empty).")
+        if self.source is None:
+            self._start(torch.cat(self.head))  # a clip shorter than prepend_frames + 1
+        plan = plan_batches(self.received, self.settings.batch_size, self.settings.temporal_overlap,
+                            self.settings.uniform_batch_size, self.prepend)
+        rest = plan.batches[self.next_batch:]
+        self.next_batch = len(plan.batches)
+        if rest:
+            yield from self._run(rest, final=True)
+        elif self.tail is not None and self.tail.shape[0]:
+            yield from self._emit(self.tail, self.emitted)
+        self.tail = None
+
+    def _start(self, frames: torch.Tensor) -> None:
+        self.head = []
+        self.source = prepend_mirrored(frames, self.prepend) if self.prepend else frames
+
+    def _run(self, batches: tuple[Batch, ...], final: bool) -> Iterator[torch.Tensor]:
+        start, stop = self.emitted, batches[-1].stop
+        out = torch.empty((max(stop - start, 0), self.geometry.height, self.geometry.width, self.frame_shape[-1]),
+                          dtype=torch.float32, device=_storage_device(self.settings.offload_device))
+        held = 0 if self.tail is None else self.tail.shape[0]
+        if held:
+            out[:held] = self.tail
+        self.runner.run_batches(self.source, self.base, batches, self.geometry, out, start, held)
+        # Frames before the next batch's start are final; with the clip's end, all of them.
+        done = stop if final else max(min(batches[-1].start + self.step, stop), start)
+        self.tail = out[done - start:].clone() if done < stop else None
+        yield from self._emit(out[: done - start], start)
+        # Keep the source frames of the batches still to come.
+        keep_from = self.next_batch * self.step
+        if keep_from > self.base:
+            self.source = self.source[keep_from - self.base:].clone()
+            self.base = keep_from
+
+    def _emit(self, frames: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
+        if frames.shape[0] == 0:
+            return
+        if self.frame_shape[-1] == 4:
+            alpha = self.source[start - self.base:start - self.base + frames.shape[0], ..., 3:]
+            self.runner.alpha_phase(alpha, frames)
+        self.emitted = start + frames.shape[0]
+        yield frames
 
 
 class _Runner:
@@ -134,12 +226,12 @@ class _Runner:
         self._random_draws: dict[tuple[int, int, int], RandomDraws] = {}
 
     # ----------------------------------------------------------------------------------------- models
-    def _vae(self, direction: str, plan: BatchPlan, geometry: ClipGeometry) -> ManagedModel:
+    def _vae(self, direction: str, batches: tuple[Batch, ...], geometry: ClipGeometry) -> ManagedModel:
         """The VAE on its device, with room made for the phase's activations (other models may move out)."""
         if self.vae is None:
             self.vae = self.manager.vae(self.vae_spec)
             _optimize(self.vae, self.vae_spec)
-        frames = max(batch.padded_length for batch in plan.batches)
+        frames = max(batch.padded_length for batch in batches)
         required = self._vae_activation_bytes(direction, frames, geometry)
         self.vae.activate(memory_required=required)
         self._make_room(required)
@@ -191,22 +283,37 @@ class _Runner:
         extended = prepend_mirrored(rgb, prepend) if prepend else rgb
         out = torch.empty((num_frames, height, width, channels), dtype=torch.float32,
                           device=_storage_device(settings.offload_device))
-        prefault = stable_memory.HostPrefault(out)  # maps the result's pages while the GPU encodes
         if settings.enable_debug:
             log.info("SeedVR2: %d frame(s) %dx%d -> %dx%d in %d batch(es) of up to %d", num_frames, in_w, in_h,
                      width, height, len(plan.batches), settings.batch_size)
+        self.run_batches(extended, 0, plan.batches, geometry, out, plan.prepend_frames)
+        if channels == 4:
+            self.alpha_phase(frames[..., 3:], out)
+        return out
 
+    def run_batches(self, source: torch.Tensor, base: int, batches: tuple[Batch, ...], geometry: ClipGeometry,
+                    out: torch.Tensor, out_start: int, held: int = 0) -> None:
+        """Encode, restore and decode ``batches`` (extended-clip indices), writing into ``out``.
+
+        ``source`` holds the extended clip's frames from index ``base`` on, ``out`` its output frames from
+        ``out_start`` on (batch frames before ``out_start`` are dropped: prepended frames); its first ``held``
+        frames already hold the earlier batches' results that these batches blend with.
+        """
+        if base:
+            batches = tuple(replace(batch, start=batch.start - base, stop=batch.stop - base) for batch in batches)
+        source = source[..., :3]
+        prefault = stable_memory.HostPrefault(out[held:])  # maps the result's pages while the GPU encodes
         with self._phase("encode", self.vae_spec):
-            latents = self._encode_phase(extended, plan, geometry)
+            latents = self._encode_phase(source, batches, geometry)
         with self._phase("upscale", self.dit_spec):
-            latents = self._upscale_phase(latents, plan)
+            latents = self._upscale_phase(latents)
         prefault.wait()
         with self._phase("decode", self.vae_spec):
-            self._decode_phase(latents, extended, plan, geometry, out)
-        if channels == 4:
-            with self._phase("postprocess", self.vae_spec):
-                self._alpha_phase(frames[..., 3:], out)
-        return out
+            self._decode_phase(latents, source, batches, geometry, out, out_start - base)
+
+    def alpha_phase(self, alpha: torch.Tensor, out: torch.Tensor) -> None:
+        with self._phase("postprocess", self.vae_spec):
+            self._alpha_phase(alpha, out)
 
     @contextmanager
     def _phase(self, name: str, spec) -> Iterator[None]:
@@ -230,12 +337,13 @@ class _Runner:
         frames = extended[batch.start:batch.stop].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         return resize_frames(frames, (geometry.height, geometry.width))
 
-    def _encode_phase(self, extended: torch.Tensor, plan: BatchPlan, geometry: ClipGeometry) -> list[torch.Tensor]:
+    def _encode_phase(self, extended: torch.Tensor, batches: tuple[Batch, ...],
+                      geometry: ClipGeometry) -> list[torch.Tensor]:
         settings, progress = self.settings, self.progress
-        progress.start_phase("encode", len(plan.batches))
-        vae = self._vae("encode", plan, geometry)
+        progress.start_phase("encode", len(batches))
+        vae = self._vae("encode", batches, geometry)
         latents = []
-        for index, batch in enumerate(plan.batches):
+        for index, batch in enumerate(batches):
             progress.check_interrupt()
             pixels = self._batch_pixels(extended, batch, geometry, vae.device)
             video = to_model_range(pad_to_multiple(pixels, GRID))
@@ -254,7 +362,7 @@ class _Runner:
             progress.advance()
         return latents
 
-    def _upscale_phase(self, conds: list[torch.Tensor], plan: BatchPlan) -> list[torch.Tensor]:
+    def _upscale_phase(self, conds: list[torch.Tensor]) -> list[torch.Tensor]:
         settings, progress = self.settings, self.progress
         progress.start_phase("upscale", len(conds))
         if self.vae is not None:
@@ -278,14 +386,14 @@ class _Runner:
                 progress.advance()
         return results
 
-    def _decode_phase(self, latents: list[torch.Tensor], extended: torch.Tensor, plan: BatchPlan,
-                      geometry: ClipGeometry, out: torch.Tensor) -> None:
+    def _decode_phase(self, latents: list[torch.Tensor], extended: torch.Tensor, batches: tuple[Batch, ...],
+                      geometry: ClipGeometry, out: torch.Tensor, out_start: int) -> None:
         settings, progress = self.settings, self.progress
         progress.start_phase("decode", len(latents))
         if self.dit is not None:
             self.dit.park()
-        vae = self._vae("decode", plan, geometry)
-        for index, (batch, latent) in enumerate(zip(plan.batches, latents)):
+        vae = self._vae("decode", batches, geometry)
+        for index, (batch, latent) in enumerate(zip(batches, latents)):
             progress.check_interrupt()
             latent = latent.to(vae.device)
             decoded = self._with_oom_retry("decode", lambda tiling: decode_latent(vae.model, latent, tiling),
@@ -298,7 +406,7 @@ class _Runner:
                 frames = color_correct(frames, style, settings.color_correction)
                 self._draw_tile_debug(frames, geometry)
                 frames = from_model_range(frames.clamp_(-1, 1)).permute(0, 2, 3, 1)
-                _write_batch(out, frames, batch, plan.prepend_frames)
+                _write_batch(out, frames, batch, out_start)
             progress.advance()
 
     def _alpha_phase(self, alpha: torch.Tensor, out: torch.Tensor) -> None:
@@ -382,6 +490,9 @@ class _Runner:
 
 def _write_batch(out: torch.Tensor, frames: torch.Tensor, batch: Batch, prepend: int) -> None:
     """Write a batch's frames (N, H, W, 3; extended-clip indices) into the output, cross-fading the overlap.
+
+    ``out[0]`` is extended frame ``prepend``: the prepended frames, or in a stream the frames already
+    yielded; batch frames before it are dropped.
 
     The frames are made contiguous where they are (the GPU) so the transfer into the output is dense
     (staged through pinned memory when it crosses from a GPU to host memory); only the few overlapping
