@@ -120,8 +120,8 @@ def main(argv=None) -> int:
     try:
         info = media.probe(args.input)
         folders = [Path(args.model_dir)]
-        dit_path = download.ensure_model(args.dit_model, folders)
-        vae_path = download.ensure_model(args.vae_model, folders)
+        dit_path = download.ensure_model(args.dit_model, folders, allow_paths=True)
+        vae_path = download.ensure_model(args.vae_model, folders, allow_paths=True)
     except (media.MediaError, RuntimeError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2

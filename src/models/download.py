@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .checkpoint import CheckpointError, read_index
-from .locate import describe_folders, find_model_file
+from .locate import describe_folders, find_model_file, model_name_problem
 from .registry import ModelInfo, known_model
 
 log = logging.getLogger("seedvr2")
@@ -32,12 +32,15 @@ class ModelFileError(RuntimeError):
     """A weight file is missing or unusable and cannot be fetched; the message says what to do."""
 
 
-def ensure_model(name: str, folders: Sequence[str | os.PathLike]) -> Path:
+def ensure_model(name: str, folders: Sequence[str | os.PathLike], allow_paths: bool = False) -> Path:
     """Path of the weight file ``name``, downloading and verifying a released file into ``folders[0]``
-    when it is in none of ``folders``; raises :class:`ModelFileError` when that is impossible."""
-    if not folders and not Path(name).is_absolute():
+    when it is in none of ``folders``; raises :class:`ModelFileError` when that is impossible.  ``name``
+    must lie inside the folders unless ``allow_paths`` (the command line: a path of the user's own)."""
+    if not allow_paths and (problem := model_name_problem(name)) is not None:
+        raise ModelFileError(problem[0].upper() + problem[1:])
+    if not folders and not (allow_paths and Path(name).expanduser().is_absolute()):
         raise ModelFileError(f"No model folder is configured to look for {name!r} in.")
-    path = find_model_file(name, folders)
+    path = find_model_file(name, folders, allow_paths=allow_paths)
     info = known_model(name)
     if path is not None:
         problem = _structural_problem(path)
