@@ -20,6 +20,7 @@ import torch
 from ..models.load import load_dit, load_vae
 from ..optimization import stable_memory
 from .devices import resolve_device
+from .finite import check_weights
 from .settings import DiTSpec, VAESpec
 
 log = logging.getLogger("seedvr2")
@@ -145,6 +146,7 @@ class ModelManager:
         load_device = _load_device(device, spec.offload_device, spec.blocks_to_swap > 0)
         log.info("SeedVR2: loading DiT %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
         model = load_dit(path, device=load_device, dtype=dtype, quantization=quantization)
+        check_weights(model, path)  # NaN/Inf weights would give all-NaN (black) frames
         offload_device = _offload(spec.offload_device)
         managed = ManagedModel("dit", key, model, device, offload_device, dtype, spec.cache_model,
                                info={"path": path, "quantization": quantization, "config": model.config})
@@ -168,6 +170,7 @@ class ModelManager:
         load_device = _load_device(device, spec.offload_device, False)
         log.info("SeedVR2: loading VAE %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
         model = load_vae(path, device=load_device, dtype=dtype)
+        check_weights(model, path)
         managed = ManagedModel("vae", key, model, device, _offload(spec.offload_device), dtype, spec.cache_model,
                                info={"path": path})
         self._register(managed, allow_comfy=True)

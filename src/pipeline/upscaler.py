@@ -25,6 +25,7 @@ from ..optimization import fused_kernels, matrix_ops, stable_memory, vae_optimiz
 from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batches, prepend_mirrored
 from .color_correction import color_correct
 from .devices import resolve_device
+from .finite import NonFiniteError, check_batch, input_scale
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
 from .model_manager import ManagedModel, ModelManager, default_manager
 from .progress import Progress
@@ -59,12 +60,15 @@ class ClipGeometry:
         return (-(-self.height // GRID) * GRID, -(-self.width // GRID) * GRID)
 
 
-def check_images(images: torch.Tensor) -> None:
+def check_images(images: torch.Tensor, scale: float | None = None) -> float:
+    """Check the frames' shape and values; returns the divisor that brings them to [0, 1] (see
+    :func:`finite.input_scale`: NaN/Inf refused, 0..255 frames converted)."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise SettingsError(f"frames must be a (frames, height, width, 3 or 4) tensor, got {shape}.")
     if images.shape[0] == 0:
         raise SettingsError("there are no frames to upscale (the input batch is empty).")
+    return input_scale(images, scale)
 
 
 def upscale(images: torch.Tensor, dit: DiTSpec, vae: VAESpec, settings: UpscaleSettings, *,
@@ -75,8 +79,9 @@ def upscale(images: torch.Tensor, dit: DiTSpec, vae: VAESpec, settings: UpscaleS
     memory stays at the output's size plus one batch.
     """
     settings.validate()
-    check_images(images)
+    scale = check_images(images)
     runner = _Runner(dit, vae, settings, progress or Progress(), manager or default_manager())
+    runner.input_scale = scale
     try:
         return runner.run_clip(images, prepend=settings.prepend_frames)
     finally:
@@ -139,7 +144,7 @@ class _BatchStream:
         self.frame_shape: tuple[int, ...] | None = None
 
     def feed(self, chunk: torch.Tensor) -> Iterator[torch.Tensor]:
-        check_images(chunk)
+        self.runner.input_scale = check_images(chunk, None if self.frame_shape is None else self.runner.input_scale)
         if self.frame_shape is None:
             self.frame_shape = tuple(chunk.shape[1:])
             height, width = target_size(chunk.shape[1], chunk.shape[2], self.settings.resolution,
@@ -224,6 +229,8 @@ class _Runner:
         self.dit: ManagedModel | None = None
         self.vae: ManagedModel | None = None
         self._random_draws: dict[tuple[int, int, int], RandomDraws] = {}
+        self.input_scale = 1.0   # 255 for frames given in 0..255 (see check_images)
+        self._base = 0           # extended index of the current source's first frame (for messages)
 
     # ----------------------------------------------------------------------------------------- models
     def _vae(self, direction: str, batches: tuple[Batch, ...], geometry: ClipGeometry) -> ManagedModel:
@@ -301,12 +308,13 @@ class _Runner:
         """
         if base:
             batches = tuple(replace(batch, start=batch.start - base, stop=batch.stop - base) for batch in batches)
+        self._base = base
         source = source[..., :3]
         prefault = stable_memory.HostPrefault(out[held:])  # maps the result's pages while the GPU encodes
         with self._phase("encode", self.vae_spec):
             latents = self._encode_phase(source, batches, geometry)
         with self._phase("upscale", self.dit_spec):
-            latents = self._upscale_phase(latents)
+            latents = self._upscale_phase(latents, batches)
         prefault.wait()
         with self._phase("decode", self.vae_spec):
             self._decode_phase(latents, source, batches, geometry, out, out_start - base)
@@ -335,7 +343,14 @@ class _Runner:
                       device: torch.device) -> torch.Tensor:
         """The batch's frames resized to the output size, (n, 3, H', W') in [0, 1], on ``device``."""
         frames = extended[batch.start:batch.stop].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        if self.input_scale != 1.0:
+            frames = frames / self.input_scale
         return resize_frames(frames, (geometry.height, geometry.width))
+
+    def _check(self, tensor: torch.Tensor, phase: str, batch: Batch) -> None:
+        """Stop before a NaN/Inf batch result spreads into the output (see :mod:`finite`)."""
+        first = max(batch.start + self._base - self.settings.prepend_frames, 0)
+        check_batch(tensor, phase, first, batch.length)
 
     def _encode_phase(self, extended: torch.Tensor, batches: tuple[Batch, ...],
                       geometry: ClipGeometry) -> list[torch.Tensor]:
@@ -357,12 +372,13 @@ class _Runner:
                                              self._tiling("encode"), batch.padded_length)
             cond = condition_latent(*posterior, self._draws(latent_shape).eps)
             del posterior
+            self._check(cond, "VAE encode", batch)
             latents.append(cond.to(self._latent_store(vae.device)))
             del video, pixels
             progress.advance()
         return latents
 
-    def _upscale_phase(self, conds: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _upscale_phase(self, conds: list[torch.Tensor], batches: tuple[Batch, ...]) -> list[torch.Tensor]:
         settings, progress = self.settings, self.progress
         progress.start_phase("upscale", len(conds))
         if self.vae is not None:
@@ -381,6 +397,7 @@ class _Runner:
                     x0 = restore_latent(model_fn, cond, draws, latent_noise_scale=settings.latent_noise_scale)
                 except torch.OutOfMemoryError as exc:
                     raise UpscaleError(_oom_advice("upscale (DiT)", self.dit_spec)) from exc
+                self._check(x0, "DiT upscale", batches[index])
                 results.append(x0.to(self._latent_store(dit.device)))
                 conds[index] = None  # free the condition as soon as it is used
                 progress.advance()
@@ -404,6 +421,7 @@ class _Runner:
                 del decoded
                 style = to_model_range(self._batch_pixels(extended, batch, geometry, vae.device))
                 frames = color_correct(frames, style, settings.color_correction)
+                self._check(frames, "VAE decode and colour correction", batch)
                 self._draw_tile_debug(frames, geometry)
                 frames = from_model_range(frames.clamp_(-1, 1)).permute(0, 2, 3, 1)
                 _write_batch(out, frames, batch, out_start)
@@ -420,7 +438,7 @@ class _Runner:
             progress.check_interrupt()
             stop = min(start + step, alpha.shape[0])
             guide = out[start:stop, ..., :3].to(device).permute(0, 3, 1, 2)
-            source = alpha[start:stop].to(device).permute(0, 3, 1, 2).float()
+            source = alpha[start:stop].to(device).permute(0, 3, 1, 2).float() / self.input_scale
             refined = upscale_alpha(source, guide, tuple(guide.shape[-2:]))
             out[start:stop, ..., 3:] = refined.permute(0, 2, 3, 1).to(out.device)
             progress.advance()
@@ -548,4 +566,4 @@ def _optimize(managed: ManagedModel, spec) -> None:
     managed.info["optimized"] = True
 
 
-__all__ = ["UpscaleError", "upscale", "upscale_stream"]
+__all__ = ["NonFiniteError", "UpscaleError", "upscale", "upscale_stream"]
