@@ -161,3 +161,95 @@ def test_a_dit_result_that_is_not_finite_is_named(specs, monkeypatch):
     monkeypatch.setattr(upscaler_module, "restore_latent", lambda *a, **k: torch.full((2, 2, 2, 16), float("nan")))
     with pytest.raises(NonFiniteError, match="DiT upscale of frames 0–0"):
         upscale(_clip(1), dit, vae, UpscaleSettings(resolution=16, batch_size=1), manager=ModelManager())
+
+
+# ------------------------------------------------------------------------------ settings before heavy work
+class _NoModels:
+    """A model manager that fails the test if a model is requested: validation must come first."""
+
+    def dit(self, spec):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    vae = dit
+
+    def finish(self, *models):
+        pass
+
+
+@pytest.mark.parametrize("seed", [2**64, -1, 1.5, True, "42"])
+def test_seeds_outside_comfyuis_range_are_refused_clearly(seed):
+    with pytest.raises(SettingsError, match="seed must be"):
+        upscale(_clip(1), DiTSpec(model="x"), VAESpec(model="x"), UpscaleSettings(seed=seed), manager=_NoModels())
+
+
+def test_the_largest_comfyui_seed_runs_with_input_noise(specs):
+    dit, vae = specs
+    settings = UpscaleSettings(seed=2**64 - 1, resolution=16, batch_size=1, input_noise_scale=0.5)
+    out = upscale(_clip(1), dit, vae, settings, manager=ModelManager())
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(tile_debug="yes"), "tile_debug must be one of false, encode, decode"),
+    (dict(tile_debug=True), "tile_debug must be one of"),
+    (dict(decode_tiled=True, decode_tile_size=100), "decode_tile_size 100 .*multiple of 32"),
+    (dict(encode_tiled=True, encode_tile_size=256, encode_tile_overlap=12), "encode_tile_overlap 12: .*multiple of 8"),
+    (dict(encode_tiled=True, encode_tile_size=256, encode_tile_overlap=256), "smaller than the tile size"),
+    (dict(decode_tiled=True, decode_tile_size=-64), "decode_tile_size -64"),
+])
+def test_vae_settings_are_checked_when_the_spec_is_made(fields, message):
+    with pytest.raises(SettingsError, match=message):
+        VAESpec(model="x", **fields)
+
+
+def test_untiled_directions_do_not_check_their_unused_sizes():
+    VAESpec(model="x", decode_tile_size=100, tile_debug="decode")
+
+
+def test_a_huge_resolution_is_refused_before_any_model_is_loaded(monkeypatch):
+    from src.optimization import stable_memory
+
+    monkeypatch.setattr(stable_memory, "host_memory", lambda: (8 << 30, 16 << 30))
+    settings = UpscaleSettings(resolution=16384, batch_size=5)
+    # 100 frames of 16384x16384 RGB float32 (300 GiB) plus, with the VAE on the CPU, one batch three times.
+    expected = (100 + 3 * 5) * 16384 * 16384 * 3 * 4 / 2**30
+    with pytest.raises(SettingsError, match=rf"needs about {expected:.1f} GB of host RAM, and 8.0 GB are available"):
+        upscale(torch.rand(100, 16, 16, 3), DiTSpec(model="x", device="cpu"), VAESpec(model="x", device="cpu"),
+                settings, manager=_NoModels())
+
+
+def test_the_cpu_allocators_failure_becomes_advice(specs, monkeypatch):
+    from src.pipeline import upscaler as upscaler_module
+    from src.pipeline.upscaler import UpscaleError
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 1099511627776 bytes.")
+
+    monkeypatch.setattr(upscaler_module, "restore_latent", no_memory)
+    dit, vae = specs
+    with pytest.raises(UpscaleError, match="Out of GPU memory during upscale"):
+        upscale(_clip(1), dit, vae, UpscaleSettings(resolution=16, batch_size=1), manager=ModelManager())
+
+
+def test_the_upscaler_node_reports_bad_frames_and_takes_uint8(specs):
+    """Through the node class as ComfyUI calls it: a clear error for NaN frames, a run for a uint8 batch."""
+    import sys
+
+    from conftest import import_pack
+
+    pack = import_pack()
+    pack_settings = sys.modules["seedvr2_pack.src.pipeline.settings"]
+    node = pack.NODE_CLASS_MAPPINGS["SeedVR2VideoUpscaler"]()
+    dit = pack_settings.DiTSpec(model=specs[0].model, device="cpu")
+    vae = pack_settings.VAESpec(model=specs[1].model, device="cpu")
+    args = dict(dit=dit, vae=vae, seed=42, resolution=16, max_resolution=0, batch_size=1, uniform_batch_size=False,
+                color_correction="lab")
+    bad = _clip(2)
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(pack_settings.SettingsError, match=r"frame\(s\) 1 of the input contain NaN"):
+        node.execute(bad, **args)
+    with pytest.raises(pack_settings.SettingsError, match="seed must be between 0 and 2\\^64"):
+        node.execute(_clip(1), **{**args, "seed": 2**64})
+    (out,) = node.execute((_clip(1) * 255).round().to(torch.uint8), **args)
+    assert out.shape == (1, 16, 16, 3) and out.dtype == torch.float32 and 0.05 < out.mean() < 0.95

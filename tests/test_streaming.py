@@ -7,6 +7,7 @@ from conftest import golden_path
 from src.pipeline.model_manager import ModelManager
 from src.pipeline.settings import DiTSpec, UpscaleSettings, VAESpec
 from src.pipeline import upscaler as upscaler_module
+from src.pipeline.batching import overlap_weights
 from src.pipeline.upscaler import upscale, upscale_stream
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -95,7 +96,7 @@ def test_stream_accounting_matches_the_whole_clip_for_any_chunking(monkeypatch, 
             stop = min(start + batch_size, frames + prepend)
             values = extended[start:stop] + 0.001 * start
             lap = overlap if start else 0
-            weights = upscaler_module.overlap_weights(lap).view(-1, 1, 1, 1)
+            weights = overlap_weights(lap).view(-1, 1, 1, 1)
             expected[start:start + lap] = expected[start:start + lap] * weights + values[:lap] * (1 - weights)
             expected[start + lap:stop] = values[lap:]
             if stop == frames + prepend:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..models.video_vae_v3.tiling import latent_tiling, tile_spans
-
-TILE_DEBUG_MODES = ("false", "encode", "decode")
+from .settings import TILE_DEBUG_MODES  # noqa: F401  (the loader's choices; checked by VAESpec)
 _COLORS = {"encode": (1.0, -1.0, -1.0), "decode": (-1.0, -1.0, 1.0)}  # model range [-1, 1]
 LINE_WIDTH = 2
 

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..optimization import fused_kernels, matrix_ops, stable_memory, vae_optimizer
-from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batches, prepend_mirrored
+from .batching import Batch, pad_temporal, padded_length, plan_batches, prepend_mirrored
 from .color_correction import color_correct
 from .devices import resolve_device
 from .finite import NonFiniteError, check_batch, input_scale
@@ -33,7 +33,7 @@ from .restoration import (
     RandomDraws, VAETiling, condition_latent, decode_latent, dit_velocity, draw_randoms, encode_posterior,
     restore_latent,
 )
-from .settings import DiTSpec, SettingsError, UpscaleSettings, VAESpec
+from .settings import SEED_LIMIT, DiTSpec, SettingsError, UpscaleSettings, VAESpec
 from .text_embeddings import text_embeddings
 from .tile_debug import draw_tiles, tile_boxes
 
@@ -46,6 +46,44 @@ MEMORY_PRESSURE_TO_CLEAR = 0.75  # used fraction of device or host memory above 
 
 class UpscaleError(RuntimeError):
     """The run could not finish; the message says why and what to change."""
+
+
+# A GPU's allocator raises torch.OutOfMemoryError, the CPU's a RuntimeError naming the failed allocation.
+OUT_OF_MEMORY = (torch.OutOfMemoryError, RuntimeError)
+HOST_MEMORY_SHARE = 0.9   # of the available host RAM that a run may plan to fill
+
+
+def _reraise_unless_out_of_memory(exc: BaseException) -> None:
+    if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):
+        return
+    raise exc
+
+
+def host_bytes_needed(frames: int, geometry: "ClipGeometry", channels: int, batch_frames: int,
+                      settings: UpscaleSettings, vae_device: str) -> int:
+    """Host RAM a run of ``frames`` output frames needs beyond the models: the float32 output (where the
+    offload device keeps it on the host) and, when the VAE runs on the CPU, a batch's frames three times
+    (resized input, decoded, colour-corrected)."""
+    needed = 0
+    if _storage_device(settings.offload_device).type == "cpu":
+        needed += frames * geometry.height * geometry.width * channels * 4
+    if torch.device(resolve_device(vae_device)).type == "cpu":
+        height, width = geometry.padded
+        needed += 3 * batch_frames * height * width * 3 * 4
+    return needed
+
+
+def check_host_memory(needed: int, what: str) -> None:
+    """Refuse, before any model is loaded, a run whose buffers cannot fit the available host RAM (a huge
+    resolution otherwise fails later with a raw allocator error, or is killed by the OS)."""
+    memory = stable_memory.host_memory()
+    if memory is None or needed <= memory[0] * HOST_MEMORY_SHARE:
+        return
+    raise SettingsError(
+        f"{what} needs about {needed / 2**30:.1f} GB of host RAM, and {memory[0] / 2**30:.1f} GB are available. "
+        f"Lower resolution (or set max_resolution), upscale fewer frames per run (the command line streams long "
+        f"videos in chunks), or free memory."
+    )
 
 
 @dataclass(frozen=True)
@@ -80,6 +118,11 @@ def upscale(images: torch.Tensor, dit: DiTSpec, vae: VAESpec, settings: UpscaleS
     """
     settings.validate()
     scale = check_images(images)
+    frames, height, width, channels = images.shape
+    geometry = ClipGeometry(*target_size(height, width, settings.resolution, settings.max_resolution))
+    check_host_memory(host_bytes_needed(frames, geometry, channels, padded_length(min(settings.batch_size, frames)),
+                                        settings, vae.device),
+                      f"the output of {frames} frame(s) at {geometry.width}x{geometry.height}")
     runner = _Runner(dit, vae, settings, progress or Progress(), manager or default_manager())
     runner.input_scale = scale
     try:
@@ -150,6 +193,12 @@ class _BatchStream:
             height, width = target_size(chunk.shape[1], chunk.shape[2], self.settings.resolution,
                                         self.settings.max_resolution)
             self.geometry = ClipGeometry(height, width)
+            # Held at once: a chunk's output, the overlap carried to the next and a batch's frames.
+            held = chunk.shape[0] + self.settings.batch_size + self.settings.temporal_overlap
+            check_host_memory(host_bytes_needed(held, self.geometry, chunk.shape[-1],
+                                                padded_length(self.settings.batch_size), self.settings,
+                                                self.runner.vae_spec.device),
+                              f"a chunk of {chunk.shape[0]} frame(s) at {width}x{height}")
         elif tuple(chunk.shape[1:]) != self.frame_shape:
             raise SettingsError(f"frame {self.received} is {tuple(chunk.shape[1:])} (height, width, channels), "
                                 f"unlike the first frames {self.frame_shape}: every frame must have one size.")
@@ -395,7 +444,8 @@ class _Runner:
                 draws = self._draws(tuple(cond.shape[:3]))
                 try:
                     x0 = restore_latent(model_fn, cond, draws, latent_noise_scale=settings.latent_noise_scale)
-                except torch.OutOfMemoryError as exc:
+                except OUT_OF_MEMORY as exc:
+                    _reraise_unless_out_of_memory(exc)
                     raise UpscaleError(_oom_advice("upscale (DiT)", self.dit_spec)) from exc
                 self._check(x0, "DiT upscale", batches[index])
                 results.append(x0.to(self._latent_store(dit.device)))
@@ -465,14 +515,16 @@ class _Runner:
         before giving up with advice."""
         try:
             return run(tiling)
-        except torch.OutOfMemoryError:
+        except OUT_OF_MEMORY as exc:
+            _reraise_unless_out_of_memory(exc)
             _release_cached_memory()
         for attempt in self._retry_tilings(what, tiling, frames):
             log.warning("SeedVR2: out of memory during VAE %s with tile size %s; retrying with %d px tiles.",
                         what, tiling.tile_size or "none", attempt.tile_size)
             try:
                 return run(attempt)
-            except torch.OutOfMemoryError:
+            except OUT_OF_MEMORY as exc:
+                _reraise_unless_out_of_memory(exc)
                 _release_cached_memory()
             tiling = attempt
         raise UpscaleError(_oom_advice(f"VAE {what}", self.vae_spec))
@@ -531,7 +583,7 @@ def _write_batch(out: torch.Tensor, frames: torch.Tensor, batch: Batch, prepend:
 
 def _input_noise(settings: UpscaleSettings, video: torch.Tensor) -> torch.Tensor:
     """Pixel noise of strength ``input_noise_scale`` (0.025·s standard deviation in [-1, 1] units)."""
-    generator = torch.Generator("cpu").manual_seed(int(settings.seed) + 1)
+    generator = torch.Generator("cpu").manual_seed((int(settings.seed) + 1) % SEED_LIMIT)  # 2^64 − 1 wraps to 0
     noise = torch.randn(video.shape, generator=generator)
     return noise.to(video) * (0.025 * settings.input_noise_scale)
 
