@@ -57,10 +57,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae_tile_overlap", type=int, default=128)
     p.add_argument("--skip_first_frames", type=int, default=0)
     p.add_argument("--load_cap", type=int, default=0, help="process at most this many frames (0 = all)")
-    p.add_argument("--chunk_size", type=int, default=0,
-                   help="frames read and processed at a time (0 = whole clip; set it for long videos)")
+    p.add_argument("--chunk_size", type=_chunk_size, default="auto",
+                   help="frames read and processed at a time: auto = as many as fit a quarter of the free RAM "
+                        "(at most 4 GiB, or SEEDVR2_CHUNK_MEMORY_MB), 0 = the whole clip at once")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
+
+
+def _chunk_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of frames, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or 0 or more frames, got {value}")
+    return value
 
 
 class ConsoleProgress(Progress):
@@ -146,11 +159,23 @@ def main(argv=None) -> int:
         input_noise_scale=args.input_noise_scale, latent_noise_scale=args.latent_noise_scale,
         offload_device="cpu", enable_debug=args.debug,
     )
+    chunk_size = args.chunk_size
+    if chunk_size == "auto":
+        from src.pipeline.upscaler import auto_chunk_frames
+
+        try:
+            settings.validate()
+            chunk_size = auto_chunk_frames(info.height, info.width, 4 if info.has_alpha else 3, settings)
+        except SettingsError as exc:
+            log.error("error: %s", exc)
+            return 2
+        if info.frames > chunk_size:
+            log.info("processing %d frames at a time (--chunk_size auto)", chunk_size)
     writer, target = output_writer(args, info)
     progress = ConsoleProgress(Path(args.input).name)
     start, written = time.perf_counter(), 0
     try:
-        chunks = media.iter_chunks(args.input, args.chunk_size, skip=args.skip_first_frames, limit=args.load_cap)
+        chunks = media.iter_chunks(args.input, chunk_size, skip=args.skip_first_frames, limit=args.load_cap)
         for frames in upscale_stream(chunks, dit, vae, settings, progress=progress, manager=ModelManager()):
             writer.write(frames)
             written += frames.shape[0]

@@ -1,5 +1,6 @@
 """Streamed output (the CLI's chunks) equals the whole-clip output frame by frame, for any chunk size,
 batch size, temporal overlap and prepended frames; every frame read is written once."""
+import numpy as np
 import pytest
 import torch
 
@@ -143,3 +144,55 @@ def test_frames_of_another_size_are_refused(specs, manager):
     chunks = [_clip(5), _clip(5, height=24)]
     with pytest.raises(SettingsError, match="every frame must have one size"):
         list(upscale_stream(chunks, dit, vae, UpscaleSettings(resolution=16), manager=manager))
+
+
+def _write_sequence(folder, frames, size=16):
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(frames)
+    for index in range(frames):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{index:04d}.png")
+
+
+def _read_sequence(folder):
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.iterdir())])
+
+
+@pytest.mark.parametrize("chunk", ["2", "auto"])
+def test_the_cli_writes_every_frame_with_overlap_larger_than_the_chunk(tmp_path, monkeypatch, caplog, chunk):
+    """The issue's CLI case: 17 frames in, --temporal_overlap 3 > --chunk_size 2, gave 11 frames out."""
+    import logging
+
+    import inference_cli
+
+    _write_sequence(tmp_path / "in", 17)
+    monkeypatch.setenv("SEEDVR2_CHUNK_MEMORY_MB", "0.05")  # auto: a few frames per chunk at this size
+    models = ["--dit_model", str(golden_path("dit3b_weights.safetensors")),
+              "--vae_model", str(golden_path("vae_weights.safetensors")), "--device", "cpu",
+              "--resolution", "16", "--batch_size", "5", "--temporal_overlap", "3", "--output_format", "png"]
+    with caplog.at_level(logging.INFO, logger="seedvr2"):
+        assert inference_cli.main([str(tmp_path / "in"), "--output", str(tmp_path / "chunked"),
+                                   "--chunk_size", chunk, *models]) == 0
+    if chunk == "auto":
+        assert any("frames at a time (--chunk_size auto)" in r.message for r in caplog.records)
+    assert inference_cli.main([str(tmp_path / "in"), "--output", str(tmp_path / "whole"), "--chunk_size", "0",
+                               *models]) == 0
+    chunked, whole = _read_sequence(tmp_path / "chunked"), _read_sequence(tmp_path / "whole")
+    assert chunked.shape == whole.shape == (17, 16, 16, 3)
+    assert np.abs(chunked.astype(int) - whole.astype(int)).max() <= 1  # float-equal frames, rounded to uint8
+
+
+def test_the_default_chunk_fits_the_memory_budget():
+    from src.pipeline.upscaler import auto_chunk_frames, stream_frame_bytes
+
+    settings = UpscaleSettings(resolution=1080, batch_size=5)
+    # 960x540 in, 1920x1080 out: 24.9 MB of float32 output + 7.8 MB of input (float32 + the reader's uint8).
+    per_frame = 1920 * 1080 * 3 * 4 + 960 * 540 * 3 * 5
+    assert stream_frame_bytes(540, 960, 3, settings) == per_frame
+    assert auto_chunk_frames(540, 960, 3, settings, budget=4 << 30) == (4 << 30) // per_frame // 5 * 5 == 130
+    overlapping = UpscaleSettings(resolution=1080, batch_size=13, temporal_overlap=12)  # step 1
+    assert auto_chunk_frames(540, 960, 3, overlapping, budget=4 << 30) == 131
+    assert auto_chunk_frames(540, 960, 3, settings, budget=1) == 5   # never less than one batch

@@ -73,6 +73,51 @@ def host_bytes_needed(frames: int, geometry: "ClipGeometry", channels: int, batc
     return needed
 
 
+CHUNK_MEMORY_CAP = 4 << 30  # host RAM for the command line's frame buffers, at most (see auto_chunk_frames)
+CHUNK_MEMORY_SHARE = 0.25  # of the available host RAM, below that cap
+
+
+def chunk_memory_budget() -> int:
+    """Host RAM the command line's default chunk may fill: ``SEEDVR2_CHUNK_MEMORY_MB`` if set, else a quarter
+    of the available RAM, at most 4 GiB (at least 256 MiB)."""
+    import os
+
+    override = os.environ.get("SEEDVR2_CHUNK_MEMORY_MB", "").strip()
+    if override:
+        try:
+            megabytes = float(override)
+        except ValueError:
+            raise SettingsError(f"SEEDVR2_CHUNK_MEMORY_MB must be a number of megabytes, got {override!r}.") from None
+        if megabytes <= 0:
+            raise SettingsError(f"SEEDVR2_CHUNK_MEMORY_MB must be positive, got {override!r}.")
+        return int(megabytes * 2**20)
+    memory = stable_memory.host_memory()
+    available = memory[0] if memory is not None else CHUNK_MEMORY_CAP * 4
+    return int(min(CHUNK_MEMORY_CAP, max(256 << 20, available * CHUNK_MEMORY_SHARE)))
+
+
+def stream_frame_bytes(in_height: int, in_width: int, channels: int, settings: UpscaleSettings) -> int:
+    """Host bytes per frame of a chunk: its float32 output, its float32 input (the source of the batches
+    still to run) and the reader's uint8 copy of it."""
+    out_h, out_w = target_size(in_height, in_width, settings.resolution, settings.max_resolution)
+    return out_h * out_w * channels * 4 + in_height * in_width * channels * (4 + 1)
+
+
+def auto_chunk_frames(in_height: int, in_width: int, channels: int, settings: UpscaleSettings,
+                      budget: int | None = None) -> int:
+    """Frames per chunk for the command line's default: as many as fit ``budget`` bytes of host RAM
+    (:func:`chunk_memory_budget`), a whole number of batch steps, at least one batch.
+
+    What a stream holds at once is then about ``budget`` plus ``batch_size + temporal_overlap`` frames,
+    whatever the clip's length (frames are yielded as soon as they are final).
+    """
+    budget = chunk_memory_budget() if budget is None else budget
+    per_frame = stream_frame_bytes(in_height, in_width, channels, settings)
+    step = settings.batch_size - settings.temporal_overlap
+    frames = budget // per_frame
+    return max(settings.batch_size, frames // step * step)
+
+
 def check_host_memory(needed: int, what: str) -> None:
     """Refuse, before any model is loaded, a run whose buffers cannot fit the available host RAM (a huge
     resolution otherwise fails later with a raw allocator error, or is killed by the OS)."""
@@ -618,4 +663,4 @@ def _optimize(managed: ManagedModel, spec) -> None:
     managed.info["optimized"] = True
 
 
-__all__ = ["NonFiniteError", "UpscaleError", "upscale", "upscale_stream"]
+__all__ = ["NonFiniteError", "UpscaleError", "auto_chunk_frames", "upscale", "upscale_stream"]

@@ -1,0 +1,85 @@
+"""Peak host RAM (RSS) of the command line against clip length, with the golden tiny models on the CPU.
+
+Shows that the default ``--chunk_size auto`` keeps the peak flat in clip length, while ``--chunk_size 0``
+(the whole clip at once) grows with it.  The tiny models run at a small size, so the chunk budget is set
+small too (``SEEDVR2_CHUNK_MEMORY_MB``) to make several chunks; the budget rule is the same at 1080p.
+
+    python benchmarks/cli_host_memory.py --frames 40 80 160 320 --output docs/results/cli_host_memory.json
+
+Each run is a fresh process; its peak RSS is the kernel's (``os.wait4``'s ``ru_maxrss``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("SEEDVR2_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+
+
+def write_clip(path: Path, frames: int, width: int, height: int) -> None:
+    import av
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(24))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames):
+            frame = np.roll(base, index, axis=1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def peak_rss(args: list[str], env: dict) -> tuple[int, int]:
+    """(exit code, peak RSS in bytes) of one CLI run."""
+    process = subprocess.Popen([sys.executable, str(REPO / "inference_cli.py"), *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pid, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        sys.stderr.write(process.stderr.read().decode(errors="replace")[-2000:])
+    return process.returncode, usage.ru_maxrss * 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[40, 80, 160, 320])
+    parser.add_argument("--size", type=int, nargs=2, default=[128, 96], metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--resolution", type=int, default=192, help="output shortest edge")
+    parser.add_argument("--budget_mb", type=float, default=16, help="SEEDVR2_CHUNK_MEMORY_MB of the auto runs")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+
+    env = {**os.environ, "SEEDVR2_CHUNK_MEMORY_MB": str(args.budget_mb), "OMP_NUM_THREADS": "1"}
+    models = ["--dit_model", str(GOLDEN / "dit3b_weights.safetensors"),
+              "--vae_model", str(GOLDEN / "vae_weights.safetensors")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for frames in args.frames:
+            clip = Path(tmp) / f"clip{frames}.mp4"
+            write_clip(clip, frames, *args.size)
+            for chunk in ("auto", "0"):
+                out = Path(tmp) / f"out{frames}_{chunk}.mp4"
+                code, rss = peak_rss([str(clip), "--output", str(out), "--resolution", str(args.resolution),
+                                      "--device", "cpu", "--chunk_size", chunk, *models], env)
+                rows.append({"frames": frames, "chunk_size": chunk, "exit": code, "peak_rss_mb": round(rss / 2**20, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+    if args.output:
+        args.output.write_text(json.dumps({"size": args.size, "resolution": args.resolution,
+                                           "budget_mb": args.budget_mb, "runs": rows}, indent=1) + "\n")
+    return 0 if all(row["exit"] == 0 for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
