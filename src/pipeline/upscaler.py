@@ -97,10 +97,11 @@ def chunk_memory_budget() -> int:
 
 
 def stream_frame_bytes(in_height: int, in_width: int, channels: int, settings: UpscaleSettings) -> int:
-    """Host bytes per frame of a chunk: its float32 output, its float32 input (the source of the batches
-    still to run) and the reader's uint8 copy of it."""
+    """Host bytes per frame of a chunk: its float32 output, its float32 input twice (the reader's chunk and
+    the stream's copy of the frames still to run) and the reader's uint8 frames.  The writers convert to
+    uint8 frame by frame, so writing adds no chunk-sized buffer."""
     out_h, out_w = target_size(in_height, in_width, settings.resolution, settings.max_resolution)
-    return out_h * out_w * channels * 4 + in_height * in_width * channels * (4 + 1)
+    return out_h * out_w * channels * 4 + in_height * in_width * channels * (4 + 4 + 1)
 
 
 def auto_chunk_frames(in_height: int, in_width: int, channels: int, settings: UpscaleSettings,
