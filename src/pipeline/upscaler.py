@@ -14,6 +14,7 @@ batch.  Every batch is seeded identically, so a frame's result does not depend o
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -80,8 +81,6 @@ CHUNK_MEMORY_SHARE = 0.25  # of the available host RAM, below that cap
 def chunk_memory_budget() -> int:
     """Host RAM the command line's default chunk may fill: ``SEEDVR2_CHUNK_MEMORY_MB`` if set, else a quarter
     of the available RAM, at most 4 GiB (at least 256 MiB)."""
-    import os
-
     override = os.environ.get("SEEDVR2_CHUNK_MEMORY_MB", "").strip()
     if override:
         try:
