@@ -179,6 +179,7 @@ def main(argv=None) -> int:
         for frames in upscale_stream(chunks, dit, vae, settings, progress=progress, manager=ModelManager()):
             writer.write(frames)
             written += frames.shape[0]
+            del frames  # held while the next chunk runs, it would double the chunk's output in memory
     except (media.MediaError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2

@@ -189,12 +189,12 @@ def test_the_default_chunk_fits_the_memory_budget():
     from src.pipeline.upscaler import auto_chunk_frames, stream_frame_bytes
 
     settings = UpscaleSettings(resolution=1080, batch_size=5)
-    # 960x540 in, 1920x1080 out: 24.9 MB of float32 output + 14.0 MB of input (float32 twice + uint8).
-    per_frame = 1920 * 1080 * 3 * 4 + 960 * 540 * 3 * 9
+    # 960x540 in, 1920x1080 out: 24.9 MB of float32 output + 7.8 MB of input (float32 + the reader's uint8).
+    per_frame = 1920 * 1080 * 3 * 4 + 960 * 540 * 3 * 5
     assert stream_frame_bytes(540, 960, 3, settings) == per_frame
-    assert auto_chunk_frames(540, 960, 3, settings, budget=4 << 30) == (4 << 30) // per_frame // 5 * 5 == 110
+    assert auto_chunk_frames(540, 960, 3, settings, budget=4 << 30) == (4 << 30) // per_frame // 5 * 5 == 130
     overlapping = UpscaleSettings(resolution=1080, batch_size=13, temporal_overlap=12)  # step 1
-    assert auto_chunk_frames(540, 960, 3, overlapping, budget=4 << 30) == 110
+    assert auto_chunk_frames(540, 960, 3, overlapping, budget=4 << 30) == 131
     assert auto_chunk_frames(540, 960, 3, UpscaleSettings(resolution=1080, batch_size=33, temporal_overlap=3),
-                             budget=4 << 30) == 90
+                             budget=4 << 30) == 120
     assert auto_chunk_frames(540, 960, 3, settings, budget=1) == 5   # never less than one batch

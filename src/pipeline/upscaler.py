@@ -96,11 +96,11 @@ def chunk_memory_budget() -> int:
 
 
 def stream_frame_bytes(in_height: int, in_width: int, channels: int, settings: UpscaleSettings) -> int:
-    """Host bytes per frame of a chunk: its float32 output, its float32 input twice (the reader's chunk and
-    the stream's copy of the frames still to run) and the reader's uint8 frames.  The writers convert to
-    uint8 frame by frame, so writing adds no chunk-sized buffer."""
+    """Host bytes per frame of a chunk: its float32 output, its float32 input (the source of the batches
+    still to run) and the reader's uint8 frames.  The writers convert to uint8 frame by frame, so writing adds
+    no chunk-sized buffer."""
     out_h, out_w = target_size(in_height, in_width, settings.resolution, settings.max_resolution)
-    return out_h * out_w * channels * 4 + in_height * in_width * channels * (4 + 4 + 1)
+    return out_h * out_w * channels * 4 + in_height * in_width * channels * (4 + 1)
 
 
 def auto_chunk_frames(in_height: int, in_width: int, channels: int, settings: UpscaleSettings,
@@ -186,7 +186,8 @@ def upscale_stream(chunks: Iterable[torch.Tensor], dit: DiTSpec, vae: VAESpec, s
     are blended in the same order.  Chunks only decide which batches go through the encode → DiT → decode
     phases together: every batch whose frames have all arrived.  Host memory holds the frames of the
     batches still to run, the ``temporal_overlap`` frames of output waiting for the next batch's blend,
-    and one chunk's output.  Every frame read is yielded exactly once (checked).
+    and one chunk's output, as long as the caller drops each yielded tensor before asking for the next.
+    Every frame read is yielded exactly once (checked).
     """
     settings.validate()
     progress = progress or Progress()
@@ -195,13 +196,10 @@ def upscale_stream(chunks: Iterable[torch.Tensor], dit: DiTSpec, vae: VAESpec, s
     stream = _BatchStream(runner, settings)
     written = 0
     try:
-        for chunk in chunks:
-            for out in stream.feed(chunk):
-                written += out.shape[0]
-                yield out
-        for out in stream.finish():
+        for out in stream.run(chunks):
             written += out.shape[0]
             yield out
+            del out  # a consumer that drops each result holds one chunk's output at a time
     finally:
         runner.close()
     if written != stream.received:
@@ -231,7 +229,24 @@ class _BatchStream:
         self.geometry: ClipGeometry | None = None
         self.frame_shape: tuple[int, ...] | None = None
 
+    def run(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Feed every chunk, then finish.  A chunk is only referenced by the source once added (no second
+        copy of a chunk's input while its batches run)."""
+        for chunk in chunks:
+            ready = self.add(chunk)
+            del chunk
+            if ready:
+                yield from self._run(ready, final=False)
+        yield from self.finish()
+
     def feed(self, chunk: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Add a chunk and run the batches it completes."""
+        ready = self.add(chunk)
+        if ready:
+            yield from self._run(ready, final=False)
+
+    def add(self, chunk: torch.Tensor) -> tuple[Batch, ...]:
+        """Take a chunk's frames; returns the batches whose frames have now all arrived."""
         self.runner.input_scale = check_images(chunk, None if self.frame_shape is None else self.runner.input_scale)
         if self.frame_shape is None:
             self.frame_shape = tuple(chunk.shape[1:])
@@ -251,19 +266,19 @@ class _BatchStream:
         if self.source is None:
             self.head.append(chunk)
             if self.received <= self.prepend:
-                return  # the mirrored frames need frames 1 … prepend_frames
+                return ()  # the mirrored frames need frames 1 … prepend_frames
             self._start(torch.cat(self.head))
         else:
             self.source = torch.cat([self.source, chunk])
         total = self.base + self.source.shape[0]
-        ready = []
+        first = self.next_batch
         while self.next_batch * self.step + self.settings.batch_size <= total:  # full batches: in every plan
-            ready.append(self.next_batch)
             self.next_batch += 1
-        if ready:
-            plan = plan_batches(total - self.prepend, self.settings.batch_size, self.settings.temporal_overlap,
-                                self.settings.uniform_batch_size, self.prepend)
-            yield from self._run(plan.batches[ready[0]:ready[-1] + 1], final=False)
+        if self.next_batch == first:
+            return ()
+        plan = plan_batches(total - self.prepend, self.settings.batch_size, self.settings.temporal_overlap,
+                            self.settings.uniform_batch_size, self.prepend)
+        return plan.batches[first:self.next_batch]
 
     def finish(self) -> Iterator[torch.Tensor]:
         """The end of the clip: the batches left (the last one ends with the clip), then the held frames."""
