@@ -256,3 +256,27 @@ def test_the_upscaler_node_reports_bad_frames_and_takes_uint8(specs):
         node.execute(_clip(1), **{**args, "seed": 2**64})
     (out,) = node.execute((_clip(1) * 255).round().to(torch.uint8), **args)
     assert out.shape == (1, 16, 16, 3) and out.dtype == torch.float32 and 0.05 < out.mean() < 0.95
+
+
+def test_the_dits_plans_go_when_it_moves_is_parked_or_dropped(monkeypatch):
+    from src.models.dit.packing import PackedLayout
+    from src.models.load import load_dit
+    from src.pipeline import model_manager
+    from src.pipeline.model_manager import ManagedModel
+
+    model = load_dit(golden_path("dit3b_weights.safetensors"), device="cpu", dtype=torch.float32)
+    layout = PackedLayout(grids=((1, 4, 6),), text_lengths=(3,))
+    model._window_plans(layout, torch.device("cpu"))
+    assert len(model.window_plans) > 0
+    model.to(torch.float32)  # any move of the weights
+    assert len(model.window_plans) == 0
+    model._window_plans(layout, torch.device("cpu"))
+    managed = ManagedModel("dit", ("k",), model, torch.device("cpu"), torch.device("meta"), torch.float32, False)
+    monkeypatch.setattr(model_manager.stable_memory, "offload", lambda *args, **kwargs: None)  # no 2nd device here
+    managed.park(torch.device("meta"))  # parking on another device
+    assert len(model.window_plans) == 0
+    import copy
+
+    model = load_dit(golden_path("dit3b_weights.safetensors"), device="cpu", dtype=torch.float32)
+    model._window_plans(layout, torch.device("cpu"))
+    assert len(copy.deepcopy(model).window_plans) == 0  # a copy builds its own

@@ -38,7 +38,9 @@ class NaDiT(nn.Module):
 
     def release_caches(self) -> None:
         """Drop the cached window plans (called when the model is parked or dropped)."""
-        self.window_plans.clear()
+        plans = self.__dict__.get("window_plans")  # absent while nn.Module.__init__ runs
+        if plans is not None:
+            plans.clear()
 
     def _apply(self, fn, *args, **kwargs):
         # Every move (.to(), .cuda(), ComfyUI's unload) goes through nn.Module._apply; the plans would stay
