@@ -6,6 +6,13 @@ small too (``SEEDVR2_CHUNK_MEMORY_MB``) to make several chunks; the budget rule 
 
     python benchmarks/cli_host_memory.py --frames 40 80 160 320 --output docs/results/cli_host_memory.json
 
+With ``--stand_in`` the models are replaced by a nearest-neighbour upscale inside the same batch plan (the
+stream, the reader and the writer are the real ones), so the frame buffers can be measured at a realistic
+frame size in little time:
+
+    python benchmarks/cli_host_memory.py --stand_in --frames 50 150 300 --size 320 240 --resolution 480 \
+        --budget_mb 64
+
 Each run is a fresh process; its peak RSS is the kernel's (``os.wait4``'s ``ru_maxrss``).
 """
 from __future__ import annotations
@@ -41,9 +48,30 @@ def write_clip(path: Path, frames: int, width: int, height: int) -> None:
             container.mux(packet)
 
 
-def peak_rss(args: list[str], env: dict) -> tuple[int, int]:
+# The CLI with the models replaced by a nearest-neighbour upscale written through the real batch writer.
+STAND_IN = """
+import sys
+import torch
+sys.path.insert(0, %r)
+from src.pipeline import upscaler
+
+def stand_in(self, source, base, batches, geometry, out, out_start, held=0):
+    for batch in batches:
+        frames = source[batch.start - base:batch.stop - base, ..., :3].permute(0, 3, 1, 2).float()
+        frames = torch.nn.functional.interpolate(frames, size=(geometry.height, geometry.width), mode="nearest")
+        local = upscaler.replace(batch, start=batch.start - base, stop=batch.stop - base)
+        upscaler._write_batch(out, frames.permute(0, 2, 3, 1), local, out_start - base)
+
+upscaler._Runner.run_batches = stand_in
+import inference_cli
+sys.exit(inference_cli.main(sys.argv[1:]))
+""" % str(REPO)
+
+
+def peak_rss(args: list[str], env: dict, stand_in: bool = False) -> tuple[int, int]:
     """(exit code, peak RSS in bytes) of one CLI run."""
-    process = subprocess.Popen([sys.executable, str(REPO / "inference_cli.py"), *args], cwd=REPO, env=env,
+    program = ["-c", STAND_IN] if stand_in else [str(REPO / "inference_cli.py")]
+    process = subprocess.Popen([sys.executable, *program, *args], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _pid, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -58,6 +86,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, nargs=2, default=[128, 96], metavar=("WIDTH", "HEIGHT"))
     parser.add_argument("--resolution", type=int, default=192, help="output shortest edge")
     parser.add_argument("--budget_mb", type=float, default=16, help="SEEDVR2_CHUNK_MEMORY_MB of the auto runs")
+    parser.add_argument("--stand_in", action="store_true", help="replace the models by a nearest upscale")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 
@@ -72,11 +101,11 @@ def main() -> int:
             for chunk in ("auto", "0"):
                 out = Path(tmp) / f"out{frames}_{chunk}.mp4"
                 code, rss = peak_rss([str(clip), "--output", str(out), "--resolution", str(args.resolution),
-                                      "--device", "cpu", "--chunk_size", chunk, *models], env)
+                                      "--device", "cpu", "--chunk_size", chunk, *models], env, args.stand_in)
                 rows.append({"frames": frames, "chunk_size": chunk, "exit": code, "peak_rss_mb": round(rss / 2**20, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     if args.output:
-        args.output.write_text(json.dumps({"size": args.size, "resolution": args.resolution,
+        args.output.write_text(json.dumps({"size": args.size, "resolution": args.resolution, "stand_in": args.stand_in,
                                            "budget_mb": args.budget_mb, "runs": rows}, indent=1) + "\n")
     return 0 if all(row["exit"] == 0 for row in rows) else 1
 

@@ -1,5 +1,7 @@
-"""Fault and bad-input findings of issue #14: caches released with the model, paths kept inside the model
-folders, non-finite values refused, settings validated before any heavy work."""
+"""Fault and bad-input findings of issue #14 in a run: caches released with the model, non-finite values
+refused, settings validated before any heavy work.  (Named to run after test_fused_kernels.py, which must
+register its custom operator before the pack is imported as a package.)
+"""
 import gc
 import warnings
 
