@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                          + _one_of(("auto", "mp4", "png")))
     io.add_argument("--skip_first_frames", type=int, default=0, metavar="N", help="input frames to skip at the start")
     io.add_argument("--load_cap", type=int, default=0, metavar="N", help="process at most N frames (0 = all)")
-    io.add_argument("--chunk_size", type=int, default=0, metavar="N",
-                    help="frames read and processed at a time (0 = the whole clip at once; set it for long videos "
-                         "to bound memory)")
+    io.add_argument("--chunk_size", type=_chunk_size, default="auto", metavar="N",
+                    help="frames read and processed at a time: auto = as many as fit a quarter of the free RAM "
+                         "(at most 4 GiB, or SEEDVR2_CHUNK_MEMORY_MB), so memory stays bounded for any length; "
+                         "0 = the whole clip at once; the frames are the same either way")
 
     models = p.add_argument_group("models")
     models.add_argument("--model_dir", default=DEFAULT_MODEL_DIR, metavar="DIR",
@@ -190,6 +191,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 class InputError(ValueError):
     """A command-line argument cannot be used; the message says why."""
+
+
+def _chunk_size(text: str):
+    """--chunk_size: 'auto' or a number of frames (0 = the whole clip)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of frames, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or 0 or more frames, got {value}")
+    return value
 
 
 def model_request(value: str, model_dir: str) -> tuple[str, list[Path]]:
@@ -288,6 +302,13 @@ def run(args: argparse.Namespace, console) -> int:
     rank = _join_parallel_run(args, dit, vae)
     if rank is not None:
         dit, vae = replace(dit, device=args.device), replace(vae, device=args.device)
+    chunk_size = args.chunk_size
+    if chunk_size == "auto":   # as many frames as fit the host-memory bound (upscaler.auto_chunk_frames)
+        from src.pipeline.upscaler import auto_chunk_frames
+
+        chunk_size = auto_chunk_frames(info.height, info.width, 4 if info.has_alpha else 3, settings)
+        if info.frames > chunk_size:
+            log.info("processing %d frames at a time (--chunk_size auto)", chunk_size)
     # The output is checked (it is never the input) before anything is downloaded or loaded.
     writer, target = output_writer(args, info) if not rank else (_NoWriter(), None)
     dit_path, vae_path = plan.fetch()
@@ -300,14 +321,14 @@ def run(args: argparse.Namespace, console) -> int:
         # The output takes its name only when complete: an error, Ctrl-C or SIGTERM drops it.  The writer
         # encodes each chunk on its own thread (converting a frame at a time) while the next is computed.
         with media.terminate_raises(), writer:
-            chunks = media.iter_chunks(args.input, args.chunk_size, skip=args.skip_first_frames,
-                                       limit=args.load_cap)
+            chunks = media.iter_chunks(args.input, chunk_size, skip=args.skip_first_frames, limit=args.load_cap)
             chunks = timing.timed_iter(chunks, "read_input")
             for frames in upscale_stream(progress.chunks(chunks), dit, vae, settings, progress=progress,
                                          manager=ModelManager()):
                 writer.write(frames)
                 timing.mark("first_output_frame")
                 written += frames.shape[0]
+                del frames  # the writer keeps what it needs; held here, it would double a chunk in memory
             timing.mark("computed")
         # The writer's own thread encoded and wrote; the pipeline waited only for a full queue and the close.
         timing.add("write", getattr(writer, "busy_seconds", 0.0))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..src.models.download import ensure_model
 from ..src.models.locate import (
-    DEFAULT_MODEL_DIR, describe_folders, find_model_file, list_model_files, model_choices,
+    DEFAULT_MODEL_DIR, describe_folders, find_model_file, list_model_files, model_choices, model_name_problem,
 )
 from ..src.models.registry import MODEL_EXTENSIONS, known_model
 
@@ -76,8 +76,17 @@ def vae_choices() -> list[str]:
 
 
 def model_problem(name: str | None, kind: str) -> str | None:
-    """Why the model combo value ``name`` cannot be used, or None (downloadable released files are fine)."""
-    if name is None or known_model(name) is not None or find_model_file(name, model_folders()) is not None:
+    """Why the model combo value ``name`` cannot be used, or None (downloadable released files are fine).
+
+    VALIDATE_INPUTS naming ``model`` makes ComfyUI skip its combo check, so this is the check: a file
+    inside the model folders (never a path elsewhere), or a released name.
+    """
+    if name is None:
+        return None
+    problem = model_name_problem(name)
+    if problem is not None:
+        return problem[0].upper() + problem[1:]
+    if known_model(name) is not None or find_model_file(name, model_folders()) is not None:
         return None
     what = "DiT" if kind == "dit" else "VAE"
     return (

@@ -100,7 +100,8 @@ def test_listing_recurses_filters_and_lets_the_first_folder_win(tmp_path):
     assert files == {"sub/y.gguf": first / "sub" / "y.gguf", "x.safetensors": first / "x.safetensors",
                      "z.pth": second / "z.pth"}
     assert locate.find_model_file("z.pth", [first, second]) == second / "z.pth"
-    assert locate.find_model_file(str(second / "z.pth"), []) == second / "z.pth"
+    assert locate.find_model_file(str(second / "z.pth"), [], allow_paths=True) == second / "z.pth"
+    assert locate.find_model_file(str(second / "z.pth"), [second]) is None   # a path, not a name
     assert locate.find_model_file("../b/z.pth", [first]) is None
     assert locate.find_model_file("nothing.safetensors", [first, second]) is None
 

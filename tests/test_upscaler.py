@@ -89,13 +89,6 @@ def test_rgba_keeps_an_upscaled_alpha(specs, manager):
     assert alpha[:, :36].max() < 0.05 and alpha[:, 44:].min() > 0.95
 
 
-def test_streamed_chunks_give_every_frame_once(specs, manager):
-    dit, vae = specs
-    clip = _clip(9)
-    settings = UpscaleSettings(resolution=24, batch_size=5, temporal_overlap=1)
-    chunks = list(upscale_stream([clip[:5], clip[5:]], dit, vae, settings, manager=manager))
-    assert sum(c.shape[0] for c in chunks) == 9
-
 
 @pytest.mark.parametrize("images,message", [
     (torch.zeros(0, 16, 16, 3), "no frames"),

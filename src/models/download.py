@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
 
-from .locate import describe_folders, find_model_file
+from .locate import describe_folders, find_model_file, model_name_problem
 from .registry import ModelInfo, known_model
 
 log = logging.getLogger("seedvr2")
@@ -61,13 +61,14 @@ class ModelPlan:
         return paths
 
 
-def ensure_model(name: str, folders: Sequence[str | os.PathLike]) -> Path:
+def ensure_model(name: str, folders: Sequence[str | os.PathLike], allow_paths: bool = False) -> Path:
     """Path of the weight file ``name``, downloading and verifying a released file into ``folders[0]``
-    when it is in none of ``folders``; raises :class:`ModelFileError` when that is impossible."""
-    return find_models([(name, folders)]).fetch()[0]
+    when it is in none of ``folders``; raises :class:`ModelFileError` when that is impossible.  ``name``
+    must lie inside the folders unless ``allow_paths`` (a path of the user's own, from the command line)."""
+    return find_models([(name, folders)], allow_paths=allow_paths).fetch()[0]
 
 
-def find_models(requests: Sequence[tuple[str, Sequence[str | os.PathLike]]]) -> ModelPlan:
+def find_models(requests: Sequence[tuple[str, Sequence[str | os.PathLike]]], allow_paths: bool = False) -> ModelPlan:
     """Look up each ``(name, folders)``; plan the download of released files that are missing or broken.
 
     Everything that stands in the way is reported at once, in one :class:`ModelFileError`: files that are
@@ -79,10 +80,13 @@ def find_models(requests: Sequence[tuple[str, Sequence[str | os.PathLike]]]) -> 
     for i, (name, folders) in enumerate(requests):
         folders = [Path(os.path.abspath(os.path.expanduser(f))) for f in folders]
         plan.paths.append(None)
-        if not folders and not Path(name).is_absolute():
+        if not allow_paths and (problem := model_name_problem(name)) is not None:
+            problems.append(problem)
+            continue
+        if not folders and not (allow_paths and Path(name).expanduser().is_absolute()):
             problems.append(f"no model folder is configured to look for {name!r} in")
             continue
-        path = find_model_file(name, folders)
+        path = find_model_file(name, folders, allow_paths=allow_paths)
         info = known_model(name)
         if path is not None:
             problem = _structural_problem(path)

@@ -3,12 +3,18 @@
 ComfyUI hands us its ``seedvr2`` folders (``nodes/model_folders.py``); the command line uses
 ``./models/SEEDVR2`` or ``--model_dir``.  Names are paths relative to a folder, with ``/`` separators,
 like ComfyUI's file lists; when several folders hold the same name, the first folder wins.
+
+A name can never leave its folder, on any OS: absolute paths, drive letters, UNC shares and ``..`` are
+refused in both the POSIX and the Windows flavour (``..\\`` is a parent step on Windows), so a workflow or
+an API client cannot load or probe files elsewhere.  Symbolic links *inside* a model folder are followed,
+as ComfyUI does: they are the user's own (weights linked in from another disk).  Only the command line,
+whose user names files on their own machine, may also give a path (``allow_paths``).
 """
 from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Mapping, Sequence
 
 from .registry import KNOWN_MODELS, has_model_extension
@@ -37,17 +43,45 @@ def list_model_files(folders: Sequence[str | os.PathLike]) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def find_model_file(name: str, folders: Sequence[str | os.PathLike]) -> Path | None:
-    """The file called ``name`` (an absolute path, or a name relative to one of ``folders``), or None."""
-    candidate = Path(name)
-    if candidate.is_absolute():
-        return candidate if candidate.is_file() else None
-    if ".." in PurePosixPath(name).parts:
-        return None  # names never leave their folder
-    for folder in folders:
-        path = Path(folder) / name
-        if path.is_file():
-            return path
+def model_name_problem(name: object) -> str | None:
+    """Why ``name`` is not a file name relative to a model folder (judged as a POSIX and as a Windows
+    path, whatever the OS), or None."""
+    if not isinstance(name, str) or not name.strip():
+        return f"the model name {name!r} is empty; pick a file from the list."
+    if "\0" in name:
+        return f"the model name {name!r} contains a NUL character."
+    windows, posix = PureWindowsPath(name), PurePosixPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or windows.root:
+        return (f"{name!r} is a path outside the model folders (absolute, a drive or a network share); "
+                f"give the name of a file inside a SeedVR2 model folder, as listed.")
+    if ":" in name:  # a drive-relative name on Windows ("C:x"), or an NTFS alternate data stream
+        return f"the model name {name!r} contains ':'; give the name of a file inside a SeedVR2 model folder."
+    if ".." in windows.parts or ".." in posix.parts:
+        return f"the model name {name!r} steps out of its folder ('..'); give a file inside a SeedVR2 model folder."
+    return None
+
+
+def model_name_parts(name: str) -> tuple[str, ...]:
+    """The folder steps of a valid model name; ``/`` and ``\\`` both separate (Windows ComfyUI lists
+    subfolder files with ``\\``)."""
+    return tuple(part for part in PureWindowsPath(name).parts if part not in ("", "."))
+
+
+def find_model_file(name: str, folders: Sequence[str | os.PathLike], allow_paths: bool = False) -> Path | None:
+    """The file called ``name`` inside one of ``folders``, or None.  With ``allow_paths`` (the command
+    line) ``name`` may also be a path of its own: absolute, or relative to the working directory."""
+    if allow_paths:
+        candidate = Path(name).expanduser()
+        if candidate.is_absolute():
+            return candidate if candidate.is_file() else None
+    if model_name_problem(name) is None:
+        parts = model_name_parts(name)
+        for folder in folders:
+            path = Path(folder).joinpath(*parts)
+            if path.is_file():
+                return path
+    if allow_paths and Path(name).is_file():
+        return Path(name)
     return None
 
 

@@ -21,6 +21,7 @@ from ..models.load import load_dit, load_vae
 from ..optimization import stable_memory
 from . import timing
 from .devices import resolve_device
+from .finite import check_weights
 from .settings import DiTSpec, VAESpec
 
 log = logging.getLogger("seedvr2")
@@ -85,6 +86,7 @@ class ManagedModel:
         target = to or self.offload_device
         if target is None or _module_device(self.model) == target:
             return
+        _release_caches(self.model)  # device-side caches (the DiT's window plans) are rebuilt on the next use
         if self.patcher is not None:
             self.patcher.detach()
             _forget_patcher(self.patcher)
@@ -95,6 +97,12 @@ class ManagedModel:
         # mapping it back for the decode cost ~0.09 s on an H100 (docs/performance.md, DiT offload).
         if comfy_mm is not None:
             _empty_cache(self.device)
+
+
+def _release_caches(model: torch.nn.Module | None) -> None:
+    release = getattr(model, "release_caches", None)
+    if release is not None:
+        release()
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -153,6 +161,7 @@ class ModelManager:
         log.info("SeedVR2: loading DiT %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
         with timing.span("load_dit", sync=load_device, file=path.name):
             model = load_dit(path, device=load_device, dtype=dtype, quantization=quantization)
+            check_weights(model, path)  # NaN/Inf weights would give all-NaN (black) frames
         offload_device = _offload(spec.offload_device)
         managed = ManagedModel("dit", key, model, device, offload_device, dtype, spec.cache_model,
                                info={"path": path, "quantization": quantization, "config": model.config})
@@ -202,6 +211,7 @@ class ModelManager:
         log.info("SeedVR2: loading VAE %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
         with timing.span("load_vae", sync=load_device, file=path.name):
             model = load_vae(path, device=load_device, dtype=dtype)
+            check_weights(model, path)
         managed = ManagedModel("vae", key, model, device, _offload(spec.offload_device), dtype, spec.cache_model,
                                info={"path": path})
         self._register(managed, allow_comfy=True)
@@ -242,6 +252,7 @@ class ModelManager:
             _forget_patcher(managed.patcher)
             managed.patcher = None
         device = managed.device
+        _release_caches(managed.model)  # also for a caller that still holds the module
         managed.model = None
         _empty_cache(device)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from ..distributed import PARALLEL_MODES
 
 COLOR_CORRECTIONS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none")
+TILE_DEBUG_MODES = ("false", "encode", "decode")
+SEED_LIMIT = 2**64  # ComfyUI's seeds go to 2^64 − 1, which is also the range of torch.manual_seed
 # The VAE loader's quantization modes (optimization.vae_fp8.MODES, repeated here so settings import no torch).
 VAE_QUANTIZATIONS = ("disabled", "fp8_e4m3fn")
 
@@ -67,6 +69,14 @@ class VAESpec:
     quantization: str = "disabled"  # "fp8_e4m3fn": convolutions in fp8 (optimization.vae_fp8)
 
     def __post_init__(self) -> None:
+        # Everything is checked here, when the loader runs, not when the first tile is drawn after the
+        # encode and the DiT have run.
+        if self.tile_debug not in TILE_DEBUG_MODES:
+            raise SettingsError(f"tile_debug must be one of {', '.join(TILE_DEBUG_MODES)}, got {self.tile_debug!r}.")
+        for direction in ("encode", "decode"):
+            if getattr(self, f"{direction}_tiled"):
+                _check_tiling(direction, getattr(self, f"{direction}_tile_size"),
+                              getattr(self, f"{direction}_tile_overlap"))
         if self.quantization not in VAE_QUANTIZATIONS:
             raise SettingsError(f"VAE quantization must be one of {VAE_QUANTIZATIONS}, got {self.quantization!r}.")
         if self.quantization != "disabled" and not self.enable_optimizations:
@@ -74,6 +84,29 @@ class VAESpec:
                 f"VAE quantization {self.quantization!r} runs on the optimized VAE path: turn enable_optimizations "
                 f"on, or set quantization to 'disabled'."
             )
+
+
+def _check_tiling(direction: str, size: object, overlap: object) -> None:
+    """The VAE's own rule for tile sizes (``tiling.check_tiling``), with the loader input's name."""
+    from ..models.video_vae_v3.errors import VAEInputError
+    from ..models.video_vae_v3.tiling import check_tiling
+
+    if isinstance(size, bool) or isinstance(overlap, bool):
+        raise SettingsError(f"{direction}_tile_size and {direction}_tile_overlap must be whole numbers of pixels.")
+    try:
+        check_tiling(size, overlap, 8)
+    except VAEInputError as exc:
+        raise SettingsError(f"{direction}_tile_size {size!r} / {direction}_tile_overlap {overlap!r}: {exc}") from exc
+
+
+def check_seed(seed: object) -> int:
+    """A seed in ComfyUI's range 0 … 2^64 − 1 (torch.manual_seed takes the same values, so a seed gives the
+    same noise as in the earlier pack); anything else is refused, never wrapped silently."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SettingsError(f"seed must be a whole number from 0 to 2^64 − 1, got {seed!r}.")
+    if not 0 <= seed < SEED_LIMIT:
+        raise SettingsError(f"seed must be between 0 and 2^64 − 1 = {SEED_LIMIT - 1} (ComfyUI's range), got {seed}.")
+    return seed
 
 
 @dataclass(frozen=True)
@@ -97,6 +130,11 @@ class UpscaleSettings:
     vram_budget: float = 0.0        # GiB the run may use on the GPU; 0: what the device has free (memory_plan)
 
     def validate(self) -> None:
+        check_seed(self.seed)
+        for name in ("resolution", "max_resolution", "batch_size", "temporal_overlap", "prepend_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SettingsError(f"{name} must be a whole number, got {value!r}.")
         if self.resolution < 16:
             raise SettingsError(f"resolution must be at least 16 pixels (got {self.resolution}).")
         if self.max_resolution and self.max_resolution < 16:

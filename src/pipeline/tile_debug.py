@@ -10,8 +10,7 @@ import torch
 
 from ..models.video_vae_v3.banded import BandPlan
 from ..models.video_vae_v3.tiling import check_tiling
-
-TILE_DEBUG_MODES = ("false", "encode", "decode")
+from .settings import TILE_DEBUG_MODES  # noqa: F401  (the loader's choices; checked by VAESpec)
 _COLORS = {"encode": (1.0, -1.0, -1.0), "decode": (-1.0, -1.0, 1.0)}  # model range [-1, 1]
 LINE_WIDTH = 2
 

@@ -14,11 +14,12 @@ batch.  Every batch is seeded identically, so a frame's result does not depend o
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 import torch
@@ -27,19 +28,19 @@ from ..distributed import clip_parallel
 from ..models.video_vae_v3.banded import BandPlan
 from ..optimization import dit_chunking, fused_kernels, matrix_ops, stable_memory, vae_optimizer
 from ..optimization.switches import env_switch
-from . import memory_plan
-from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batches, prepend_mirrored
+from . import memory_plan, timing
+from .batching import Batch, pad_temporal, padded_length, plan_batches, prepend_mirrored
 from .color_correction import color_correct
 from .devices import resolve_device
+from .finite import NonFiniteError, check_batch, input_scale
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
 from .model_manager import ManagedModel, ModelManager, compute_dtype, default_manager
-from . import timing
 from .progress import Progress
 from .restoration import (
     RandomDraws, VAETiling, condition_latent, decode_latent, dit_velocity, draw_randoms, encode_posterior,
     restore_latent,
 )
-from .settings import DiTSpec, SettingsError, UpscaleSettings, VAESpec
+from .settings import SEED_LIMIT, DiTSpec, SettingsError, UpscaleSettings, VAESpec
 from .text_embeddings import text_embeddings
 from .tile_debug import band_boxes, draw_tiles, tile_boxes
 
@@ -47,13 +48,95 @@ log = logging.getLogger("seedvr2")
 
 SPATIAL_FACTOR, TEMPORAL_FACTOR, GRID = 8, 4, 16
 OOM_TILE_SIZES = (512, 256)  # VAE tile sizes tried, in order, when a batch does not fit untiled
+MEMORY_PRESSURE_TO_CLEAR = 0.75  # used fraction of device or host memory above which phases clear caches
 PREFETCH_DIT_ENV = "SEEDVR2_PREFETCH_DIT"  # 0: load the DiT after the encode (see _Runner._prefetch_dit)
 PREFETCH_MARGIN_BYTES = 2 << 30
-MEMORY_PRESSURE_TO_CLEAR = 0.75  # used fraction of device or host memory above which phases clear caches
 
 
 class UpscaleError(RuntimeError):
     """The run could not finish; the message says why and what to change."""
+
+
+# A GPU's allocator raises torch.OutOfMemoryError, the CPU's a RuntimeError naming the failed allocation.
+OUT_OF_MEMORY = (torch.OutOfMemoryError, RuntimeError)
+HOST_MEMORY_SHARE = 0.9   # of the available host RAM that a run may plan to fill
+
+
+def _reraise_unless_out_of_memory(exc: BaseException) -> None:
+    if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):
+        return
+    raise exc
+
+
+def host_bytes_needed(frames: int, geometry: "ClipGeometry", channels: int, batch_frames: int,
+                      settings: UpscaleSettings, vae_device: str) -> int:
+    """Host RAM a run of ``frames`` output frames needs beyond the models: the float32 output (where the
+    offload device keeps it on the host) and, when the VAE runs on the CPU, a batch's frames three times
+    (resized input, decoded, colour-corrected)."""
+    needed = 0
+    if _storage_device(settings.offload_device).type == "cpu":
+        needed += frames * geometry.height * geometry.width * channels * 4
+    if torch.device(resolve_device(vae_device)).type == "cpu":
+        height, width = geometry.padded
+        needed += 3 * batch_frames * height * width * 3 * 4
+    return needed
+
+
+CHUNK_MEMORY_CAP = 4 << 30  # host RAM for the command line's frame buffers, at most (see auto_chunk_frames)
+CHUNK_MEMORY_SHARE = 0.25  # of the available host RAM, below that cap
+
+
+def chunk_memory_budget() -> int:
+    """Host RAM the command line's default chunk may fill: ``SEEDVR2_CHUNK_MEMORY_MB`` if set, else a quarter
+    of the available RAM, at most 4 GiB (at least 256 MiB)."""
+    override = os.environ.get("SEEDVR2_CHUNK_MEMORY_MB", "").strip()
+    if override:
+        try:
+            megabytes = float(override)
+        except ValueError:
+            raise SettingsError(f"SEEDVR2_CHUNK_MEMORY_MB must be a number of megabytes, got {override!r}.") from None
+        if megabytes <= 0:
+            raise SettingsError(f"SEEDVR2_CHUNK_MEMORY_MB must be positive, got {override!r}.")
+        return int(megabytes * 2**20)
+    memory = stable_memory.host_memory()
+    available = memory[0] if memory is not None else CHUNK_MEMORY_CAP * 4
+    return int(min(CHUNK_MEMORY_CAP, max(256 << 20, available * CHUNK_MEMORY_SHARE)))
+
+
+def stream_frame_bytes(in_height: int, in_width: int, channels: int, settings: UpscaleSettings) -> int:
+    """Host bytes per frame of a chunk: its float32 output, its float32 input (the source of the batches
+    still to run) and the reader's uint8 frames.  The writers convert to uint8 frame by frame, so writing adds
+    no chunk-sized buffer."""
+    out_h, out_w = target_size(in_height, in_width, settings.resolution, settings.max_resolution)
+    return out_h * out_w * channels * 4 + in_height * in_width * channels * (4 + 1)
+
+
+def auto_chunk_frames(in_height: int, in_width: int, channels: int, settings: UpscaleSettings,
+                      budget: int | None = None) -> int:
+    """Frames per chunk for the command line's default: as many as fit ``budget`` bytes of host RAM
+    (:func:`chunk_memory_budget`), a whole number of batch steps, at least one batch.
+
+    What a stream holds at once is then about ``budget`` plus ``batch_size + temporal_overlap`` frames,
+    whatever the clip's length (frames are yielded as soon as they are final).
+    """
+    budget = chunk_memory_budget() if budget is None else budget
+    per_frame = stream_frame_bytes(in_height, in_width, channels, settings)
+    step = settings.batch_size - settings.temporal_overlap
+    frames = budget // per_frame
+    return max(settings.batch_size, frames // step * step)
+
+
+def check_host_memory(needed: int, what: str) -> None:
+    """Refuse, before any model is loaded, a run whose buffers cannot fit the available host RAM (a huge
+    resolution otherwise fails later with a raw allocator error, or is killed by the OS)."""
+    memory = stable_memory.host_memory()
+    if memory is None or needed <= memory[0] * HOST_MEMORY_SHARE:
+        return
+    raise SettingsError(
+        f"{what} needs about {needed / 2**30:.1f} GB of host RAM, and {memory[0] / 2**30:.1f} GB are available. "
+        f"Lower resolution (or set max_resolution), upscale fewer frames per run (the command line streams long "
+        f"videos in chunks), or free memory."
+    )
 
 
 @dataclass(frozen=True)
@@ -68,12 +151,15 @@ class ClipGeometry:
         return (-(-self.height // GRID) * GRID, -(-self.width // GRID) * GRID)
 
 
-def check_images(images: torch.Tensor) -> None:
+def check_images(images: torch.Tensor, scale: float | None = None) -> float:
+    """Check the frames' shape and values; returns the divisor that brings them to [0, 1] (see
+    :func:`finite.input_scale`: NaN/Inf refused, 0..255 frames converted)."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise SettingsError(f"frames must be a (frames, height, width, 3 or 4) tensor, got {shape}.")
     if images.shape[0] == 0:
         raise SettingsError("there are no frames to upscale (the input batch is empty).")
+    return input_scale(images, scale)
 
 
 def upscale(images: torch.Tensor, dit: DiTSpec, vae: VAESpec, settings: UpscaleSettings, *,
@@ -84,8 +170,14 @@ def upscale(images: torch.Tensor, dit: DiTSpec, vae: VAESpec, settings: UpscaleS
     memory stays at the output's size plus one batch.
     """
     settings.validate()
-    check_images(images)
+    scale = check_images(images)
+    frames, height, width, channels = images.shape
+    geometry = ClipGeometry(*target_size(height, width, settings.resolution, settings.max_resolution))
+    check_host_memory(host_bytes_needed(frames, geometry, channels, padded_length(min(settings.batch_size, frames)),
+                                        settings, vae.device),
+                      f"the output of {frames} frame(s) at {geometry.width}x{geometry.height}")
     runner = _Runner(dit, vae, settings, progress or Progress(), manager or default_manager())
+    runner.input_scale = scale
     try:
         return runner.run_clip(images, prepend=settings.prepend_frames)
     finally:
@@ -96,42 +188,158 @@ def upscale_stream(chunks: Iterable[torch.Tensor], dit: DiTSpec, vae: VAESpec, s
                    progress: Progress | None = None, manager: ModelManager | None = None) -> Iterator[torch.Tensor]:
     """Upscale a clip that arrives in chunks, yielding finished frames as soon as they are final.
 
-    Consecutive chunks share ``temporal_overlap`` frames: the tail of each chunk's output is held back and
-    cross-faded with the head of the next, exactly like batches inside a chunk.
+    The result is the whole-clip result, frame by frame: the clip is cut into exactly the batches
+    :func:`upscale` would use (batch k covers frames ``[k·step, k·step + batch_size)`` of the clip with its
+    prepended frames, ``step = batch_size − temporal_overlap``; the last one ends with the clip) and they
+    are blended in the same order.  Chunks only decide which batches go through the encode → DiT → decode
+    phases together: every batch whose frames have all arrived.  Host memory holds the frames of the
+    batches still to run, the ``temporal_overlap`` frames of output waiting for the next batch's blend,
+    and one chunk's output, as long as the caller drops each yielded tensor before asking for the next.
+    Every frame read is yielded exactly once (checked).
     """
     settings.validate()
     progress = progress or Progress()
     manager = manager or default_manager()
     runner = _Runner(dit, vae, settings, progress, manager)
-    overlap = settings.temporal_overlap
-    tail_in: torch.Tensor | None = None
-    tail_out: torch.Tensor | None = None
-    first = True
+    stream = _BatchStream(runner, settings)
+    written = 0
     try:
-        for chunk in chunks:
-            check_images(chunk)
-            clip = chunk if tail_in is None else torch.cat([tail_in, chunk])
-            out = runner.run_clip(clip, prepend=settings.prepend_frames if first else 0)
-            first = False
-            if out is None:   # another process of a parallel run writes the frames
-                tail_in = chunk[chunk.shape[0] - min(overlap, chunk.shape[0] - 1):] if overlap else None
-                continue
-            if tail_out is not None:
-                head = tail_out.shape[0]
-                weights = overlap_weights(head).view(-1, 1, 1, 1)
-                out[:head] = tail_out * weights + out[:head] * (1 - weights)
-            keep = min(overlap, out.shape[0] - 1) if overlap else 0
-            tail_in = chunk[chunk.shape[0] - keep:] if keep else None
-            if keep:
-                tail_out = out[out.shape[0] - keep:].clone()
-                out = out[: out.shape[0] - keep]
-            else:
-                tail_out = None
+        for out in stream.run(chunks):
+            written += out.shape[0]
             yield out
-        if tail_out is not None:
-            yield tail_out
+            del out  # a consumer that drops each result holds one chunk's output at a time
     finally:
         runner.close()
+    if written != stream.received and runner.parallel.writes_output:
+        raise UpscaleError(f"internal error: {stream.received} frame(s) were read but {written} written; "
+                           f"please report this with your batch_size, temporal_overlap and chunk size.")
+
+
+class _BatchStream:
+    """The whole-clip batch plan, run as its frames arrive.
+
+    Indices are those of the *extended* clip (``prepend_frames`` mirrored frames, then the clip).
+    ``source`` holds the extended frames from ``base`` on (the frames of the batches still to run);
+    ``tail`` the output frames ``[emitted, emitted + len(tail))`` that a later batch still blends into.
+    """
+
+    def __init__(self, runner: "_Runner", settings: UpscaleSettings):
+        self.runner, self.settings = runner, settings
+        self.prepend = settings.prepend_frames
+        self.step = settings.batch_size - settings.temporal_overlap
+        self.received = 0                        # clip frames read
+        self.head: list[torch.Tensor] = []       # frames kept until the prepended ones can be mirrored
+        self.source: torch.Tensor | None = None
+        self.base = 0
+        self.next_batch = 0
+        self.emitted = self.prepend              # extended index of the next frame to yield
+        self.tail: torch.Tensor | None = None
+        self.geometry: ClipGeometry | None = None
+        self.frame_shape: tuple[int, ...] | None = None
+
+    def run(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Feed every chunk, then finish.  A chunk is only referenced by the source once added (no second
+        copy of a chunk's input while its batches run)."""
+        for chunk in chunks:
+            ready = self.add(chunk)
+            del chunk
+            if ready:
+                yield from self._run(ready, final=False)
+        yield from self.finish()
+
+    def feed(self, chunk: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Add a chunk and run the batches it completes."""
+        ready = self.add(chunk)
+        if ready:
+            yield from self._run(ready, final=False)
+
+    def add(self, chunk: torch.Tensor) -> tuple[Batch, ...]:
+        """Take a chunk's frames; returns the batches whose frames have now all arrived."""
+        self.runner.input_scale = check_images(chunk, None if self.frame_shape is None else self.runner.input_scale)
+        if self.frame_shape is None:
+            self.frame_shape = tuple(chunk.shape[1:])
+            height, width = target_size(chunk.shape[1], chunk.shape[2], self.settings.resolution,
+                                        self.settings.max_resolution)
+            self.geometry = ClipGeometry(height, width)
+            # Held at once: a chunk's output, the overlap carried to the next and a batch's frames.
+            held = chunk.shape[0] + self.settings.batch_size + self.settings.temporal_overlap
+            check_host_memory(host_bytes_needed(held, self.geometry, chunk.shape[-1],
+                                                padded_length(self.settings.batch_size), self.settings,
+                                                self.runner.vae_spec.device),
+                              f"a chunk of {chunk.shape[0]} frame(s) at {width}x{height}")
+        elif tuple(chunk.shape[1:]) != self.frame_shape:
+            raise SettingsError(f"frame {self.received} is {tuple(chunk.shape[1:])} (height, width, channels), "
+                                f"unlike the first frames {self.frame_shape}: every frame must have one size.")
+        self.received += chunk.shape[0]
+        if self.source is None:
+            self.head.append(chunk)
+            if self.received <= self.prepend:
+                return ()  # the mirrored frames need frames 1 … prepend_frames
+            self._start(torch.cat(self.head))
+        else:
+            self.source = torch.cat([self.source, chunk])
+        total = self.base + self.source.shape[0]
+        first = self.next_batch
+        while self.next_batch * self.step + self.settings.batch_size <= total:  # full batches: in every plan
+            self.next_batch += 1
+        if self.next_batch == first:
+            return ()
+        plan = plan_batches(total - self.prepend, self.settings.batch_size, self.settings.temporal_overlap,
+                            self.settings.uniform_batch_size, self.prepend)
+        return plan.batches[first:self.next_batch]
+
+    def finish(self) -> Iterator[torch.Tensor]:
+        """The end of the clip: the batches left (the last one ends with the clip), then the held frames."""
+        if self.received == 0:
+            raise SettingsError("there are no frames to upscale (the input is empty).")
+        if self.source is None:
+            self._start(torch.cat(self.head))  # a clip shorter than prepend_frames + 1
+        plan = plan_batches(self.received, self.settings.batch_size, self.settings.temporal_overlap,
+                            self.settings.uniform_batch_size, self.prepend)
+        rest = plan.batches[self.next_batch:]
+        self.next_batch = len(plan.batches)
+        if rest:
+            yield from self._run(rest, final=True)
+        elif self.tail is not None and self.tail.shape[0]:
+            yield from self._emit(self.tail, self.emitted)
+        self.tail = None
+
+    def _start(self, frames: torch.Tensor) -> None:
+        self.head = []
+        self.source = prepend_mirrored(frames, self.prepend) if self.prepend else frames
+
+    def _run(self, batches: tuple[Batch, ...], final: bool) -> Iterator[torch.Tensor]:
+        start, stop = self.emitted, batches[-1].stop
+        out, held = None, 0
+        if self.runner.parallel.writes_output:   # other processes of a parallel run send their frames here
+            out = torch.empty((max(stop - start, 0), self.geometry.height, self.geometry.width,
+                               self.frame_shape[-1]), dtype=torch.float32,
+                              device=_storage_device(self.settings.offload_device))
+            held = 0 if self.tail is None else self.tail.shape[0]
+            if held:
+                out[:held] = self.tail
+        self.runner.run_batches(self.source, self.base, batches, self.geometry, out, start, held)
+        # Frames before the next batch's start are final; with the clip's end, all of them.
+        done = stop if final else max(min(batches[-1].start + self.step, stop), start)
+        if out is None:
+            self.emitted = done
+        else:
+            self.tail = out[done - start:].clone() if done < stop else None
+            yield from self._emit(out[: done - start], start)
+        # Keep the source frames of the batches still to come.
+        keep_from = self.next_batch * self.step
+        if keep_from > self.base:
+            self.source = self.source[keep_from - self.base:].clone()
+            self.base = keep_from
+
+    def _emit(self, frames: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
+        if frames.shape[0] == 0:
+            return
+        if self.frame_shape[-1] == 4:
+            alpha = self.source[start - self.base:start - self.base + frames.shape[0], ..., 3:]
+            self.runner.alpha_phase(alpha, frames)
+        self.emitted = start + frames.shape[0]
+        yield frames
 
 
 class _Runner:
@@ -144,17 +352,19 @@ class _Runner:
         self.dit: ManagedModel | None = None
         self.vae: ManagedModel | None = None
         self._random_draws: dict[tuple[int, int, int], RandomDraws] = {}
+        self.input_scale = 1.0   # 255 for frames given in 0..255 (see check_images)
+        self._base = 0           # extended index of the current source's first frame (for messages)
         self.parallel = clip_parallel.current(settings.parallel)
         self.memory: memory_plan.MemoryPlan | None = None  # the VRAM planner's choices for this clip
         self._dit_loading: Future | None = None  # the DiT loading on a side thread while the VAE encodes
 
     # ----------------------------------------------------------------------------------------- models
-    def _vae(self, direction: str, plan: BatchPlan, geometry: ClipGeometry) -> ManagedModel:
+    def _vae(self, direction: str, batches: tuple[Batch, ...], geometry: ClipGeometry) -> ManagedModel:
         """The VAE on its device, with room made for the phase's activations (other models may move out)."""
         if self.vae is None:
             self.vae = self.manager.vae(self.vae_spec)
             _optimize(self.vae, self.vae_spec)
-        frames = max(batch.padded_length for batch in plan.batches)
+        frames = max(batch.padded_length for batch in batches)
         required = self._vae_activation_bytes(direction, frames, geometry)
         if self.memory is not None and self.memory.dit_off_during_vae and self.dit is not None \
                 and self.dit.patcher is None and self.dit.resident_on(self.vae.device):
@@ -248,6 +458,7 @@ class _Runner:
         self.manager.finish(self.dit, self.vae)
         self.dit = self.vae = None
 
+
     # ----------------------------------------------------------------------------------------- clip
     def run_clip(self, frames: torch.Tensor, prepend: int) -> torch.Tensor | None:
         """The clip's restored frames; None on the processes of a parallel run other than rank 0."""
@@ -259,31 +470,50 @@ class _Runner:
                             settings.uniform_batch_size, prepend)
         rgb = frames[..., :3]
         extended = prepend_mirrored(rgb, prepend) if prepend else rgb
-        parallel = self.parallel.resolve(len(plan.batches))
         out = None
-        if parallel.writes_output:
+        if self.parallel.writes_output:   # the other processes of a parallel run send their frames to rank 0
             out = torch.empty((num_frames, height, width, channels), dtype=torch.float32,
                               device=_storage_device(settings.offload_device))
-            prefault = stable_memory.HostPrefault(out)  # maps the result's pages while the GPU encodes
         if settings.enable_debug:
             log.info("SeedVR2: %d frame(s) %dx%d -> %dx%d in %d batch(es) of up to %d", num_frames, in_w, in_h,
                      width, height, len(plan.batches), settings.batch_size)
-        self._plan_memory(geometry, plan)
+        self.run_batches(extended, 0, plan.batches, geometry, out, plan.prepend_frames)
+        if channels == 4 and out is not None:
+            self.alpha_phase(frames[..., 3:], out)
+        return out
 
+    def run_batches(self, source: torch.Tensor, base: int, batches: tuple[Batch, ...], geometry: ClipGeometry,
+                    out: torch.Tensor | None, out_start: int, held: int = 0) -> None:
+        """Encode, restore and decode ``batches`` (extended-clip indices), writing into ``out``.
+
+        ``source`` holds the extended clip's frames from index ``base`` on, ``out`` its output frames from
+        ``out_start`` on (batch frames before ``out_start`` are dropped: prepended frames); its first ``held``
+        frames already hold the earlier batches' results that these batches blend with.  ``out`` is None on
+        the processes of a parallel run other than rank 0, which send their batches' frames there.
+        """
+        if self.memory is None:
+            self._plan_memory(geometry, batches)
+        if base:
+            batches = tuple(replace(batch, start=batch.start - base, stop=batch.stop - base) for batch in batches)
+        self._base = base
+        source = source[..., :3]
+        parallel = self.parallel.resolve(len(batches))
+        # Maps the result's pages while the GPU encodes.
+        prefault = stable_memory.HostPrefault(out[held:]) if out is not None else None
         with self._phase("encode", self.vae_spec):
-            latents = self._encode_phase(extended, plan, geometry, parallel)
+            latents = self._encode_phase(source, batches, geometry, parallel)
         if parallel.mode == "windows":
             latents = parallel.share_latents(latents, clip_parallel.communication_device())
         with self._phase("upscale", self.dit_spec):
-            latents = self._upscale_phase(latents, plan, parallel)
-        if out is not None:
+            latents = self._upscale_phase(latents, batches, parallel)
+        if prefault is not None:
             prefault.wait()
         with self._phase("decode", self.vae_spec):
-            self._decode_phase(latents, extended, plan, geometry, out, parallel)
-        if channels == 4 and out is not None:
-            with self._phase("postprocess", self.vae_spec):
-                self._alpha_phase(frames[..., 3:], out)
-        return out
+            self._decode_phase(latents, source, batches, geometry, out, out_start - base, parallel)
+
+    def alpha_phase(self, alpha: torch.Tensor, out: torch.Tensor) -> None:
+        with self._phase("postprocess", self.vae_spec):
+            self._alpha_phase(alpha, out)
 
     @contextmanager
     def _phase(self, name: str, spec) -> Iterator[None]:
@@ -306,16 +536,23 @@ class _Runner:
                       device: torch.device) -> torch.Tensor:
         """The batch's frames resized to the output size, (n, 3, H', W') in [0, 1], on ``device``."""
         frames = extended[batch.start:batch.stop].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        if self.input_scale != 1.0:
+            frames = frames / self.input_scale
         return resize_frames(frames, (geometry.height, geometry.width))
 
-    def _encode_phase(self, extended: torch.Tensor, plan: BatchPlan, geometry: ClipGeometry,
+    def _check(self, tensor: torch.Tensor, phase: str, batch: Batch) -> None:
+        """Stop before a NaN/Inf batch result spreads into the output (see :mod:`finite`)."""
+        first = max(batch.start + self._base - self.settings.prepend_frames, 0)
+        check_batch(tensor, phase, first, batch.length)
+
+    def _encode_phase(self, extended: torch.Tensor, batches: tuple[Batch, ...], geometry: ClipGeometry,
                       parallel: clip_parallel.ClipParallel) -> list[torch.Tensor | None]:
         """Condition latents of the batches this process encodes (None for the others')."""
         settings, progress = self.settings, self.progress
-        progress.start_phase("encode", len(plan.batches))
-        vae = self._vae("encode", plan, geometry)
+        progress.start_phase("encode", len(batches))
+        vae = self._vae("encode", batches, geometry)
         latents = []
-        for index, batch in enumerate(plan.batches):
+        for index, batch in enumerate(batches):
             progress.check_interrupt()
             if not parallel.owns(index):
                 latents.append(None)
@@ -333,12 +570,13 @@ class _Runner:
                                              self._tiling("encode"), batch.padded_length)
             cond = condition_latent(*posterior, self._draws(latent_shape).eps)
             del posterior
+            self._check(cond, "VAE encode", batch)
             latents.append(cond.to(self._latent_store(vae.device)))
             del video, pixels
             progress.advance()
         return latents
 
-    def _upscale_phase(self, conds: list[torch.Tensor | None], plan: BatchPlan,
+    def _upscale_phase(self, conds: list[torch.Tensor | None], batches: tuple[Batch, ...],
                        parallel: clip_parallel.ClipParallel) -> list[torch.Tensor | None]:
         settings, progress = self.settings, self.progress
         progress.start_phase("upscale", len(conds))
@@ -366,28 +604,30 @@ class _Runner:
                 draws = self._draws(tuple(cond.shape[:3]))
                 try:
                     x0 = restore_latent(model_fn, cond, draws, latent_noise_scale=settings.latent_noise_scale)
-                except torch.OutOfMemoryError as exc:
+                except OUT_OF_MEMORY as exc:
+                    _reraise_unless_out_of_memory(exc)
                     raise UpscaleError(_oom_advice("upscale (DiT)", self.dit_spec)) from exc
+                self._check(x0, "DiT upscale", batches[index])
                 results.append(x0.to(self._latent_store(dit.device)))
                 conds[index] = None  # free the condition as soon as it is used
                 progress.advance()
         return results
 
-    def _decode_phase(self, latents: list[torch.Tensor | None], extended: torch.Tensor, plan: BatchPlan,
-                      geometry: ClipGeometry, out: torch.Tensor | None,
+    def _decode_phase(self, latents: list[torch.Tensor | None], extended: torch.Tensor, batches: tuple[Batch, ...],
+                      geometry: ClipGeometry, out: torch.Tensor | None, out_start: int,
                       parallel: clip_parallel.ClipParallel) -> None:
         """Decode this process's batches; rank 0 (``out``) writes them all, in order, cross-fading overlaps."""
         settings, progress = self.settings, self.progress
         progress.start_phase("decode", len(latents))
         if self.dit is not None:
             self.dit.park()
-        vae = self._vae("decode", plan, geometry)
-        for index, (batch, latent) in enumerate(zip(plan.batches, latents)):
+        vae = self._vae("decode", batches, geometry)
+        for index, (batch, latent) in enumerate(zip(batches, latents)):
             progress.check_interrupt()
             if not parallel.owns(index):
                 if out is not None:   # decoded by another process, written here in clip order
                     frames = parallel.receive_frames(parallel.owner(index), clip_parallel.communication_device())
-                    _write_batch(out, frames, batch, plan.prepend_frames)
+                    _write_batch(out, frames, batch, out_start)
                 progress.advance()
                 continue
             latent = latent.to(vae.device)
@@ -399,12 +639,13 @@ class _Runner:
                 del decoded
                 style = to_model_range(self._batch_pixels(extended, batch, geometry, vae.device))
                 frames = color_correct(frames, style, settings.color_correction)
+                self._check(frames, "VAE decode and colour correction", batch)
                 self._draw_tile_debug(frames, geometry)
                 frames = from_model_range(frames.clamp_(-1, 1)).permute(0, 2, 3, 1)
                 if out is None:
                     parallel.send_frames(frames, clip_parallel.communication_device())
                 else:
-                    _write_batch(out, frames, batch, plan.prepend_frames)
+                    _write_batch(out, frames, batch, out_start)
             progress.advance()
 
     def _alpha_phase(self, alpha: torch.Tensor, out: torch.Tensor) -> None:
@@ -418,7 +659,7 @@ class _Runner:
             progress.check_interrupt()
             stop = min(start + step, alpha.shape[0])
             guide = out[start:stop, ..., :3].to(device).permute(0, 3, 1, 2)
-            source = alpha[start:stop].to(device).permute(0, 3, 1, 2).float()
+            source = alpha[start:stop].to(device).permute(0, 3, 1, 2).float() / self.input_scale
             refined = upscale_alpha(source, guide, tuple(guide.shape[-2:]))
             out[start:stop, ..., 3:] = refined.permute(0, 2, 3, 1).to(out.device)
             progress.advance()
@@ -433,10 +674,10 @@ class _Runner:
         return self._random_draws[latent_shape]
 
     def _tiling(self, direction: str) -> VAETiling:
+        spec = self.vae_spec
         if self.memory is not None:
             bands = (self.memory.encode if direction == "encode" else self.memory.decode).bands
             return VAETiling(bands=bands)
-        spec = self.vae_spec
         if direction == "encode" and spec.encode_tiled:
             return VAETiling(spec.encode_tile_size, spec.encode_tile_overlap)
         if direction == "decode" and spec.decode_tiled:
@@ -448,14 +689,16 @@ class _Runner:
         before giving up with advice."""
         try:
             return run(tiling)
-        except torch.OutOfMemoryError:
+        except OUT_OF_MEMORY as exc:
+            _reraise_unless_out_of_memory(exc)
             _release_cached_memory()
         for attempt in self._retry_tilings(what, tiling, frames):
             log.warning("SeedVR2: out of memory during VAE %s with tile size %s; retrying with %d px tiles.",
                         what, tiling.tile_size or "none", attempt.tile_size)
             try:
                 return run(attempt)
-            except torch.OutOfMemoryError:
+            except OUT_OF_MEMORY as exc:
+                _reraise_unless_out_of_memory(exc)
                 _release_cached_memory()
             tiling = attempt
         raise UpscaleError(_oom_advice(f"VAE {what}", self.vae_spec))
@@ -490,7 +733,7 @@ class _Runner:
         elif tiling.tile_size is not None:
             draw_tiles(frames, tile_boxes(geometry.padded, tiling.tile_size, tiling.tile_overlap), direction)
 
-    def _plan_memory(self, geometry: ClipGeometry, plan: BatchPlan) -> None:
+    def _plan_memory(self, geometry: ClipGeometry, batches: tuple[Batch, ...]) -> None:
         """Plan the run for the VRAM budget (``vram_budget``, or what the GPU has free): VAE bands, DiT token
         chunks, BlockSwap, the DiT's offloading; log the plan and its predicted peaks.  Only on a GPU, or
         where a budget is given."""
@@ -504,7 +747,7 @@ class _Runner:
         model = self.vae.model
         runtime = getattr(model, "runtime", None)
         height, width = geometry.padded
-        frames = max(batch.padded_length for batch in plan.batches)
+        frames = max(batch.padded_length for batch in batches)
         if settings.vram_budget:
             budget = int(settings.vram_budget * memory_plan.GIB)
         else:
@@ -555,6 +798,9 @@ class _Runner:
 def _write_batch(out: torch.Tensor, frames: torch.Tensor, batch: Batch, prepend: int) -> None:
     """Write a batch's frames (N, H, W, 3; extended-clip indices) into the output, cross-fading the overlap.
 
+    ``out[0]`` is extended frame ``prepend``: the prepended frames, or in a stream the frames already
+    yielded; batch frames before it are dropped.
+
     The frames are made contiguous where they are (the GPU) so the transfer into the output is dense
     (staged through pinned memory when it crosses from a GPU to host memory); only the few overlapping
     frames are blended element by element.
@@ -573,9 +819,13 @@ def _write_batch(out: torch.Tensor, frames: torch.Tensor, batch: Batch, prepend:
         stable_memory.copy_to_host(out[start + blended:start + blended + rest.shape[0], ..., :3], rest)
 
 
+def _parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def _input_noise(settings: UpscaleSettings, video: torch.Tensor) -> torch.Tensor:
     """Pixel noise of strength ``input_noise_scale`` (0.025·s standard deviation in [-1, 1] units)."""
-    generator = torch.Generator("cpu").manual_seed(int(settings.seed) + 1)
+    generator = torch.Generator("cpu").manual_seed((int(settings.seed) + 1) % SEED_LIMIT)  # 2^64 − 1 wraps to 0
     noise = torch.randn(video.shape, generator=generator)
     return noise.to(video) * (0.025 * settings.input_noise_scale)
 
@@ -584,10 +834,6 @@ def _storage_device(name: str, default: torch.device | None = None) -> torch.dev
     if name in ("none", "", None):
         return default if default is not None else torch.device("cpu")
     return torch.device(resolve_device(name, offload=True))
-
-
-def _parameter_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def _release_cached_memory() -> None:
@@ -615,4 +861,4 @@ def _optimize(managed: ManagedModel, spec) -> None:
     managed.info["optimized"] = True
 
 
-__all__ = ["UpscaleError", "upscale", "upscale_stream"]
+__all__ = ["NonFiniteError", "UpscaleError", "auto_chunk_frames", "upscale", "upscale_stream"]

@@ -13,14 +13,15 @@ from .normalization import RMSNorm
 from .packing import PackedLayout
 from .patch import PatchIn, PatchOut
 from .rope import rope_frequencies, rotary_rows
-from .window_plan import window_plan
+from .window_plan import WindowPlanCache
 
 
 class NaDiT(nn.Module):
     """Native-resolution diffusion transformer; the module tree reproduces the released state-dict keys.
 
     Computes in the parameters' dtype (RMSNorm statistics, rope and the sinusoidal time features in
-    float32); returns float32.  Holds no data-dependent state, so it can be built on the meta device.
+    float32); returns float32.  Its only data-dependent state is the window-plan cache (index tensors on the
+    compute device), owned by the instance so that it goes with the model; :meth:`release_caches` empties it.
     """
 
     def __init__(self, config: NaDiTConfig):
@@ -34,6 +35,19 @@ class NaDiT(nn.Module):
         self.vid_out_norm = RMSNorm(dim, config.norm_eps) if config.vid_out_norm else None
         self.vid_out_ada = Modulation(dim, ("out",), with_gate=False) if config.vid_out_norm else None
         self.vid_out = PatchOut(config.vid_out_channels, dim, config.patch_size)
+        self.window_plans = WindowPlanCache()
+
+    def release_caches(self) -> None:
+        """Drop the cached window plans (called when the model is parked or dropped)."""
+        plans = self.__dict__.get("window_plans")  # absent while nn.Module.__init__ runs
+        if plans is not None:
+            plans.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Every move (.to(), .cuda(), ComfyUI's unload) goes through nn.Module._apply; the plans would stay
+        # on the old device, so they go.  Arguments are passed through whatever this torch's signature is.
+        self.release_caches()
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -75,7 +89,7 @@ class NaDiT(nn.Module):
         for block in self.blocks:
             key = (block.window, block.window_method)
             if key not in plans:
-                plans[key] = plan = window_plan(layout, *key, device)
+                plans[key] = plan = self.window_plans.get(layout, *key, device)
                 rotary_rows(self.config.rope_type, self.config.rope_axis_dim, plan)
         return plans
 

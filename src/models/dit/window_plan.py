@@ -5,12 +5,14 @@ The joint attention of a layer runs one attention call per *group* of windows wi
 holds, per window, the rows of the concatenated token array ``[video tokens; text tokens]`` that form its
 sequence: the window's video tokens in (t, h, w) raster order, then all L text tokens of its sample.
 Plans depend only on integer shapes, so they are computed once per (layout, window counts, method, device)
-and reused by every layer with the same windowing and by later forward calls.
+and reused by every layer with the same windowing and by later forward calls.  The cache is owned by the
+model (:class:`WindowPlanCache`), not the module: plans hold index tensors on the model's device (tens of MB
+at 1080p), which must go when the model goes or moves.
 """
 from __future__ import annotations
 
-import functools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -51,10 +53,47 @@ class WindowPlan:
     cache: dict = field(default_factory=dict)  # per-plan derived tables (rotary), filled on first use
 
 
-@functools.lru_cache(maxsize=64)
+class WindowPlanCache:
+    """The window plans of one model, least recently used dropped beyond ``max_entries``.
+
+    A forward needs one plan per distinct layer windowing (two for the released models), so a handful of
+    batch shapes fit.  Plans on another device than the one asked for are dropped on the next lookup, so
+    a model that moved keeps nothing on its old device; :meth:`clear` drops them all.
+    """
+
+    def __init__(self, max_entries: int = 16):
+        self.max_entries = max_entries
+        self._plans: OrderedDict[tuple, WindowPlan] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def get(self, layout: PackedLayout, counts: tuple[int, int, int], method: str,
+            device: torch.device) -> WindowPlan:
+        device = torch.device(device)
+        key = (layout, tuple(counts), method, device)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        for stale in [k for k in self._plans if k[3] != device]:
+            del self._plans[stale]
+        plan = self._plans[key] = window_plan(layout, counts, method, device)
+        while len(self._plans) > self.max_entries:
+            self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __deepcopy__(self, memo) -> "WindowPlanCache":
+        return WindowPlanCache(self.max_entries)  # a copied model builds its own plans
+
+
 def window_plan(layout: PackedLayout, counts: tuple[int, int, int], method: str,
                 device: torch.device) -> WindowPlan:
-    """The (cached) window plan of a packed batch for one layer's window counts and method."""
+    """The window plan of a packed batch for one layer's window counts and method (not cached: models
+    cache through their :class:`WindowPlanCache`)."""
     total_video = sum(layout.video_lengths)
     members: dict[tuple[int, int, int, int], list[torch.Tensor]] = {}
     offset = torch.empty((total_video, 3), dtype=torch.int64, device=_HOST)
