@@ -19,6 +19,7 @@ Runs on any machine (CPU only); the numbers depend on the core count, so say whi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import os
@@ -54,9 +55,13 @@ def load_baseline(rev: str) -> types.ModuleType:
         source = subprocess.run(["git", "show", f"{rev}:src/pipeline/media.py"], cwd=ROOT, check=True,
                                 capture_output=True, text=True).stdout
         name = f"media_{rev}"
-    module = types.ModuleType(name)
-    sys.modules[name] = module  # dataclasses look their module up
-    exec(compile(source, name, "exec"), module.__dict__)
+    # Imported from a file of its own (dataclasses look their module up in sys.modules).
+    path = Path(tempfile.mkdtemp(prefix="seedvr2-media-")) / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
     return module
 
 
