@@ -17,6 +17,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -260,7 +261,8 @@ class _Runner:
         if self.vae is not None:
             self.vae.park()
         dit = self._dit()
-        positive, negative = text_embeddings(dit.device, dit.dtype)
+        positive, negative = text_embeddings(dit.device, dit.dtype, getattr(dit.model, "file_conditioning", None),
+                                             Path(str(dit.info.get("path", "the DiT file"))).name)
         model_fn = dit_velocity(dit.model, positive, negative)
         backend = self.dit_spec.attention_mode if self.dit_spec.enable_optimizations else matrix_ops.PLAIN
         results = []
