@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..src.models.checkpoint import read_index, require_kind
+from ..src.models.load import validate_dit
 from ..src.models.registry import DEFAULT_DIT
 from ..src.pipeline.devices import (
     compute_device_choices, offload_device_choices, resolve_device,
@@ -140,8 +140,8 @@ class SeedVR2LoadDiTModel:
         if offload_to == run_on:
             blocks_to_swap, swap_io_components = 0, False  # swapping to the device it runs on changes nothing
         path = fetch_model(model)
-        if path.suffix.lower() == ".safetensors":
-            require_kind(read_index(path), "dit")
+        if path.suffix.lower() in (".safetensors", ".gguf"):  # header-only: refuse a broken file here, not at the run
+            validate_dit(path)
         spec = DiTSpec(
             model=str(path),
             device=run_on,

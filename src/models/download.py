@@ -7,7 +7,8 @@ under a final name is always complete.  An interrupted download stays in the sta
 attempt resumes it.
 
 Files already present are not hashed again on every run (tens of GB for the 7B files): a safetensors
-file gets a structural check of its header, and the loader checks every tensor name and shape.
+or GGUF file gets a structural check of its header (every tensor's bytes inside the file), and the loader
+checks every tensor name and shape.
 """
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def ensure_model(name: str, folders: Sequence[str | os.PathLike]) -> Path:
         raise ModelFileError(f"No model folder is configured to look for {name!r} in.")
     path = find_model_file(name, folders)
     info = known_model(name)
+    blocked = next((Path(f) / name for f in folders if (Path(f) / name).is_dir()), None)
+    if path is None and blocked is not None:
+        raise ModelFileError(
+            f"{blocked} is a folder, not the weight file {Path(name).name!r}. Remove or rename that folder "
+            f"and put the file itself there (or let it download)."
+        )
     if path is not None:
         problem = _structural_problem(path)
         if problem is None:
@@ -68,7 +75,7 @@ def _structural_problem(path: Path) -> str | None:
     """Why an existing file cannot be a complete weight file, or None (header-only; no hashing)."""
     if path.stat().st_size == 0:
         return f"{path} is empty (an interrupted download?)."
-    if path.suffix.lower() == ".safetensors":
+    if path.suffix.lower() in (".safetensors", ".gguf"):  # both readers check every tensor's bytes
         try:
             read_index(path)
         except CheckpointError as exc:

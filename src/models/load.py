@@ -49,6 +49,25 @@ def inspect_vae(path: str | os.PathLike) -> tuple[CheckpointIndex, VAEConfig]:
     return index, _detect(index, VAEConfig, "VAE")
 
 
+def validate_dit(path: str | os.PathLike) -> CheckpointIndex:
+    """Every check :func:`load_dit` makes before it reads tensor data (kind, architecture, strict keys and
+    shapes, dtypes, quantized layers), on a ``meta`` model: cheap enough for a loader node."""
+    index, config = inspect_dit(path)
+    with torch.device("meta"):
+        model = NaDiT(config)
+    _check_file(index, model, optional=set(model.rope_frequency_buffers()))
+    return index
+
+
+def validate_vae(path: str | os.PathLike) -> CheckpointIndex:
+    """The VAE counterpart of :func:`validate_dit`."""
+    index, config = inspect_vae(path)
+    with torch.device("meta"):
+        model = VideoAutoencoder(config)
+    _check_file(index, model)
+    return index
+
+
 def load_dit(
     path: str | os.PathLike,
     *,
