@@ -13,6 +13,7 @@ files keep block 35 of the 7B in 16 bit).  The conditioning buffers are added fr
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -51,6 +52,7 @@ def tile_128x4(scales: torch.Tensor) -> torch.Tensor:
     return out.reshape(padded_rows, padded_cols)
 
 
+@functools.lru_cache(maxsize=8)
 def hadamard_rows(size: int) -> torch.Tensor:
     """The normalized ConvRot Hadamard matrix, entry by entry: H4[i][j] is -1 on the anti-diagonal (i+j = 3),
     and H_size[i][j] is the product of H4 over the base-4 digits of i and j."""

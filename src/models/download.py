@@ -21,7 +21,7 @@ from typing import Sequence
 
 from .checkpoint import CheckpointError, read_index
 from .locate import describe_folders, find_model_file
-from .registry import ModelInfo, known_model
+from .registry import ModelInfo, known_model, place_yourself_hint, placed_model
 
 log = logging.getLogger("seedvr2")
 
@@ -54,6 +54,8 @@ def ensure_model(name: str, folders: Sequence[str | os.PathLike]) -> Path:
             raise ModelFileError(problem)
         log.warning("%s Downloading it again.", problem)
         return _download(info, path.parent)
+    if info is None and placed_model(name) is not None:
+        raise ModelFileError(place_yourself_hint(placed_model(name)))
     if info is None:
         raise ModelFileError(
             f"Model file {name!r} was not found in {describe_folders(folders)}, and it is not a released "
