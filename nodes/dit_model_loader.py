@@ -25,6 +25,20 @@ ATTENTION_MODES = (
 QUANTIZATION_MODES = ("disabled", "fp8_e4m3fn", "fp4_experimental", "fp4_scaled", "fp4_scaled_fast", "gguf")
 
 
+def legacy_quantization(quantization) -> str:
+    """The ``quantization`` value of a saved workflow.  A boolean is the trailing ``local_models_only`` toggle
+    of the earlier pack's open PR #625: the UI hands widget values over by position, so that toggle lands
+    in our first extra widget; it means no quantization."""
+    return "disabled" if isinstance(quantization, bool) else quantization
+
+
+def quantization_problem(quantization) -> str | None:
+    """Why ``quantization`` is not a mode (booleans of older workflows are accepted), or None."""
+    if quantization is None or legacy_quantization(quantization) in QUANTIZATION_MODES:
+        return None
+    return f"{quantization!r} is not a quantization mode; pick one of {', '.join(QUANTIZATION_MODES)}."
+
+
 def choose_quantization(model: str, quantization: str) -> str:
     """The quantization mode to use: a .gguf file is always "gguf"; "gguf" needs a .gguf file."""
     is_gguf = Path(model).suffix.lower() == ".gguf"
@@ -110,9 +124,14 @@ class SeedVR2LoadDiTModel:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None):
-        """Checks the model file and the device names (see :func:`loader_validation`)."""
-        return loader_validation("dit", model, device, offload_device)
+    def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None, quantization=None):
+        """Checks the model file and the device names (see :func:`loader_validation`), and ``quantization``
+        here rather than by ComfyUI's combo check, so that older workflows' booleans pass."""
+        result = loader_validation("dit", model, device, offload_device)
+        problem = quantization_problem(quantization)
+        if problem is None:
+            return result
+        return f"quantization: {problem}" if result is True else f"{result} quantization: {problem}"
 
     def load(
         self,
@@ -128,7 +147,7 @@ class SeedVR2LoadDiTModel:
         enable_optimizations: bool = True,
     ) -> tuple[DiTSpec]:
         """Resolve devices, fetch the file, check it holds a DiT, and return the spec."""
-        quantization = choose_quantization(model, quantization)
+        quantization = choose_quantization(model, legacy_quantization(quantization))
         run_on = resolve_device(device)
         offload_to = resolve_device(offload_device, offload=True)
         if (blocks_to_swap > 0 or swap_io_components) and offload_to == "none":
