@@ -158,12 +158,33 @@ def test_int8_layer_matches_its_dequantized_weight(monkeypatch):
     layer.load_state_dict({"weight": q, "bias": bias}, assign=True)
     expected = torch.nn.functional.linear(x, q.dequantize(), bias)
     out = layer(x)
-    # Only the per-row int8 rounding of the (rotated) activations differs: measured 2.6e-3.
-    assert rel_err(out, expected) < 6e-3
+    # Only the per-row int8 rounding of the (rotated) activations differs: measured 4.7e-3.
+    assert rel_err(out, expected) < 8e-3
     codes, scale = comfy_quant.quantize_rows_int8(qf.rotate_groups(x.reshape(-1, 256), 64))
     exact = (codes.double() @ tensors["weight"].double().T) * scale.double() * tensors["weight_scale"].double().T
     assert torch.allclose(out.reshape(-1, 48).double() - bias.double(), exact, atol=1e-4)
     assert layer(x[:, :3]).shape == (3, 3, 48)               # few rows are padded for cuBLASLt
+
+
+def test_int8_layer_falls_back_once_when_the_int8_gemm_fails(monkeypatch, caplog):
+    torch.manual_seed(5)
+    w, x = torch.randn(32, 64) / 8, torch.randn(20, 64)
+    tensors, reference = tool.encode_int8_convrot(w.double(), 64)
+    q = qf.QuantizedWeight("l", "int8_tensorwise", {"format": "int8_tensorwise", "convrot": True,
+                                                    "convrot_groupsize": 64},
+                           tensors["weight"], {"weight_scale": tensors["weight_scale"]}, torch.Size(w.shape))
+    layer = comfy_quant.Int8Linear(64, 32, False, 64, compute_dtype=torch.float32)
+    layer.load_state_dict({"weight": q}, assign=True)
+
+    def broken(*args):
+        raise RuntimeError("no int8 GEMM here")
+
+    monkeypatch.setattr(torch, "_int_mm", broken)
+    with caplog.at_level(logging.WARNING, logger="seedvr2"):
+        out = layer(x)
+        layer(x)
+    assert torch.allclose(out, x @ reference.float().T, atol=1e-5)
+    assert sum("int8 matmul failed" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_int8_matmul_switch_is_off_by_default_and_needs_cuda(monkeypatch):

@@ -32,7 +32,7 @@ def marker(config: dict) -> torch.Tensor:
 
 
 def _pad(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    out = torch.zeros(-(-w.shape[0] // rows) * rows, -(-w.shape[1] // cols) * cols, dtype=w.dtype)
+    out = torch.zeros(-(-w.shape[0] // rows) * rows, -(-w.shape[1] // cols) * cols, dtype=w.dtype, device=w.device)
     out[: w.shape[0], : w.shape[1]] = w
     return out
 
@@ -43,9 +43,9 @@ def tile_128x4(scales: torch.Tensor) -> torch.Tensor:
     rows, cols = scales.shape
     padded_rows, padded_cols = -(-rows // 128) * 128, -(-cols // 4) * 4
     col_tiles = padded_cols // 4
-    out = torch.zeros(padded_rows * padded_cols, dtype=scales.dtype)
-    r = torch.arange(rows).reshape(-1, 1).expand(rows, cols)
-    c = torch.arange(cols).reshape(1, -1).expand(rows, cols)
+    out = torch.zeros(padded_rows * padded_cols, dtype=scales.dtype, device=scales.device)
+    r = torch.arange(rows, device=scales.device).reshape(-1, 1).expand(rows, cols)
+    c = torch.arange(cols, device=scales.device).reshape(1, -1).expand(rows, cols)
     tile = (r // 128) * col_tiles + c // 4
     offset = tile * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4
     out[offset.reshape(-1)] = scales.reshape(-1)
@@ -83,7 +83,7 @@ def encode_fp8(w: torch.Tensor) -> tuple[dict, torch.Tensor]:
 
 
 def encode_int8_convrot(w: torch.Tensor, group: int) -> tuple[dict, torch.Tensor]:
-    h = hadamard_rows(group)
+    h = hadamard_rows(group).to(w.device)
     rotated = (w.double().reshape(w.shape[0], -1, group) @ h.T).reshape(w.shape)
     scale = (rotated.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-30)
     q = torch.round(rotated / scale).clamp(-128, 127).to(torch.int8)
@@ -93,7 +93,7 @@ def encode_int8_convrot(w: torch.Tensor, group: int) -> tuple[dict, torch.Tensor
 
 def _e2m1_code(v: torch.Tensor) -> torch.Tensor:
     """Nearest e2m1 code (sign in bit 3); a tie goes to the smaller magnitude."""
-    grid = torch.tensor(E2M1_GRID, dtype=torch.float64)
+    grid = torch.tensor(E2M1_GRID, dtype=torch.float64, device=v.device)
     magnitude = torch.argmin((v.abs().unsqueeze(-1) - grid).abs(), dim=-1)
     return (magnitude | (v < 0).to(torch.int64) << 3).to(torch.uint8)
 
@@ -107,7 +107,7 @@ def encode_nvfp4(w: torch.Tensor) -> tuple[dict, torch.Tensor]:
     total = block_scale.double() * tensor_scale
     scaled = torch.where(total.unsqueeze(-1) > 0, blocks / total.unsqueeze(-1).clamp(min=1e-300), 0.0)
     codes = _e2m1_code(scaled.clamp(-6, 6)).reshape(wp.shape)
-    grid = torch.tensor(E2M1_GRID + tuple(-g for g in E2M1_GRID), dtype=torch.float64)
+    grid = torch.tensor(E2M1_GRID + tuple(-g for g in E2M1_GRID), dtype=torch.float64, device=w.device)
     ref = (grid[codes.long()].reshape(blocks.shape) * total.unsqueeze(-1)).reshape(wp.shape)[:rows, :cols]
     packed = (codes[:, 0::2] << 4) | codes[:, 1::2]          # the even-indexed value in the high nibble
     return {"weight": packed, "weight_scale": tile_128x4(block_scale.view(torch.uint8)).view(torch.float8_e4m3fn),
@@ -142,9 +142,10 @@ def linear_layers(state: dict[str, torch.Tensor]) -> list[str]:
 
 def convert(state: dict[str, torch.Tensor], fmt: str, *, keep_blocks: tuple[int, ...] = (),
             conditioning: tuple[torch.Tensor, torch.Tensor] | None = None, layers: list[str] | None = None,
-            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+            keep_reference: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(file tensors, reference weights): the state dict in ``fmt``'s layout, and the float64 weights the
-    encoders actually stored (what a correct decoder must reproduce)."""
+    encoders actually stored (what a correct decoder must reproduce; empty unless ``keep_reference``).
+    Tensors stay on their device (encode full-size models on a GPU); the file tensors on the CPU."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     layers = linear_layers(state) if layers is None else layers
@@ -164,7 +165,9 @@ def convert(state: dict[str, torch.Tensor], fmt: str, *, keep_blocks: tuple[int,
             elif fmt == "int8_convrot":
                 group = convrot_group(w.shape[1])
                 if group is None:
-                    out[key], reference[key] = value.half(), value.half().double()
+                    out[key] = value.half().cpu()
+                    if keep_reference:
+                        reference[key] = value.half().double()
                     continue
                 tensors, ref = encode_int8_convrot(w, group)
                 config = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": group}
@@ -175,12 +178,15 @@ def convert(state: dict[str, torch.Tensor], fmt: str, *, keep_blocks: tuple[int,
                 tensors, ref = encode_nvfp4(w)
                 config = {"format": "nvfp4"}
             for name, tensor in tensors.items():
-                out[f"{layer}.{name}"] = tensor.contiguous()
+                out[f"{layer}.{name}"] = tensor.contiguous().cpu()
             out[f"{layer}.comfy_quant"] = marker(config)
-            reference[key] = ref
+            if keep_reference:
+                reference[key] = ref
         else:
             stored = value.half() if value.is_floating_point() else value
-            out[key], reference[key] = stored, stored.double() if stored.is_floating_point() else stored
+            out[key] = stored.cpu()
+            if keep_reference:
+                reference[key] = stored.double() if stored.is_floating_point() else stored
     if conditioning is not None:
         out["positive_conditioning"], out["negative_conditioning"] = (c.half() for c in conditioning)
     return out, reference

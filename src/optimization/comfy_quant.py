@@ -78,6 +78,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features, device=device), persistent=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False)
                      if bias else None)
+        self._int_mm_failed = False
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         values = self.weight.float() * self.weight_scale.reshape(-1, 1)
@@ -88,13 +89,20 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.group is not None:
-            x = qf.rotate_groups(x, self.group)
-        codes, scale = quantize_rows_int8(x)
+        if self._int_mm_failed:
+            return F.linear(x, self.dequantized_weight(), self.bias).reshape(*shape[:-1], self.out_features)
+        rotated = qf.rotate_groups(x, self.group) if self.group is not None else x
+        codes, scale = quantize_rows_int8(rotated)
         rows = codes.shape[0]
         if rows <= 16:  # cuBLASLt's int8 GEMM needs more than 16 rows
             codes = F.pad(codes, (0, 0, 0, 32 - rows))
-        acc = torch._int_mm(codes, self.weight.t())[:rows]
+        try:
+            acc = torch._int_mm(codes, self.weight.t())[:rows]
+        except RuntimeError as exc:  # a torch build or GPU without this int8 GEMM: stay correct, say so once
+            fp4._log_once(f"SeedVR2: int8 matmul failed ({exc}); int8 layers dequantize their weights per call "
+                          f"instead.")
+            self._int_mm_failed = True
+            return self.forward(x.reshape(shape))
         out = (acc.float() * scale * self.weight_scale.reshape(1, -1)).to(self.compute_dtype)
         if self.bias is not None:
             out = out + self.bias
