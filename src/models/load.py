@@ -138,8 +138,11 @@ def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, qu
     elif index.quantized:
         from ..optimization import comfy_quant
 
-        report = comfy_quant.prepare_model_for_comfy_quant(
-            model, index.quantized, quantization, dtype, device, file_name=index.path.name)
+        try:
+            report = comfy_quant.prepare_model_for_comfy_quant(
+                model, index.quantized, quantization, dtype, device, file_name=index.path.name)
+        except QuantFormatError as exc:
+            raise CheckpointError(f"{index.path.name}: {exc}") from None
     else:
         fp8_file = any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in index.tensors.values())
         if quantization in ("disabled", "gguf") and not fp8_file:
