@@ -187,6 +187,21 @@ def test_int8_layer_falls_back_once_when_the_int8_gemm_fails(monkeypatch, caplog
     assert sum("int8 matmul failed" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="int8 GEMMs (torch._int_mm) are checked on a CUDA GPU")
+def test_int8_layer_on_the_gpu_matches_its_dequantized_weight():
+    torch.manual_seed(6)
+    w, x = torch.randn(256, 512) / 22, torch.randn(300, 512)
+    tensors, reference = tool.encode_int8_convrot(w.double(), 256)
+    q = qf.QuantizedWeight("l", "int8_tensorwise", {"format": "int8_tensorwise", "convrot": True,
+                                                    "convrot_groupsize": 256},
+                           tensors["weight"], {"weight_scale": tensors["weight_scale"]}, torch.Size(w.shape))
+    layer = comfy_quant.Int8Linear(512, 256, False, 256, compute_dtype=torch.bfloat16, device="cuda")
+    layer.load_state_dict({"weight": q.to("cuda")}, assign=True)
+    out = layer(x.cuda().bfloat16()).float().cpu()
+    assert not layer._int_mm_failed
+    assert rel_err(out, x @ reference.float().T) < 1.5e-2   # int8 activations + bf16 output
+
+
 def test_int8_matmul_switch_is_off_by_default_and_needs_cuda(monkeypatch):
     monkeypatch.delenv(comfy_quant.INT8_SWITCH, raising=False)
     assert comfy_quant.int8_matmul_support("cpu") == (False, "int8 matmuls are off (SEEDVR2_INT8_MATMUL=1 turns them on)")
