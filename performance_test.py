@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from src.benchmark import wall
 from src.benchmark.flops import dit_flops, vae_flops
 from src.benchmark.random_weights import random_dit, random_vae
 from src.optimization import matrix_ops
@@ -47,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=0, help="frames per batch (0 = all test frames)")
     p.add_argument("--iterations", type=int, default=3, help="timed repetitions of each job")
     p.add_argument("--sections", default="attention,compile,e2e",
-                   help="comma list of: attention, compile, e2e, precision, vae_conv, vae_norm, profile")
+                   help="comma list of: attention, compile, e2e, precision, vae_conv, vae_norm, profile, wall (the real "
+                        "entry points in fresh processes: what users wait for)")
     p.add_argument("--attention", default="auto", help="attention_mode of the optimized run")
     p.add_argument("--quantization", default="disabled", help="quantization of the optimized run")
     p.add_argument("--vae-quantization", default="disabled", choices=["disabled", "fp8_e4m3fn"],
@@ -69,6 +72,17 @@ def parse_args(argv=None):
                    help="VAE tile size of the lowvram variant (1088: a 1080p frame in two tiles side by side)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 matmul peak (0 = measure it)")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--wall-dir", default=os.environ.get("SEEDVR2_WALL_DIR", "/tmp/seedvr2-wall"),
+                   help="wall section: weights (random, written once), inputs and caches; reused between runs")
+    p.add_argument("--wall-runs", default=",".join(wall.DEFAULT_RUNS),
+                   help="wall section: runs in order, of " + ", ".join(wall.ALL_RUNS))
+    p.add_argument("--wall-out", default=None, help="wall section: logs, timings, outputs (default WALL_DIR/out)")
+    p.add_argument("--incumbent", default=os.environ.get("SEEDVR2_INCUMBENT_DIR"),
+                   help="wall section: the incumbent pack's source folder, run on the same files")
+    p.add_argument("--image-size", default="1280x720", help="wall section: WxH of the test image")
+    p.add_argument("--image-resolution", type=int, default=2160, help="wall section: the image's target edge")
+    p.add_argument("--long-frames", type=int, default=121, help="wall section: frames of the long clip")
+    p.add_argument("--wall-timeout", type=float, default=600, help="wall section: seconds per process")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--verbose", action="store_true", help="log the pipeline's messages (model moves, retries)")
     return p.parse_args(argv)
@@ -616,6 +630,21 @@ def section_precision(args, device) -> dict:
     return result
 
 
+def section_wall(args) -> dict:
+    """What users wait for: the CLI, the node and the incumbent's CLI in fresh processes (src/benchmark/wall.py)."""
+    root = Path(args.wall_dir)
+    width, height = (int(v) for v in args.input_size.lower().split("x"))
+    image_w, image_h = (int(v) for v in args.image_size.lower().split("x"))
+    config = wall.WallConfig(
+        root=root, out=Path(args.wall_out) if args.wall_out else root / "out", model=args.model, vae=args.vae,
+        frames=args.test_frames, size=(width, height), resolution=args.resolution,
+        batch_size=args.batch_size or args.test_frames, image_size=(image_w, image_h),
+        image_resolution=args.image_resolution, long_frames=args.long_frames, device=args.device,
+        incumbent=Path(args.incumbent) if args.incumbent else None, timeout=args.wall_timeout)
+    runs = [r.strip() for r in args.wall_runs.split(",") if r.strip()]
+    return wall.run_all(config, runs)
+
+
 # --------------------------------------------------------------------------------------------- report
 def print_table(results: dict) -> None:
     e2e = results.get("e2e")
@@ -648,6 +677,8 @@ def print_table(results: dict) -> None:
         c = results["compile"]
         print(f"\nCompile: eager {c['eager_s']:.2f}s, first call {c['first_call_s']:.1f}s, compiled {c['compiled_s']:.2f}s "
               f"(overhead {c['compile_overhead_s']:.1f}s, {c['speedup']:.2f}x)")
+    if "wall" in results:
+        wall.print_wall(results["wall"])
     for key in ("precision", "vae_conv", "vae_norm"):
         if key in results:
             print(f"\n{key}:", json.dumps(results[key], indent=1))
@@ -661,7 +692,10 @@ def main(argv=None) -> int:
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     results = {"args": vars(args), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__}
-    results["peak_tflops"] = args.peak_tflops or measure_peak_tflops(device)
+    if set(sections) - {"wall"}:
+        results["peak_tflops"] = args.peak_tflops or measure_peak_tflops(device)
+    if "wall" in sections:
+        results["wall"] = section_wall(args)
     if "precision" in sections:
         results["precision"] = section_precision(args, device)
     if "vae_conv" in sections:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..src.models.load import validate_dit
 from ..src.models.registry import DEFAULT_DIT
+from ..src.optimization.modes import QUANTIZATION_MODES
 from ..src.pipeline.devices import (
     compute_device_choices, offload_device_choices, resolve_device,
 )
@@ -22,7 +23,6 @@ ATTENTION_MODES = (
     "auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn_2", "sageattn_3", "sageattn",
     "sageattn_3_fp4", "sageattn_3_fp8", "flash_attn", "xformers", "flex",
 )
-QUANTIZATION_MODES = ("disabled", "fp8_e4m3fn", "fp4_experimental", "fp4_scaled", "fp4_scaled_fast", "gguf")
 
 
 def legacy_quantization(quantization) -> str:

@@ -21,7 +21,8 @@ def _tile_inputs(phase: str, verb: str) -> dict:
     return {
         f"{phase}_tiled": ("BOOLEAN", {
             "default": False,
-            "tooltip": f"{verb} each frame in overlapping tiles to bound memory at high resolution.",
+            "tooltip": f"{verb} each frame in exact row bands of about tile_size² pixels to bound memory at high "
+                       f"resolution (same result as untiled; the upscaler's vram_budget plans this by itself).",
         }),
         f"{phase}_tile_size": ("INT", {
             "default": 1024, "min": 64, "step": 32,
@@ -29,7 +30,7 @@ def _tile_inputs(phase: str, verb: str) -> dict:
         }),
         f"{phase}_tile_overlap": ("INT", {
             "default": 128, "min": 0, "step": 32,
-            "tooltip": "Overlap between neighbouring tiles in pixels; blended to hide seams.",
+            "tooltip": "Kept for saved workflows: bands are exact, nothing is blended, so the overlap is unused.",
         }),
     }
 

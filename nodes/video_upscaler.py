@@ -110,6 +110,12 @@ class SeedVR2VideoUpscaler:
                     "default": False,
                     "tooltip": "Log timings and memory use of every phase to the console.",
                 }),
+                "vram_budget": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                    "tooltip": "GPU memory (GiB) the run may use; 0 = what the GPU has free, ComfyUI's reserve "
+                               "kept. The pipeline plans VAE bands, DiT chunks, BlockSwap and offloading to fit; "
+                               "the output is the same (the plan and its predicted peaks are logged).",
+                }),
             },
         }
 
@@ -136,6 +142,7 @@ class SeedVR2VideoUpscaler:
         latent_noise_scale: float = 0.0,
         offload_device: str = "cpu",
         enable_debug: bool = False,
+        vram_budget: float = 0.0,
     ) -> tuple[torch.Tensor]:
         """Validate, then run the pipeline; returns the upscaled frames (N, H', W', C) in [0, 1]."""
         check_frames(image)
@@ -152,6 +159,7 @@ class SeedVR2VideoUpscaler:
             latent_noise_scale=latent_noise_scale,
             offload_device=resolve_device(offload_device, offload=True),
             enable_debug=enable_debug,
+            vram_budget=vram_budget,
         )
         settings.validate()
         from ..src.pipeline.upscaler import upscale  # imported on use: loading the pack stays light

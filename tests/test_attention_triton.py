@@ -152,6 +152,44 @@ def test_autotuned_kernel_on_the_vae_head(kernels):
     assert rel_err(out, reference) <= YARDSTICK_MARGIN * _matmul_chunked_error(q, k, v, reference)
 
 
+AUTOTUNE_PROBE = r"""
+import json, sys
+import torch, triton
+from src.optimization import attention_triton as kernels
+seen = []
+triton.knobs.autotuning.listener = lambda **info: seen.append(bool(info["cache_hit"]))
+generator = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 1, 1000, 512, generator=generator).to("cuda", torch.bfloat16) for _ in range(3))
+kernels.wide_attention(q, k, v)
+print(json.dumps({"cache_hits": seen, "tiles": list(kernels.tuned_tiles())}))
+"""
+
+
+def test_autotune_results_are_kept_on_disk_where_triton_can(wide):
+    version = tuple(int(part) for part in wide.triton.__version__.split(".")[:2])
+    assert wide.AUTOTUNE_CACHE == (version >= (3, 4))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autotuning times CUDA launches")
+def test_autotuned_choice_is_loaded_from_disk_by_a_later_process(wide, tmp_path):
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if not wide.AUTOTUNE_CACHE:
+        pytest.skip(f"Triton {wide.triton.__version__} cannot keep autotuning results on disk")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    runs = []
+    for _ in range(2):
+        child = subprocess.run([sys.executable, "-c", AUTOTUNE_PROBE], cwd=Path(__file__).resolve().parents[1],
+                               env=env, capture_output=True, text=True, timeout=600)
+        assert child.returncode == 0, child.stderr
+        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    assert runs[0]["cache_hits"] == [False] and runs[1]["cache_hits"] == [True]
+    assert runs[0]["tiles"] == runs[1]["tiles"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Launch configurations and the GPUs they fit (plain Python: no kernel runs)
 # ---------------------------------------------------------------------------------------------------

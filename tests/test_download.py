@@ -7,8 +7,12 @@ Downloads use a fake ``huggingface_hub.hf_hub_download`` that behaves like the r
 from __future__ import annotations
 
 import hashlib
+import http.server
 import os
 import re
+import socket
+import threading
+import time
 from pathlib import Path
 
 import huggingface_hub
@@ -41,6 +45,7 @@ class FakeHub:
     def __init__(self, monkeypatch, *plan):
         self.plan, self.calls, self.resumed_from = list(plan), [], []
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", self)
+        monkeypatch.setattr(download, "offline_reason", lambda info: None)  # the fake hub is always reachable
 
     def __call__(self, repo_id, filename, *, local_dir, **kwargs):
         self.calls.append({"repo_id": repo_id, "filename": filename, "local_dir": Path(local_dir)})
@@ -200,3 +205,102 @@ def test_sha256_of_matches_hashlib(tmp_path):
     data = os.urandom(3 * 1024 + 7)
     (tmp_path / "f").write_bytes(data)
     assert download.sha256_of(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------- several files, offline
+RELEASED = (registry.DEFAULT_DIT, registry.DEFAULT_VAE)
+
+
+def _no_hub(monkeypatch):
+    def refuse(*args, **kwargs):
+        pytest.fail("the hub must not be asked when the download cannot work")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_missing_file_is_named_at_once_with_its_address_and_absolute_destination(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_hub(monkeypatch)
+    with pytest.raises(ModelFileError) as error:
+        download.find_models([(name, ["models/SEEDVR2"]) for name in RELEASED])
+    message = str(error.value)
+    assert "HF_HUB_OFFLINE" in message and "\n" not in message
+    for name in RELEASED:
+        assert f"{registry.known_model(name).url} -> {tmp_path / 'models' / 'SEEDVR2' / name}" in message
+
+
+def test_a_mirror_in_hf_endpoint_is_the_address_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
+    with pytest.raises(ModelFileError, match=re.escape(f"https://mirror.example/numz/SeedVR2_comfyUI/resolve/main/"
+                                                       f"{registry.DEFAULT_VAE}")):
+        ensure_model(registry.DEFAULT_VAE, [tmp_path])
+
+
+def test_a_refused_connection_is_reported_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    _no_hub(monkeypatch)
+    start = time.monotonic()
+    with pytest.raises(ModelFileError, match="2 released model file.* not reachable") as error:
+        download.find_models([(name, [tmp_path]) for name in RELEASED])
+    assert time.monotonic() - start < 2.0
+    assert all(str(tmp_path / name) in str(error.value) for name in RELEASED)
+
+
+def test_a_server_that_never_answers_is_given_up_on_at_the_deadline(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(download, "PROBE_SECONDS", 0.5)
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) but never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        start = time.monotonic()
+        reason = download.offline_reason(INFO)
+        took = time.monotonic() - start
+    assert reason is not None and "127.0.0.1" in reason
+    assert took < 1.5
+
+
+def test_any_http_answer_means_the_hub_is_reachable(monkeypatch):
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert download.offline_reason(INFO) is None
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_unusable_and_downloadable_files_are_reported_together_before_any_download(tmp_path, monkeypatch,
+                                                                                   known_tiny):
+    hub = FakeHub(monkeypatch)
+    with pytest.raises(ModelFileError) as error:
+        download.find_models([("my_finetune.safetensors", [tmp_path]), (FILE, [tmp_path])])
+    message = str(error.value)
+    assert "my_finetune.safetensors" in message and f"{INFO.url} -> {tmp_path / FILE}" in message
+    assert hub.calls == []
+
+
+def test_a_file_asked_for_twice_is_downloaded_once(tmp_path, monkeypatch, known_tiny):
+    hub = FakeHub(monkeypatch, "ok")
+    paths = download.find_models([(FILE, [tmp_path]), (FILE, [tmp_path])]).fetch()
+    assert paths == [tmp_path / FILE] * 2 and len(hub.calls) == 1

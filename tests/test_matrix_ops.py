@@ -60,6 +60,13 @@ def fallback_records(caplog):
     return [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
 
 
+def test_the_torch_free_list_of_modes_is_exactly_what_is_registered():
+    """The CLI offers modes.ATTENTION_MODES without importing torch; it must match the registry."""
+    from src.optimization import modes
+
+    assert backend_names() == modes.ATTENTION_MODES
+
+
 def test_every_backend_name_resolves_on_cpu():
     q = torch.zeros(1, 2, 8, 64)
     runnable_here = {"sdpa", "sdpa_flash", "sdpa_math", "sdpa_chunked", "matmul_chunked"}

@@ -85,6 +85,9 @@ INCUMBENT = {
 # Our new inputs, after all of theirs.  (Where the defaults differ from theirs: devices default to "auto"
 # instead of the first CUDA device, attention_mode to "auto" instead of "sdpa".)
 ADDED = {
+    "SeedVR2VideoUpscaler": [
+        ("vram_budget", "FLOAT", 0.0, (0.0, 1024.0, 0.5), False),
+    ],
     "SeedVR2LoadDiTModel": [
         ("quantization", ["disabled", "fp8_e4m3fn", "fp4_experimental", "fp4_scaled", "fp4_scaled_fast", "gguf"],
          "disabled", None, False),

@@ -1,6 +1,8 @@
 """The quantization switch on the real (tiny, golden) DiT: released-style fp8 and fp16 files, every mode."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -66,3 +68,26 @@ def test_fp4_experimental_on_the_dit(golden):
     assert report.counts == {"nvfp4 weight-only": 30}
     assert isinstance(model.blocks[3].mlp.all.proj_in, NVFP4Linear)
     assert rel_err(run(model, case), case["out"]) < 0.1     # measured 6.1 %
+
+
+def _summaries(caplog) -> list[int]:
+    return [r.levelno for r in caplog.records if r.getMessage().startswith("SeedVR2: quantization")]
+
+
+def test_the_quantization_summary_is_logged_once_and_only_shown_when_asked_for(golden, tmp_path, caplog):
+    """An fp8 file read with quantization "disabled" keeps its fp8 storage without telling the user about a
+    quantization they did not ask for (it used to print "quantization disabled: 36 fp8 weight-only" twice)."""
+    from safetensors.torch import save_file
+
+    from src.models.load import load_dit
+
+    _config, weights, _case = golden
+    path = tmp_path / "dit_fp8.safetensors"
+    save_file({k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in weights.items()}, str(path))
+    with caplog.at_level(logging.DEBUG, logger="seedvr2"):
+        load_dit(path, quantization="disabled")
+    assert _summaries(caplog) == [logging.DEBUG]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="seedvr2"):
+        load_dit(path, quantization="fp8_e4m3fn")
+    assert _summaries(caplog) == [logging.INFO]

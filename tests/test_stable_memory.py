@@ -81,6 +81,57 @@ def test_phase_context_finishes_its_report_when_the_phase_fails():
     assert phase.after is not None
 
 
+class FakeCuda:
+    """torch.cuda as seen before and after its lazy initialisation, with the real reset's failure mode."""
+
+    def __init__(self, initialised: bool):
+        self.initialised, self.resets = initialised, []
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: self.initialised)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self.reset)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", self.mem_get_info)
+        for name in ("memory_allocated", "memory_reserved", "max_memory_allocated"):
+            monkeypatch.setattr(torch.cuda, name, lambda device=None: 3 << 30 if self.initialised else 0)
+
+    def reset(self, device=None):
+        if not self.initialised:  # what PyTorch's caching allocator says before CUDA is initialised
+            raise RuntimeError("Invalid device argument : did you call init?")
+        self.resets.append(torch.device(device))
+
+    def mem_get_info(self, device=None):
+        self.initialised = True  # reading the free memory initialises CUDA, as the real call does
+        return 60 << 30, 80 << 30
+
+
+@pytest.mark.parametrize("debug_env", ["1", None])
+def test_phase_context_on_cuda_before_cuda_is_initialised(monkeypatch, caplog, debug_env):
+    # The --debug crash: the first phase's context reset CUDA's peak counters before anything had
+    # initialised CUDA (the path also runs without --debug when memory is 75 % used).
+    fake = FakeCuda(initialised=False)
+    fake.install(monkeypatch)
+    if debug_env:
+        monkeypatch.setenv(DEBUG_MEMORY_ENV, debug_env)
+    else:
+        monkeypatch.delenv(DEBUG_MEMORY_ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger=LOGGER), memory_efficient_context("cuda", "encode") as phase:
+        pass
+    assert fake.resets == []
+    assert phase.before.device_total == 80 << 30 and phase.after is not None
+    assert phase.peak_allocated == 3 << 30  # CUDA was initialised during the phase: its peak is read
+    assert bool(debug_env) == any(r.getMessage().startswith("memory encode:") for r in caplog.records)
+
+
+def test_phase_context_resets_the_peak_once_cuda_is_initialised(monkeypatch):
+    fake = FakeCuda(initialised=True)
+    fake.install(monkeypatch)
+    with memory_efficient_context("cuda:0", "decode") as phase:
+        pass
+    assert fake.resets == [torch.device("cuda:0")] and phase.peak_allocated == 3 << 30
+    stable_memory.reset_peak_memory("cpu")
+    assert fake.resets == [torch.device("cuda:0")]
+
+
 # --- BlockSwap on the CPU ------------------------------------------------------------------------------
 
 

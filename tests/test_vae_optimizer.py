@@ -540,7 +540,7 @@ def test_padded_output_channels_are_dropped_exactly(device, dtype):
 @pytest.mark.parametrize("optimized_path", [False, True], ids=["plain", "optimized"])
 def test_decode_in_the_model_dtype_loses_nothing(optimized_path):
     # The last convolution computes in the model's dtype: a bf16 result holds exactly the float32 one's values
-    # at half the memory.  Tiled results are blended, so they stay float32.
+    # at half the memory; so does a banded (tiled) decode, which is exact.
     model = _golden_vae().to(torch.bfloat16)
     if optimized_path:
         optimize_vae(model, piece_bytes=1)
@@ -550,4 +550,5 @@ def test_decode_in_the_model_dtype_loses_nothing(optimized_path):
     assert wide.dtype == torch.float32 and narrow.dtype == torch.bfloat16
     assert torch.equal(narrow.float(), wide)
     tiled = model.decode(_latent(2, 6, 6), tile_size=32, tile_overlap=16, output_dtype=torch.bfloat16)
-    assert tiled.dtype == torch.float32
+    assert tiled.dtype == torch.bfloat16
+    assert torch.equal(tiled.float(), model.decode(_latent(2, 6, 6), tile_size=32, tile_overlap=16))

@@ -93,6 +93,12 @@ class CheckpointIndex:
         return shapes
 
 
+def _strip_prefix(key: str) -> str:
+    """A raw key without a converter's prefix (the first layout of :mod:`.formats`; the staged reader of
+    plain files uses it directly)."""
+    return formats.strip_key_prefix(key)
+
+
 def _check_suffix(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:

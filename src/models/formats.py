@@ -51,12 +51,20 @@ class LayoutError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- layouts
+KEY_PREFIXES = ("model.diffusion_model.", "module.")
+
+
+def strip_key_prefix(key: str) -> str:
+    """``key`` without a converter's prefix (see :func:`strip_prefixes`)."""
+    return next((key[len(p):] for p in KEY_PREFIXES if key.startswith(p)), key)
+
+
 def strip_prefixes(table: Normalised, read: Reader) -> bool:
     """Prefixes converters put in front of every key: ComfyUI's ``model.diffusion_model.`` (GGUF and
     ComfyUI checkpoints) and DataParallel's ``module.``."""
     changed = False
     for key in list(table.entries):
-        for prefix in ("model.diffusion_model.", "module."):
+        for prefix in KEY_PREFIXES:
             if key.startswith(prefix):
                 short = key[len(prefix):]
                 if short in table.entries:

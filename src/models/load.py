@@ -4,12 +4,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from . import checkpoint, staged_read
 from .checkpoint import (
-    CONFIG_METADATA_KEY, CheckpointError, CheckpointIndex, check_dtypes, check_strict, float_dtype_rule, materialize,
-    read_extras, read_index, require_kind,
+    CONFIG_METADATA_KEY, CheckpointError, CheckpointIndex, check_dtypes, check_strict, float_dtype_rule, read_extras,
+    read_index, require_kind,
 )
 from .quant_formats import QuantFormatError, QuantizedWeight, check_against_model
 from .dit import NaDiT, NaDiTConfig
@@ -18,6 +20,23 @@ from .video_vae_v3 import VAEConfig, VideoAutoencoder
 log = logging.getLogger("seedvr2")
 
 WINDOW_HINT_KEYS = ("window", "window_method")
+STAGED_LOAD_ENV = "SEEDVR2_STAGED_LOAD"  # 0: read tensors one at a time through safetensors (to compare)
+
+
+def staged(path, device) -> bool:
+    """Whether ``path`` goes to ``device`` through the chunked pinned reader: safetensors files bound for a GPU.
+    For the CPU, safetensors' memory map is already zero-copy where the dtype is kept."""
+    return (Path(path).suffix.lower() == ".safetensors" and torch.device(device).type == "cuda"
+            and os.environ.get(STAGED_LOAD_ENV, "1") != "0")
+
+
+def materialize(model: torch.nn.Module, path, *, device, dtype_for, overrides={},
+                plain_tensors: bool = True) -> torch.nn.Module:
+    """Fill the meta ``model`` from ``path`` (see :func:`staged`), else tensor by tensor.  A file with
+    quantized layers (``plain_tensors`` False) goes through the format seam (``checkpoint.materialize``)."""
+    if plain_tensors and staged(path, device):
+        return staged_read.materialize(model, Path(path), device=device, dtype_for=dtype_for, overrides=overrides)
+    return checkpoint.materialize(model, Path(path), device=device, dtype_for=dtype_for, overrides=overrides)
 
 
 def _detect(index: CheckpointIndex, config_cls, what: str):
@@ -86,7 +105,8 @@ def load_dit(
     rope = model.rope_frequency_buffers()
     _check_file(index, model, optional=set(rope))
     keep_packed = _prepare_quantized_layers(model, index, quantization, dtype, torch.device(device))
-    materialize(model, index.path, device=device, dtype_for=_dtype_rule(dtype, keep_packed), overrides=rope)
+    materialize(model, index.path, device=device, dtype_for=_dtype_rule(dtype, keep_packed), overrides=rope,
+                plain_tensors=not index.quantized)
     model.file_conditioning = _conditioning(index)
     return model.eval().requires_grad_(False)
 
@@ -152,7 +172,10 @@ def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, qu
             model, {k: v.dtype for k, v in index.tensors.items()}, mode, dtype, device=device
         )
     if report.layers:
-        log.info("SeedVR2: %s", report.summary())
+        # An fp8 file read with quantization "disabled" keeps its fp8 storage: how the file is stored, not a
+        # quantization the user asked for, so it is only told when debugging.
+        asked = quantization != "disabled" or index.path.suffix.lower() == ".gguf"
+        log.log(logging.INFO if asked else logging.DEBUG, "SeedVR2: %s", report.summary())
     return lambda key, tensor: key in report
 
 

@@ -11,7 +11,6 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping, Sequence
 
-from .checkpoint import CheckpointError, read_index
 from .registry import KNOWN_MODELS, has_model_extension
 
 DEFAULT_MODEL_DIR = Path("models") / "SEEDVR2"
@@ -68,6 +67,8 @@ def file_kind(path: str | os.PathLike) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _file_kind(path: str, size: int, mtime_ns: int) -> str:
+    from .checkpoint import CheckpointError, read_index  # imports torch: the CLI finds files without it
+
     suffix = Path(path).suffix.lower()
     if suffix == ".safetensors":
         try:

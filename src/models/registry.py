@@ -95,7 +95,7 @@ def place_yourself_hint(info: ModelInfo) -> str:
     """What to tell a user who selected a released file that is not downloaded and is missing."""
     folder = "models/diffusion_models" if info.kind == "dit" else "models/vae"
     return (
-        f"{info.filename} is a released SeedVR2 file, but no SHA-256 of it is known to this pack, so it is "
+        f"{info.filename!r} is a released SeedVR2 file, but no SHA-256 of it is known to this pack, so it is "
         f"not downloaded automatically (a download is only used after its hash is checked). Download it from "
         f"https://huggingface.co/{info.repo} and put it into ComfyUI's {folder} (or models/SEEDVR2)."
     )

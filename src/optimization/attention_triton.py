@@ -18,7 +18,8 @@ largest power of two dividing head_dim, the whole head for 64/128/256/512 (one t
 block, waited for once, rather than one wait per 64 columns) and 64-wide pieces for e.g. 192.
 
 Numerics are flash attention's: float32 statistics and accumulation, the result rounded once.  The launch
-configuration is autotuned per (head_dim, dtype) over a short list (:data:`CANDIDATE_TILES`).  CPU tensors
+configuration is autotuned per (head_dim, dtype) over a short list (:data:`CANDIDATE_TILES`), once per
+machine where Triton can keep the result on disk (3.4+).  CPU tensors
 run under Triton's interpreter (``TRITON_INTERPRET=1``, for tests) with explicit ``tiles``.
 
 This module imports Triton; ``matrix_ops`` imports it only when the ``triton_wide`` backend runs.
@@ -26,6 +27,7 @@ This module imports Triton; ``matrix_ops`` imports it only when the ``triton_wid
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 from contextlib import nullcontext
@@ -200,11 +202,18 @@ def _quick_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
+# Triton 3.4+ keeps autotuning results on disk beside its compiled kernels (keyed by the kernel's source, the
+# GPU, the tuning key and the candidates): later processes load the choice instead of compiling and timing
+# every candidate again.  The key holds no sequence length, so a new resolution reuses the choice too.
+# Older Tritons tune once per process.
+AUTOTUNE_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
+
 _tuned_kernel = triton.autotune(
     configs=[_config(tiles) for tiles in CANDIDATE_TILES],
     key=["HEAD_DIM"],  # Triton adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_quick_bench,
+    **({"cache_results": True} if AUTOTUNE_CACHE else {}),
 )(_wide_attention_kernel)
 
 

@@ -65,10 +65,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused_kernels
+from .modes import QUANTIZATION_MODES
 
 log = logging.getLogger("seedvr2")
 
-QUANTIZATION_MODES = ("disabled", "fp8_e4m3fn", "fp4_experimental", "fp4_scaled", "fp4_scaled_fast", "gguf")
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP8_FILE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Time embedding and the input/output projections: small, and their errors reach every token.
@@ -782,7 +782,6 @@ def quantize_linears(
         new, kind = _quantized_layer(layer_mode, linear, compute_dtype)
         _replace(model, name, new)
         report.add(name, linear, new, kind, compute_dtype)
-    log.info(report.summary())
     return report
 
 
@@ -830,5 +829,4 @@ def prepare_model_for_weights(
             continue
         _replace(model, name, new)
         report.add(name, linear, new, kind, compute_dtype)
-    log.info(report.summary())
     return report

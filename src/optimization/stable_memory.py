@@ -167,9 +167,13 @@ def clear_memory(device: torch.device | str | None = None) -> None:
 
 
 def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak measurement on ``device`` (CUDA; a no-op elsewhere)."""
+    """Start a new peak measurement on ``device`` (CUDA; a no-op elsewhere).
+
+    Before CUDA is initialised nothing has been allocated and the counters start at zero with it, while
+    PyTorch's reset raises "Invalid device argument" (its allocator has no devices yet): nothing to do then.
+    """
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -202,7 +206,8 @@ def memory_efficient_context(device: torch.device | str, label: str = "phase") -
     try:
         yield phase
     finally:
-        phase.peak_allocated = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        cuda_used = device.type == "cuda" and torch.cuda.is_initialized()
+        phase.peak_allocated = torch.cuda.max_memory_allocated(device) if cuda_used else None
         clear_memory(device)  # also after a failure: an OOM leaves the most behind
         phase.after = memory_report(device, "end")
         if debug_memory_enabled():

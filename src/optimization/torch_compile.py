@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..pipeline.settings import CompileSettings
+from ..models.dit import graph_breaks
 from . import matrix_ops
 from .switches import env_switch
 
@@ -120,6 +121,7 @@ def _prepare(settings: CompileSettings | None) -> dict[str, Any] | None:
         return None
     settings = settings or CompileSettings()
     matrix_ops.prepare_for_compile()
+    graph_breaks.apply()
     configure_compile_cache()
     _raise_dynamo_limits(settings)
     return _compile_options(settings)

@@ -19,6 +19,7 @@ import torch
 
 from ..models.load import load_dit, load_vae
 from ..optimization import stable_memory
+from . import timing
 from .devices import resolve_device
 from .settings import DiTSpec, VAESpec
 
@@ -124,6 +125,19 @@ class ModelManager:
         self._cache: dict[tuple, ManagedModel] = {}
         self._resolve_path = resolve_path or _default_resolver
 
+    def dit_facts(self, spec: DiTSpec) -> tuple:
+        """(config, weight bytes once loaded) of the DiT ``spec`` names, from its file's header (no data read),
+        for the memory planner."""
+        import math
+
+        from ..models.load import inspect_dit
+
+        path = self._resolve_path(spec.model)
+        index, config = inspect_dit(path)
+        element = torch.empty((), dtype=compute_dtype(torch.device(resolve_device(spec.device)))).element_size()
+        count = sum(math.prod(info.shape) for info in index.tensors.values())
+        return config, min(count * element, path.stat().st_size)  # quantized files stay smaller
+
     # ------------------------------------------------------------------ loading
     def dit(self, spec: DiTSpec) -> ManagedModel:
         device = torch.device(resolve_device(spec.device))
@@ -137,7 +151,8 @@ class ModelManager:
             return cached
         load_device = _load_device(device, spec.offload_device, spec.blocks_to_swap > 0)
         log.info("SeedVR2: loading DiT %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
-        model = load_dit(path, device=load_device, dtype=dtype, quantization=quantization)
+        with timing.span("load_dit", sync=load_device, file=path.name):
+            model = load_dit(path, device=load_device, dtype=dtype, quantization=quantization)
         offload_device = _offload(spec.offload_device)
         managed = ManagedModel("dit", key, model, device, offload_device, dtype, spec.cache_model,
                                info={"path": path, "quantization": quantization, "config": model.config})
@@ -148,6 +163,31 @@ class ModelManager:
                                                                  offload_device, swap_io=io)
         self._register(managed, allow_comfy="block_swap" not in managed.info)
         return managed
+
+    def dit_weight_bytes(self, spec: DiTSpec) -> int | None:
+        """Device memory the DiT's weights take when :meth:`dit` loads them for ``spec``: 0 when it is cached
+        or loads to the offload device (BlockSwap), None when unknown (not a safetensors file)."""
+        device = torch.device(resolve_device(spec.device))
+        path = self._resolve_path(spec.model)
+        if str(path).lower().endswith(".gguf") or not str(path).lower().endswith(".safetensors"):
+            return None
+        dtype = compute_dtype(device)
+        key = ("dit", _file_key(path), str(device), dtype, spec.quantization, spec.blocks_to_swap,
+               spec.swap_io_components, spec.offload_device)
+        if key in self._cache or _load_device(device, spec.offload_device, spec.blocks_to_swap > 0) != device:
+            return 0
+        from ..models.checkpoint import read_index
+
+        total = 0
+        for info in read_index(path).tensors.values():
+            size = torch.empty(0, dtype=info.dtype).element_size()
+            if info.dtype.is_floating_point:
+                size = max(size, dtype.itemsize)  # fp8 files may be widened to the compute dtype
+            numel = 1
+            for n in info.shape:
+                numel *= n
+            total += numel * size
+        return total
 
     def vae(self, spec: VAESpec) -> ManagedModel:
         device = torch.device(resolve_device(spec.device))
@@ -160,7 +200,8 @@ class ModelManager:
             return cached
         load_device = _load_device(device, spec.offload_device, False)
         log.info("SeedVR2: loading VAE %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
-        model = load_vae(path, device=load_device, dtype=dtype)
+        with timing.span("load_vae", sync=load_device, file=path.name):
+            model = load_vae(path, device=load_device, dtype=dtype)
         managed = ManagedModel("vae", key, model, device, _offload(spec.offload_device), dtype, spec.cache_model,
                                info={"path": path})
         self._register(managed, allow_comfy=True)

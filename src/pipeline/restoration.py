@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.video_vae_v3 import VideoAutoencoder, from_dit_latent, sample_posterior, to_dit_latent
+from ..models.video_vae_v3.banded import BandPlan
 from .diffusion import VelocityModel, build_condition, sample
 
 
@@ -41,6 +42,7 @@ class VAETiling:
 
     tile_size: int | None = None
     tile_overlap: int = 128
+    bands: BandPlan | None = None   # the memory planner's exact bands (instead of tile_size)
 
 
 def encode_condition(vae: VideoAutoencoder, video: torch.Tensor, eps: torch.Tensor,
@@ -53,7 +55,8 @@ def encode_posterior(vae: VideoAutoencoder, video: torch.Tensor,
                      tiling: VAETiling = VAETiling()) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior (mean, log-variance) of a video ``(3, T, H, W)``: the GPU work of :func:`encode_condition`,
     queued before its noise is needed, so drawing the noise on the CPU overlaps with it."""
-    return vae.encode(video.unsqueeze(0), tile_size=tiling.tile_size, tile_overlap=tiling.tile_overlap)
+    return vae.encode(video.unsqueeze(0), tile_size=tiling.tile_size, tile_overlap=tiling.tile_overlap,
+                      band_plan=tiling.bands)
 
 
 def condition_latent(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -94,8 +97,8 @@ def restore_latent(model_fn: VelocityModel, cond_latent: torch.Tensor, draws: Ra
 def decode_latent(vae: VideoAutoencoder, latent: torch.Tensor, tiling: VAETiling = VAETiling(),
                   output_device: torch.device | str | None = None) -> torch.Tensor:
     """Frames ``(T, 3, H, W)`` (not clamped) of a DiT-space latent ``(t, h, w, 16)``, in the VAE's dtype (its
-    last convolution's; float32 when tiled): the caller widens a batch at a time."""
+    last convolution's): the caller widens a batch at a time."""
     z = from_dit_latent(latent).permute(3, 0, 1, 2).unsqueeze(0)
     video = vae.decode(z, tile_size=tiling.tile_size, tile_overlap=tiling.tile_overlap, output_device=output_device,
-                       output_dtype=vae.dtype)
+                       output_dtype=vae.dtype, band_plan=tiling.bands)
     return video[0].transpose(0, 1)

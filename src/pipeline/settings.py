@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..distributed import PARALLEL_MODES
+
 COLOR_CORRECTIONS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none")
 # The VAE loader's quantization modes (optimization.vae_fp8.MODES, repeated here so settings import no torch).
 VAE_QUANTIZATIONS = ("disabled", "fp8_e4m3fn")
@@ -91,6 +93,8 @@ class UpscaleSettings:
     offload_device: str = "cpu"     # where finished frames and between-phase latents are kept
     enable_debug: bool = False
     extra: dict = field(default_factory=dict)
+    parallel: str = "auto"          # how processes of a torch.distributed run share the clip (src/distributed)
+    vram_budget: float = 0.0        # GiB the run may use on the GPU; 0: what the device has free (memory_plan)
 
     def validate(self) -> None:
         if self.resolution < 16:
@@ -111,6 +115,13 @@ class UpscaleSettings:
         if self.color_correction not in COLOR_CORRECTIONS:
             raise SettingsError(
                 f"color_correction {self.color_correction!r} is not one of {', '.join(COLOR_CORRECTIONS)}."
+            )
+        if self.parallel not in PARALLEL_MODES:
+            raise SettingsError(f"parallel {self.parallel!r} is not one of {', '.join(PARALLEL_MODES)}.")
+        if not isinstance(self.vram_budget, (int, float)) or not 0 <= self.vram_budget <= 4096:
+            raise SettingsError(
+                f"vram_budget must be 0 (use what the GPU has free) or a size in GiB up to 4096, got "
+                f"{self.vram_budget!r}."
             )
         for name in ("input_noise_scale", "latent_noise_scale"):
             value = getattr(self, name)

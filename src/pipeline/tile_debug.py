@@ -1,27 +1,33 @@
-"""The VAE loader's ``tile_debug`` view: the VAE tiles drawn onto the output frames.
+"""The VAE loader's ``tile_debug`` view: the VAE's row bands drawn onto the output frames.
 
-Useful to see where tile seams could appear and how large the overlaps are; encode tiles are drawn red,
-decode tiles blue.  The tiles are those the VAE really used (same spans as its tiling).
+Tiling is exact (banded execution, no seams); the view shows how the frame was cut to bound memory: encode
+bands are drawn red, decode bands blue, as the VAE ran them at full resolution (the planner's choice when
+it tiled by itself).
 """
 from __future__ import annotations
 
 import torch
 
-from ..models.video_vae_v3.tiling import latent_tiling, tile_spans
+from ..models.video_vae_v3.banded import BandPlan
+from ..models.video_vae_v3.tiling import check_tiling
 
 TILE_DEBUG_MODES = ("false", "encode", "decode")
 _COLORS = {"encode": (1.0, -1.0, -1.0), "decode": (-1.0, -1.0, 1.0)}  # model range [-1, 1]
 LINE_WIDTH = 2
 
 
-def tile_boxes(padded_size: tuple[int, int], tile_size: int, tile_overlap: int,
+def tile_boxes(padded_size: tuple[int, int], tile_size: int, tile_overlap: int = 0,
                spatial_factor: int = 8) -> list[tuple[int, int, int, int]]:
-    """Pixel boxes ``(top, bottom, left, right)`` of the VAE tiles of a frame of ``padded_size`` pixels."""
-    tile, overlap = latent_tiling(tile_size, tile_overlap, spatial_factor)
-    rows = tile_spans(padded_size[0] // spatial_factor, tile, overlap)
-    cols = tile_spans(padded_size[1] // spatial_factor, tile, overlap)
-    f = spatial_factor
-    return [(r0 * f, r1 * f, c0 * f, c1 * f) for r0, r1 in rows for c0, c1 in cols]
+    """Pixel boxes ``(top, bottom, left, right)`` of the full-resolution bands of a frame of ``padded_size``
+    pixels tiled with ``tile_size`` (bands of ``tile_size²`` pixels)."""
+    check_tiling(tile_size, tile_overlap, spatial_factor)
+    return band_boxes(padded_size, BandPlan.from_tile_size(tile_size))
+
+
+def band_boxes(padded_size: tuple[int, int], plan: BandPlan) -> list[tuple[int, int, int, int]]:
+    """Pixel boxes of the bands ``plan`` gives a full-resolution layer of ``padded_size`` pixels."""
+    height, width = padded_size
+    return [(top, bottom, 0, width) for top, bottom in plan.spans(height, width)]
 
 
 def draw_tiles(frames: torch.Tensor, boxes: list[tuple[int, int, int, int]], direction: str) -> torch.Tensor:

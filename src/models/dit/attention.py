@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...optimization import fused_kernels, matrix_ops
+from ...optimization import dit_chunking, fused_kernels, matrix_ops
+from . import graph_breaks
 from .config import NaDiTConfig
 from .normalization import RMSNorm
 from .rope import WindowRope
@@ -62,7 +63,7 @@ class JointWindowAttention(nn.Module):
             return vid_out, None
         return vid_out, self.proj_out.text()(text_mean)
 
-    @torch.compiler.disable
+    @graph_breaks.eager
     def _attend_windows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, text_rows: int,
                         video_queries_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of every window group: (video outputs in token order, text mean or None).
@@ -74,15 +75,31 @@ class JointWindowAttention(nn.Module):
         windowed = q.new_empty((plan.video_offset.shape[0], inner))
         text_sum = None if video_queries_only else q.new_zeros((text_rows, inner), dtype=torch.float32)
         for group in plan.groups:
-            index, video_length = group.token_index, group.video_length
-            queries = index[:, :video_length] if video_queries_only else index
-            out = matrix_ops.attention(q[queries].transpose(1, 2), k[index].transpose(1, 2), v[index].transpose(1, 2))
-            out = out.transpose(1, 2)                             # (windows, queries, heads, head_dim)
-            # Scattered straight from the strided output: one pass, no contiguous copy first.
-            windowed.view(-1, self.heads, self.head_dim).index_put_(
-                (group.video_rows.view(index.shape[0], video_length),), out[:, :video_length])
-            if text_sum is not None:
-                text_sum.index_add_(0, group.text_rows, out[:, video_length:].reshape(-1, inner).float())
+            windows, video_length = group.token_index.shape[0], group.video_length
+            video_rows = group.video_rows.view(windows, video_length)
+            text_rows = None if text_sum is None else group.text_rows.view(windows, -1)
+            # Windows attend independently: dit_chunking may take them a few at a time (exact, smaller gathers).
+            step = dit_chunking.window_chunk(windows, group.token_index.shape[1])
+            for first in range(0, windows, step):
+                index = group.token_index[first:first + step]
+                queries = index[:, :video_length] if video_queries_only else index
+                out = matrix_ops.attention(q[queries].transpose(1, 2), k[index].transpose(1, 2),
+                                           v[index].transpose(1, 2))
+                out = out.transpose(1, 2)                             # (windows, queries, heads, head_dim)
+                # Scattered straight from the strided output: one pass, no contiguous copy first.
+                windowed.view(-1, self.heads, self.head_dim).index_put_(
+                    (video_rows[first:first + step],), out[:, :video_length])
+                if text_rows is not None:
+                    text_sum.index_add_(0, text_rows[first:first + step].reshape(-1),
+                                        out[:, video_length:].reshape(-1, inner).float())
         if text_sum is None:
             return windowed, None
-        return windowed, (text_sum * plan.text_weight[:, None]).to(q.dtype)
+        return windowed, self.text_mean(text_sum, plan).to(q.dtype)
+
+    def text_mean(self, text_sum: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        """Each text row's mean over its sample's windows, from the float32 sum over the windows attended here.
+
+        A separate step so that an executor which splits a layer's windows across processes can add up the
+        partial sums (src/distributed/) before the mean is taken.
+        """
+        return text_sum * plan.text_weight[:, None]

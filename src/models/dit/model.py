@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import graph_breaks
 from .block import NaDiTBlock
 from .config import NaDiTConfig
 from .embedding import TimeEmbedding
@@ -66,7 +67,7 @@ class NaDiT(nn.Module):
                                               layout.video_lengths)
         return self.vid_out(x_vid, layout).float()
 
-    @torch.compiler.disable
+    @graph_breaks.eager
     def _window_plans(self, layout: PackedLayout, device: torch.device) -> dict:
         """The window plan (with its rotary tables) of every distinct layer windowing: pure Python on the
         integer shapes, cached, and kept out of any compiled graph."""

@@ -7,7 +7,7 @@ float32 tensors, on ``output_device`` (default: the parameters' device).
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Union
+from typing import TYPE_CHECKING, ContextManager, Optional, Union
 
 import torch
 from torch import nn
@@ -16,8 +16,9 @@ from .config import VAEConfig
 from .decoder import Decoder3D
 from .encoder import Encoder3D
 from .errors import VAEInputError
+from .banded import BandPlan, run_banded
 from .temporal_slicing import CausalMemory, run_sliced
-from .tiling import latent_tiling, run_tiled
+from .tiling import check_tiling
 
 if TYPE_CHECKING:
     from ...optimization.vae_optimizer import VAERuntime
@@ -34,7 +35,8 @@ class VideoAutoencoder(nn.Module):
     Temporal slicing (on by default) runs the clip in the released causal chunks (``[0, 5)`` then 4 frames
     at a time when encoding, latent ``[0, 2)`` then 1 at a time when decoding); every causal convolution
     carries its last input frames to the next chunk, so the result equals the unsliced one.  Spatial tiling
-    (``tile_size`` in video pixels) bounds memory further at the cost of small differences near tile edges.
+    (``tile_size`` in video pixels, or a full ``band_plan``) bounds memory further with the same result: the
+    frame runs layer by layer in exact row bands of about ``tile_size²`` pixels (:mod:`.banded`).
 
     ``optimization.vae_optimizer.optimize_vae`` gives a model a ``runtime``; encode and decode then take the
     optimized path (the blocks' ``forward_lean``): the same result, faster and in less memory.
@@ -64,6 +66,7 @@ class VideoAutoencoder(nn.Module):
         tile_size: Optional[int] = None,
         tile_overlap: int = DEFAULT_TILE_OVERLAP,
         output_device: Device = None,
+        band_plan: Optional[BandPlan] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mean, logvar)`` of a video (B, 3, T = 4n+1, H, W) in [-1, 1], each
         (B, 16, n+1, H/8, W/8) float32; logvar is clamped to [-30, 20]."""
@@ -73,13 +76,11 @@ class VideoAutoencoder(nn.Module):
         step = config.slicing_sample_min_size if temporal_slicing else None
         out_device = torch.device(output_device) if output_device is not None else self.device
 
-        def encode_clip(clip: torch.Tensor) -> torch.Tensor:
-            return run_sliced(self._encode_chunk, clip, step=step, out_frames=latent_frames, out_device=out_device)
-
+        plan = self._band_plan(video, tile_size, tile_overlap, band_plan)
+        run_chunk = self._encode_chunk if plan is None else (
+            lambda chunk, memory: run_banded(self, "encode", chunk, memory, plan))
         with self._kernel_settings():
-            moments = self._whole_or_tiled(
-                encode_clip, video, tile_size, tile_overlap, source_scale=config.spatial_downsample_factor, out_scale=1
-            )
+            moments = run_sliced(run_chunk, video, step=step, out_frames=latent_frames, out_device=out_device)
         mean, logvar = moments.split(config.latent_channels, dim=1)
         return mean, logvar.clamp_(*LOGVAR_RANGE)
 
@@ -93,25 +94,23 @@ class VideoAutoencoder(nn.Module):
         tile_overlap: int = DEFAULT_TILE_OVERLAP,
         output_device: Device = None,
         output_dtype: torch.dtype = torch.float32,
+        band_plan: Optional[BandPlan] = None,
     ) -> torch.Tensor:
         """Video (B, 3, 4(t-1)+1, 8h, 8w) in ``output_dtype``, not clamped, from a raw VAE latent (B, 16, t, h, w)
         (convert DiT latents with ``from_dit_latent`` first).  The last convolution computes in the model's
-        dtype, so ``output_dtype=model.dtype`` loses nothing and halves the result's memory for a bf16 model;
-        tiled results are blended in float32 and stay float32."""
+        dtype, so ``output_dtype=model.dtype`` loses nothing and halves the result's memory for a bf16 model."""
         self._check_latent(z)
         config = self.config
         video_frames = (z.shape[2] - 1) * config.temporal_downsample_factor + 1
         step = config.slicing_sample_min_size // config.temporal_downsample_factor if temporal_slicing else None
         out_device = torch.device(output_device) if output_device is not None else self.device
 
-        def decode_clip(clip: torch.Tensor) -> torch.Tensor:
-            return run_sliced(self._decode_chunk, clip, step=step, out_frames=video_frames, out_device=out_device,
-                              out_dtype=output_dtype)
-
+        plan = self._band_plan(z, tile_size, tile_overlap, band_plan, scale=config.spatial_downsample_factor)
+        run_chunk = self._decode_chunk if plan is None else (
+            lambda chunk, memory: run_banded(self, "decode", chunk, memory, plan))
         with self._kernel_settings():
-            return self._whole_or_tiled(
-                decode_clip, z, tile_size, tile_overlap, source_scale=1, out_scale=config.spatial_downsample_factor
-            )
+            return run_sliced(run_chunk, z, step=step, out_frames=video_frames, out_device=out_device,
+                              out_dtype=output_dtype)
 
     def _kernel_settings(self) -> ContextManager[None]:
         return self.runtime.kernel_settings() if self.runtime is not None else nullcontext()
@@ -128,22 +127,18 @@ class VideoAutoencoder(nn.Module):
             return self.decoder.forward_lean(chunk, memory, self.runtime)
         return self.decoder(chunk, memory)
 
-    def _whole_or_tiled(
-        self,
-        run_clip: Callable[[torch.Tensor], torch.Tensor],
-        source: torch.Tensor,
-        tile_size: Optional[int],
-        tile_overlap: int,
-        *,
-        source_scale: int,
-        out_scale: int,
-    ) -> torch.Tensor:
+    def _band_plan(self, source: torch.Tensor, tile_size: Optional[int], tile_overlap: int,
+                   band_plan: Optional[BandPlan], scale: int = 1) -> Optional[BandPlan]:
+        """The banded plan for ``source`` (None: run untiled).  A ``tile_size`` covering the whole frame runs
+        untiled; ``tile_overlap`` is only validated (bands are exact, nothing is blended)."""
+        if band_plan is not None:
+            return band_plan
         if tile_size is None:
-            return run_clip(source)
-        tile, overlap = latent_tiling(tile_size, tile_overlap, self.config.spatial_downsample_factor)
-        if source.shape[3] <= tile * source_scale and source.shape[4] <= tile * source_scale:
-            return run_clip(source)
-        return run_tiled(run_clip, source, tile=tile, overlap=overlap, source_scale=source_scale, out_scale=out_scale)
+            return None
+        check_tiling(tile_size, tile_overlap, self.config.spatial_downsample_factor)
+        if source.shape[3] * scale <= tile_size and source.shape[4] * scale <= tile_size:
+            return None
+        return BandPlan.from_tile_size(tile_size)
 
     def _check_video(self, video: torch.Tensor) -> None:
         channels = self.config.in_channels

@@ -37,16 +37,33 @@ class MidBlockAttention(nn.Module):
         with attention_backend(AUTO):
             return self._attend(x, runtime.normalize(x, self.group_norm, silu=False))
 
-    def _attend(self, x: torch.Tensor, normalized: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, normalized: torch.Tensor, *, query_chunk: Optional[int] = None,
+               runtime: Optional["VAERuntime"] = None) -> torch.Tensor:
+        """``x`` plus the attention of its already normalised frames, the queries taken ``query_chunk`` at a
+        time (exact: every query row attends to all keys on its own); used by banded execution."""
+        if runtime is None:
+            return self._attend(x, normalized, query_chunk)
+        with attention_backend(AUTO):
+            return self._attend(x, normalized, query_chunk)
+
+    def _attend(self, x: torch.Tensor, normalized: torch.Tensor, query_chunk: Optional[int] = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
         # Frames become the batch and positions the sequence: (B·T, 1 head, H·W, C).
         tokens = normalized.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)
         del normalized
-        q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-        del tokens
-        mixed = attention(q, k, v)
-        del q, k, v
-        mixed = self.to_out[0](mixed)
+        k, v = self.to_k(tokens), self.to_v(tokens)
+        if query_chunk is None or query_chunk >= h * w:
+            q = self.to_q(tokens)
+            del tokens
+            mixed = attention(q, k, v)
+            del q, k, v
+            mixed = self.to_out[0](mixed)
+        else:
+            mixed = torch.cat([
+                self.to_out[0](attention(self.to_q(tokens[:, :, start:start + query_chunk]), k, v))
+                for start in range(0, h * w, query_chunk)
+            ], dim=2)
+            del tokens, k, v
         return x + mixed.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
