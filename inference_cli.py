@@ -25,7 +25,6 @@ from src.pipeline import timing
 from src.pipeline.settings import COLOR_CORRECTIONS, VAE_QUANTIZATIONS
 
 log = logging.getLogger("seedvr2")
-WRITE_FRAMES = 8  # frames handed to the writer at a time: its uint8 conversion of a long clip stays bounded
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 DEFAULT_MODEL_DIR = "models/SEEDVR2"
@@ -224,9 +223,11 @@ def output_writer(args, info):
         target = source.with_name(f"{source.stem}_seedvr2.png")
     else:
         target = source.with_name(f"{source.stem}_seedvr2")
+    single = fmt == "png" and info.kind == "image" and target.suffix.lower() == ".png"
+    media.check_output(target, source, folder=fmt == "png" and not single)  # never overwrite the input
     if fmt == "mp4":
         return media.VideoWriter(target, info.fps or 24.0), target
-    return media.PngWriter(target, single=(info.kind == "image" and target.suffix.lower() == ".png")), target
+    return media.PngWriter(target, single=single), target
 
 
 def expected_frames(info, args) -> int:
@@ -287,28 +288,33 @@ def run(args: argparse.Namespace, console) -> int:
     rank = _join_parallel_run(args, dit, vae)
     if rank is not None:
         dit, vae = replace(dit, device=args.device), replace(vae, device=args.device)
+    # The output is checked (it is never the input) before anything is downloaded or loaded.
+    writer, target = output_writer(args, info) if not rank else (_NoWriter(), None)
     dit_path, vae_path = plan.fetch()
     log.debug("DiT: %s; VAE: %s", dit_path, vae_path)
     dit, vae = replace(dit, model=str(dit_path)), replace(vae, model=str(vae_path))
-    writer, target = output_writer(args, info) if not rank else (_NoWriter(), None)
     phases = ("encode", "upscale", "decode", "postprocess") if info.has_alpha else ("encode", "upscale", "decode")
     progress = ConsoleProgress(source.name, expected_frames(info, args), console, phases=phases)
     start, written = time.perf_counter(), 0
     try:
-        chunks = media.iter_chunks(args.input, args.chunk_size, skip=args.skip_first_frames, limit=args.load_cap)
-        chunks = timing.timed_iter(chunks, "read_input")
-        for frames in upscale_stream(progress.chunks(chunks), dit, vae, settings, progress=progress,
-                                     manager=ModelManager()):
-            with timing.accumulate("write"):
-                for first in range(0, frames.shape[0], WRITE_FRAMES):  # the writer's conversions stay small
-                    writer.write(frames[first:first + WRITE_FRAMES])
-            timing.mark("first_output_frame")
-            written += frames.shape[0]
+        # The output takes its name only when complete: an error, Ctrl-C or SIGTERM drops it.  The writer
+        # encodes each chunk on its own thread (converting a frame at a time) while the next is computed.
+        with media.terminate_raises(), writer:
+            chunks = media.iter_chunks(args.input, args.chunk_size, skip=args.skip_first_frames,
+                                       limit=args.load_cap)
+            chunks = timing.timed_iter(chunks, "read_input")
+            for frames in upscale_stream(progress.chunks(chunks), dit, vae, settings, progress=progress,
+                                         manager=ModelManager()):
+                writer.write(frames)
+                timing.mark("first_output_frame")
+                written += frames.shape[0]
+            timing.mark("computed")
+        # The writer's own thread encoded and wrote; the pipeline waited only for a full queue and the close.
+        timing.add("write", getattr(writer, "busy_seconds", 0.0))
+        timing.add("write_wait", getattr(writer, "wait_seconds", 0.0))
         progress.finish()
     finally:
         progress.close()
-        with timing.accumulate("write"):
-            writer.close()
         timing.mark("output_closed")
     seconds = time.perf_counter() - start
     if target is None:
@@ -324,8 +330,11 @@ class _NoWriter:
     def write(self, frames) -> None:
         raise RuntimeError("only rank 0 of a parallel run writes frames")
 
-    def close(self) -> None:
-        pass
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
 
 
 def _join_parallel_run(args, dit, vae) -> int | None:

@@ -11,7 +11,8 @@ x = torch.rand(1, 3, 33, 1088, 1920, device=dev, dtype=torch.bfloat16) * 2 - 1
 
 def timed(label, direction, runs=2):
     for i in range(runs):
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         with torch.no_grad():
             out = vae.decode(z) if direction == "decode" else vae.encode(x)
@@ -29,6 +30,8 @@ vae.runtime.shuffle_gemm = False
 timed("no shuffle gemm", "decode")
 vae.runtime.shuffle_gemm = True
 vae.runtime.triton_kernels = False
-t = time.perf_counter(); timed("compiled GN (first run compiles)", "decode", 1); print("compile+run", time.perf_counter() - t)
+t = time.perf_counter()
+timed("compiled GN (first run compiles)", "decode", 1)
+print("compile+run", time.perf_counter() - t)
 timed("compiled GN", "decode")
 timed("compiled GN", "encode", 3)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, golden_path, import_pack
+from conftest import REPO_ROOT, golden_path, import_pack, rel_err
 
 pack = import_pack()
 nodes = pack.NODE_CLASS_MAPPINGS
@@ -599,19 +599,97 @@ def test_progress_forwards_interrupts(monkeypatch):
         progress_module.ComfyProgress().check_interrupt()
 
 
-def test_the_three_nodes_upscale_with_tiny_models(models, cpu_only):
-    """The loaders and the upscaler executed as ComfyUI would call them, with the real pipeline and the tiny
-    golden models under released file names (an incumbent-style fp8 DiT and the VAE)."""
-    (dit,) = nodes["SeedVR2LoadDiTModel"]().load("seedvr2_ema_3b_fp8_e4m3fn.safetensors", "cuda:0")
-    (vae,) = nodes["SeedVR2LoadVAEModel"]().load("ema_vae_fp16.safetensors", "cuda:0")
-    images = torch.rand(3, 24, 40, 3)
+# The released files' precisions, written from the golden float32 weights under the released names.  On the
+# CPU the pipeline computes in float32, so a file's fp16 / fp8 values must give exactly what the float32 path
+# gives from the same (rounded) values: float32 rounding only, the golden README's float32 spread (rel ~1e-6).
+# Against the unrounded golden weights the difference is the file's own precision; measured on these weights
+# (3B and 7B, the clip below): fp16 DiT + fp16 VAE rel 9e-4, fp8 e4m3fn DiT + fp16 VAE rel 2.5e-2 (2.6 of
+# 255 levels on average).  The bounds are about three times that; the 7B's weights in place of the 3B's
+# give rel 0.46 (the colour correction keeps any output near the input's colours).
+SAME_VALUES_TOLERANCE = 1e-6
+PRECISION_TOLERANCE = {torch.float16: 3e-3, torch.float8_e4m3fn: 7.5e-2}
+RELEASED_DIT = {(arch, dtype): f"seedvr2_ema_{arch}_{tag}.safetensors" for arch in ("3b", "7b")
+                for dtype, tag in ((torch.float16, "fp16"), (torch.float8_e4m3fn, "fp8_e4m3fn"))}
+RELEASED_DIT[("7b", torch.float8_e4m3fn)] = "seedvr2_ema_7b_fp8_e4m3fn_mixed_block35_fp16.safetensors"
+
+
+def _cast(golden: str, dtype: torch.dtype, *, keep=lambda key: False) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {key: value if keep(key) or not value.is_floating_point() else value.to(dtype).contiguous()
+            for key, value in load_file(str(golden_path(golden))).items()}
+
+
+def _as_float32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.float() if value.is_floating_point() else value for key, value in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def precision_models(tmp_path_factory):
+    """A model folder with real fp16 / fp8 files under the released names (every floating tensor in the
+    file's dtype, as the released 3B fp8 file: 3.39 G parameters in 3234 MiB; the 7B "mixed" file keeps
+    block 35 in fp16), the golden float32 files, and float32 files holding each rounded file's values."""
+    import importlib
+
+    from safetensors.torch import save_file
+
+    # The pipeline imports torch._dynamo, which must see the real torch.cuda.is_available, not cpu_only's.
+    importlib.import_module("seedvr2_pack.src.pipeline.upscaler")
+    folder = tmp_path_factory.mktemp("released_precisions")
+    for arch in ("3b", "7b"):
+        golden = f"dit{arch}_weights.safetensors"
+        (folder / f"golden_dit{arch}.safetensors").symlink_to(golden_path(golden))
+        for dtype in PRECISION_TOLERANCE:
+            name = RELEASED_DIT[(arch, dtype)]
+            keep = (lambda key: key.startswith("blocks.3.")) if "mixed_block35" in name else (lambda key: False)
+            tensors = _cast(golden, dtype, keep=keep)
+            if "mixed_block35" in name:  # the tiny 7B has 4 blocks: its last one stands for block 35
+                tensors = {key: value.half() if keep(key) else value for key, value in tensors.items()}
+            save_file(tensors, str(folder / name))
+            save_file(_as_float32(tensors), str(folder / f"values_of_{name}"))
+    vae = _cast("vae_weights.safetensors", torch.float16)
+    save_file(vae, str(folder / "ema_vae_fp16.safetensors"))
+    save_file(_as_float32(vae), str(folder / "values_of_ema_vae_fp16.safetensors"))
+    (folder / "golden_vae.safetensors").symlink_to(golden_path("vae_weights.safetensors"))
+    return folder
+
+
+def _node_upscale(images, dit_file, vae_file, **settings):
+    (dit,) = nodes["SeedVR2LoadDiTModel"]().load(dit_file, "cuda:0")
+    (vae,) = nodes["SeedVR2LoadVAEModel"]().load(vae_file, "cuda:0")
     (result,) = nodes["SeedVR2VideoUpscaler"]().execute(images, dit, vae, seed=1, resolution=32, max_resolution=0,
                                                          batch_size=5, uniform_batch_size=False,
-                                                         color_correction="lab")
+                                                         color_correction="lab", **settings)
+    return result
+
+
+_float32_runs: dict[str, torch.Tensor] = {}
+
+
+def _float32_run(images, arch):
+    if arch not in _float32_runs:
+        _float32_runs[arch] = _node_upscale(images, f"golden_dit{arch}.safetensors", "golden_vae.safetensors")
+    return _float32_runs[arch]
+
+
+@pytest.mark.parametrize("arch", ["3b", "7b"])
+@pytest.mark.parametrize("dtype", list(PRECISION_TOLERANCE), ids=["fp16", "fp8_e4m3fn"])
+def test_the_three_nodes_upscale_with_released_precisions(precision_models, single_thread, monkeypatch, cpu_only,
+                                                         arch, dtype):
+    """The loaders and the upscaler executed as ComfyUI would call them, with the real pipeline and the tiny
+    golden models written in the released files' precisions under their names."""
+    monkeypatch.setattr(model_folders, "model_folders", lambda: [precision_models])
+    dit_file, vae_file = RELEASED_DIT[(arch, dtype)], "ema_vae_fp16.safetensors"
+    images = torch.rand(3, 24, 40, 3, generator=torch.Generator().manual_seed(0))
+    result = _node_upscale(images, dit_file, vae_file)
     assert result.shape == (3, 32, 52, 3) and result.dtype == torch.float32
     assert 0.0 <= result.min() and result.max() <= 1.0
-    # Brighter input, brighter output: the colour correction ties the result to the input.
-    (dark,) = nodes["SeedVR2VideoUpscaler"]().execute(images * 0.3, dit, vae, seed=1, resolution=32,
-                                                       max_resolution=0, batch_size=5, uniform_batch_size=False,
-                                                       color_correction="lab")
-    assert dark.mean() < result.mean()
+
+    same_values = _node_upscale(images, f"values_of_{dit_file}", f"values_of_{vae_file}")
+    assert rel_err(result, same_values) <= SAME_VALUES_TOLERANCE
+    golden = _float32_run(images, arch)
+    error = rel_err(result, golden)
+    assert 0 < error <= PRECISION_TOLERANCE[dtype], f"rel {error:.2e} against the float32 files"
+    other = _float32_run(images, "7b" if arch == "3b" else "3b")
+    assert rel_err(other, golden) > 4 * PRECISION_TOLERANCE[torch.float8_e4m3fn], \
+        "the tolerances must tell another model from a rounded one"

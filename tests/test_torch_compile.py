@@ -207,10 +207,20 @@ def test_missing_targets_are_clear_errors():
         compile_modules(model, ["encoder.mid"], COUNTING_SETTINGS)
 
 
-def test_persistent_cache_directory_and_switches(tmp_path, monkeypatch):
+@pytest.fixture
+def fx_graph_cache_off():
+    # torch's own config patching: pytest's monkeypatch undoes an attribute it did not find in the module's
+    # __dict__ by deleting it, which hides a torch config entry for the rest of the process.
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+
+
+def test_persistent_cache_directory_and_switches(tmp_path, monkeypatch, fx_graph_cache_off):
+    import torch._inductor.config
+
+    assert torch._inductor.config.fx_graph_cache is False
     chosen = tmp_path / "explicit"
     assert configure_compile_cache(chosen) == chosen
     assert chosen.is_dir()
@@ -235,16 +245,26 @@ def test_default_cache_dir_is_under_the_user_cache(monkeypatch, tmp_path):
         assert directory == tmp_path / "seedvr2" / "torch_compile"
 
 
-def test_dynamo_limits_are_raised_never_lowered(monkeypatch):
+def test_dynamo_limits_are_raised_never_lowered():
     config = torch._dynamo.config
-    monkeypatch.setattr(config, "cache_size_limit", 8)
-    monkeypatch.setattr(config, "accumulated_cache_size_limit", 256)
-    compile_repeated_blocks(Model(), CompileSettings(backend=COUNTING, dynamo_cache_size_limit=64,
-                                                     dynamo_recompile_limit=128))
-    assert config.cache_size_limit == 128 and config.accumulated_cache_size_limit == 256
-    compile_repeated_blocks(Model(), CompileSettings(backend=COUNTING, dynamo_cache_size_limit=4,
-                                                     dynamo_recompile_limit=300))
-    assert config.cache_size_limit == 300 and config.accumulated_cache_size_limit == 300
+    limit, accumulated = torch_compile.dynamo_limit_names()
+    with config.patch({limit: 8, accumulated: 256}):
+        compile_repeated_blocks(Model(), CompileSettings(backend=COUNTING, dynamo_cache_size_limit=64,
+                                                         dynamo_recompile_limit=128))
+        assert getattr(config, limit) == 128 and getattr(config, accumulated) == 256
+        compile_repeated_blocks(Model(), CompileSettings(backend=COUNTING, dynamo_cache_size_limit=4,
+                                                         dynamo_recompile_limit=300))
+        assert getattr(config, limit) == 300 and getattr(config, accumulated) == 300
+
+
+def test_dynamo_limits_use_the_current_names():
+    # PyTorch 2.6 renamed them; the old names are deprecated aliases that may go.
+    limit, accumulated = torch_compile.dynamo_limit_names()
+    if torch.__version__ >= "2.6":  # a TorchVersion: compared as a version, not as text
+        assert (limit, accumulated) == ("recompile_limit", "accumulated_recompile_limit")
+    with torch._dynamo.config.patch({limit: 3, accumulated: 3}):
+        torch_compile.raise_recompile_limit(5)
+        assert getattr(torch._dynamo.config, limit) == 5 and getattr(torch._dynamo.config, accumulated) == 5
 
 
 def test_a_deep_copy_of_a_compiled_model_runs_its_own_weights():

@@ -142,24 +142,6 @@ def test_the_cli_exits_with_its_status_and_writes_its_timeline_first(tmp_path):
     assert 0 < marks["cli_main"] <= marks["exit"]
 
 
-def test_the_cli_hands_the_writer_a_few_frames_at_a_time(tmp_path, monkeypatch):
-    # A long clip's output reaches the writer in slices, so its uint8 conversion never doubles the host memory.
-    import inference_cli
-    from src.pipeline import media
-    from test_cli import _models, _write_mp4
-
-    source, target = tmp_path / "clip.mp4", tmp_path / "out.mp4"
-    _write_mp4(source, frames=11)
-    calls = []
-    real_write = media.VideoWriter.write
-    monkeypatch.setattr(media.VideoWriter, "write",
-                        lambda self, frames: calls.append(frames.shape[0]) or real_write(self, frames))
-    assert inference_cli.main([str(source), "--output", str(target), "--resolution", "32", "--batch_size", "5",
-                               *_models()]) == 0
-    assert sum(calls) == 11 and max(calls) <= inference_cli.WRITE_FRAMES and len(calls) >= 2
-    assert next(media.iter_chunks(target, 0)).shape[0] == 11
-
-
 def test_triton_compiles_cache_loads_and_autotuning_are_totalled(tmp_path, monkeypatch):
     triton = pytest.importorskip("triton")
     knobs = getattr(triton, "knobs", None)

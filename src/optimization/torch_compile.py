@@ -91,13 +91,23 @@ def configure_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path:
 def raise_recompile_limit(wanted: int) -> None:
     """Let one compiled function hold at least ``wanted`` graphs (shapes) before Dynamo gives up on it and
     runs it eagerly.  Process-wide knobs shared with every other model in ComfyUI: only ever raised, never
-    lowered.  PyTorch 2.6 renamed cache_size_limit to recompile_limit (the old name still works); the
-    accumulated limit must be at least as large."""
+    lowered.  The accumulated limit must be at least as large."""
     import torch._dynamo
 
     config = torch._dynamo.config
-    config.cache_size_limit = max(config.cache_size_limit, wanted)
-    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, wanted)
+    for name in dynamo_limit_names():
+        setattr(config, name, max(getattr(config, name), wanted))
+
+
+def dynamo_limit_names() -> tuple[str, str]:
+    """Dynamo's per-function and accumulated recompile limits: PyTorch 2.6 renamed ``cache_size_limit`` and
+    ``accumulated_cache_size_limit`` to ``recompile_limit`` and ``accumulated_recompile_limit``, keeping the
+    old names as deprecated aliases; the new names where they exist."""
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        return "recompile_limit", "accumulated_recompile_limit"
+    return "cache_size_limit", "accumulated_cache_size_limit"
 
 
 def _raise_dynamo_limits(settings: CompileSettings) -> None:

@@ -220,6 +220,7 @@ TIMELINE = Timeline(os.environ.get(ENV_VAR) or None)
 span = TIMELINE.span
 mark = TIMELINE.mark
 accumulate = TIMELINE.accumulate
+add = TIMELINE.add
 timed_iter = TIMELINE.timed_iter
 
 
