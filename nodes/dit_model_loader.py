@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..src.models.checkpoint import read_index, require_kind
+from ..src.models.load import validate_dit
 from ..src.models.registry import DEFAULT_DIT
 from ..src.optimization.modes import QUANTIZATION_MODES
 from ..src.pipeline.devices import (
@@ -23,6 +23,20 @@ ATTENTION_MODES = (
     "auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn_2", "sageattn_3", "sageattn",
     "sageattn_3_fp4", "sageattn_3_fp8", "flash_attn", "xformers", "flex",
 )
+
+
+def legacy_quantization(quantization) -> str:
+    """The ``quantization`` value of a saved workflow.  A boolean is the trailing ``local_models_only`` toggle
+    of the earlier pack's open PR #625: the UI hands widget values over by position, so that toggle lands
+    in our first extra widget; it means no quantization."""
+    return "disabled" if isinstance(quantization, bool) else quantization
+
+
+def quantization_problem(quantization) -> str | None:
+    """Why ``quantization`` is not a mode (booleans of older workflows are accepted), or None."""
+    if quantization is None or legacy_quantization(quantization) in QUANTIZATION_MODES:
+        return None
+    return f"{quantization!r} is not a quantization mode; pick one of {', '.join(QUANTIZATION_MODES)}."
 
 
 def choose_quantization(model: str, quantization: str) -> str:
@@ -110,9 +124,14 @@ class SeedVR2LoadDiTModel:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None):
-        """Checks the model file and the device names (see :func:`loader_validation`)."""
-        return loader_validation("dit", model, device, offload_device)
+    def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None, quantization=None):
+        """Checks the model file and the device names (see :func:`loader_validation`), and ``quantization``
+        here rather than by ComfyUI's combo check, so that older workflows' booleans pass."""
+        result = loader_validation("dit", model, device, offload_device)
+        problem = quantization_problem(quantization)
+        if problem is None:
+            return result
+        return f"quantization: {problem}" if result is True else f"{result} quantization: {problem}"
 
     def load(
         self,
@@ -128,7 +147,7 @@ class SeedVR2LoadDiTModel:
         enable_optimizations: bool = True,
     ) -> tuple[DiTSpec]:
         """Resolve devices, fetch the file, check it holds a DiT, and return the spec."""
-        quantization = choose_quantization(model, quantization)
+        quantization = choose_quantization(model, legacy_quantization(quantization))
         run_on = resolve_device(device)
         offload_to = resolve_device(offload_device, offload=True)
         if (blocks_to_swap > 0 or swap_io_components) and offload_to == "none":
@@ -140,8 +159,8 @@ class SeedVR2LoadDiTModel:
         if offload_to == run_on:
             blocks_to_swap, swap_io_components = 0, False  # swapping to the device it runs on changes nothing
         path = fetch_model(model)
-        if path.suffix.lower() == ".safetensors":
-            require_kind(read_index(path), "dit")
+        if path.suffix.lower() in (".safetensors", ".gguf"):  # header-only: refuse a broken file here, not at the run
+            validate_dit(path)
         spec = DiTSpec(
             model=str(path),
             device=run_on,

@@ -1,11 +1,16 @@
-"""The ``seedvr2`` model folder in ComfyUI (``folder_paths``), with a plain-folder fallback outside it.
+"""The model folders in ComfyUI (``folder_paths``), with a plain-folder fallback outside it.
 
 ComfyUI: ``<models_dir>/SEEDVR2`` is registered under the key "seedvr2"; ``extra_model_paths.yaml``
 entries under any key that equals "seedvr2" ignoring case are honoured, and come first (downloads go to
-the first folder).  Outside ComfyUI (tests, scripts) the folder is ``./models/SEEDVR2``.
+the first folder).  ComfyUI's own ``diffusion_models`` (and its legacy name ``unet``) and ``vae`` folders,
+with their ``extra_model_paths.yaml`` entries, are searched too, after ours: that is where ComfyUI's own
+SeedVR2 files live.  From those folders only files that hold a SeedVR2 DiT (for the DiT list) or the
+SeedVR2 VAE (for the VAE list) are listed, judged from the header.  Outside ComfyUI (tests, scripts) the
+folder is ``./models/SEEDVR2``.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -16,6 +21,9 @@ from ..src.models.locate import (
 from ..src.models.registry import MODEL_EXTENSIONS, known_model
 
 FOLDER_KEY = "seedvr2"
+# ComfyUI's standard folders that may hold SeedVR2 files, per kind ("unet" is the old name of
+# "diffusion_models"; both are asked, the folder list is de-duplicated).
+STANDARD_KEYS = {"dit": ("diffusion_models", "unet"), "vae": ("vae",)}
 
 try:
     import folder_paths
@@ -40,14 +48,32 @@ def _folder_keys() -> list[str]:
     return sorted(keys, key=lambda key: key != FOLDER_KEY)
 
 
+def _comfy_paths(key: str) -> list[str]:
+    """ComfyUI's folders for ``key`` ([] when this ComfyUI has no such key)."""
+    try:
+        return list(folder_paths.get_folder_paths(key))
+    except (KeyError, AttributeError, TypeError):
+        return []
+
+
+def _same_place(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:
+        return path
+
+
 def model_folders() -> list[Path]:
-    """Folders searched for weight files, in priority order."""
+    """Folders searched for weight files, in priority order: ours, then ComfyUI's standard ones."""
     if folder_paths is None:
         return [DEFAULT_MODEL_DIR]
     folders: list[Path] = []
-    for key in _folder_keys():
-        for path in map(Path, folder_paths.get_folder_paths(key)):
-            if path not in folders:
+    seen: set[Path] = set()
+    keys = [*_folder_keys(), *STANDARD_KEYS["dit"], *STANDARD_KEYS["vae"]]
+    for key in keys:
+        for path in map(Path, _comfy_paths(key)):
+            if _same_place(path) not in seen:
+                seen.add(_same_place(path))
                 folders.append(path)
     return folders
 
@@ -65,14 +91,71 @@ def model_files() -> dict[str, Path]:
     return files
 
 
+def standard_files(kind: str) -> dict[str, Path]:
+    """SeedVR2 files of ``kind`` in ComfyUI's standard folders (``diffusion_models``/``unet`` or ``vae``)."""
+    if folder_paths is None:
+        return {}
+    files: dict[str, Path] = {}
+    for key in STANDARD_KEYS[kind]:
+        try:
+            names = folder_paths.get_filename_list(key)
+        except (KeyError, AttributeError, TypeError):
+            continue
+        for name in names:
+            if name in files or Path(name).suffix.lower() not in MODEL_EXTENSIONS:
+                continue
+            path = folder_paths.get_full_path(key, name)
+            if path is not None and seedvr2_kind(path) == kind:
+                files[name] = Path(path)
+    return files
+
+
+def seedvr2_kind(path: str | os.PathLike) -> str:
+    """"dit" or "vae" when the file's header holds a SeedVR2 DiT / VAE we can build, else "unknown".
+
+    ComfyUI's folders hold every other model too (an SD VAE also has ``encoder.*`` keys), so the
+    architecture is detected, from the header only; cached per path, size and modification time."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "unknown"
+    return _seedvr2_kind(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=512)
+def _seedvr2_kind(path: str, size: int, mtime_ns: int) -> str:
+    from ..src.models.checkpoint import CheckpointError
+    from ..src.models.load import inspect_dit, inspect_vae
+
+    if Path(path).suffix.lower() in (".pth", ".pt"):
+        return "unknown"  # a pickle must be loaded whole to be judged: too costly for a listing
+    for kind, inspect in (("dit", inspect_dit), ("vae", inspect_vae)):
+        try:
+            inspect(path)
+            return kind
+        except (CheckpointError, ValueError, OSError):
+            continue
+    return "unknown"
+
+
+def _choices(kind: str) -> list[str]:
+    files = model_files()
+    seen = {_same_place(p) for p in files.values()}
+    for name, path in standard_files(kind).items():
+        if name not in files and _same_place(path) not in seen:  # the same file under two folders once
+            files[name] = path
+            seen.add(_same_place(path))
+    return model_choices(kind, files)
+
+
 def dit_choices() -> list[str]:
     """Options of the DiT loader's model combo."""
-    return model_choices("dit", model_files())
+    return _choices("dit")
 
 
 def vae_choices() -> list[str]:
     """Options of the VAE loader's model combo."""
-    return model_choices("vae", model_files())
+    return _choices("vae")
 
 
 def model_problem(name: str | None, kind: str) -> str | None:

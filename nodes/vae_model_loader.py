@@ -5,7 +5,7 @@ workflows load unchanged; ``enable_optimizations`` and ``quantization`` are new 
 """
 from __future__ import annotations
 
-from ..src.models.checkpoint import read_index, require_kind
+from ..src.models.load import validate_vae
 from ..src.models.registry import DEFAULT_VAE
 from ..src.pipeline.devices import (
     compute_device_choices, offload_device_choices, resolve_device,
@@ -128,8 +128,8 @@ class SeedVR2LoadVAEModel:
         run_on = resolve_device(device)
         offload_to = resolve_device(offload_device, offload=True)
         path = fetch_model(model)
-        if path.suffix.lower() == ".safetensors":
-            require_kind(read_index(path), "vae")
+        if path.suffix.lower() in (".safetensors", ".gguf"):  # header-only: refuse a broken file here, not at the run
+            validate_vae(path)
         spec = VAESpec(
             model=str(path),
             device=run_on,

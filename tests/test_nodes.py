@@ -306,6 +306,27 @@ def test_incumbent_examples_validate_and_build_specs_on_a_cpu_machine(example, m
     settings.UpscaleSettings(**upscaler_inputs).validate()
 
 
+@pytest.mark.parametrize("toggle", [False, True])
+def test_incumbent_workflows_with_a_trailing_local_models_only_value_load(toggle, models, cpu_only):
+    """The earlier pack's open PR #625 adds a local_models_only toggle after each loader's last widget; the
+    UI hands widget values over by position, so the toggle lands in our first added widget."""
+    built = {}
+    for node_type in ("SeedVR2LoadDiTModel", "SeedVR2LoadVAEModel"):
+        node = nodes[node_type]
+        values = EXAMPLES["4K image"][node_type][0] + [toggle]
+        inputs = defaults(node) | map_widgets(node, values)
+        validate = {k: inputs[k] for k in inspect.signature(node.VALIDATE_INPUTS).parameters if k in inputs}
+        assert node.VALIDATE_INPUTS(**validate) is True, node_type
+        (built[node_type],) = getattr(node(), node.FUNCTION)(**inputs)
+    assert map_widgets(nodes["SeedVR2LoadDiTModel"], EXAMPLES["4K image"]["SeedVR2LoadDiTModel"][0] + [toggle])[
+        "quantization"] is toggle
+    assert built["SeedVR2LoadDiTModel"].quantization == "disabled"
+    assert built["SeedVR2LoadDiTModel"].enable_optimizations is True
+    assert built["SeedVR2LoadVAEModel"].enable_optimizations is toggle   # a boolean widget: taken as given
+    assert nodes["SeedVR2LoadDiTModel"].VALIDATE_INPUTS(
+        "seedvr2_ema_3b_fp16.safetensors", "cpu", "none", "int4").startswith("quantization: 'int4' is not")
+
+
 @pytest.mark.parametrize("file", sorted((REPO_ROOT / "example_workflows").glob("*.json")), ids=lambda p: p.name)
 def test_our_example_workflows_fit_our_nodes(file):
     workflow = json.loads(file.read_text())

@@ -11,7 +11,8 @@ in one error, and when the hub cannot be reached that error names each file's ad
 once instead of after the hub's retries.
 
 Files already present are not hashed again on every run (tens of GB for the 7B files): a safetensors
-file gets a structural check of its header, and the loader checks every tensor name and shape.
+or GGUF file gets a structural check of its header (every tensor's bytes inside the file), and the loader
+checks every tensor name and shape.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Sequence
 from urllib.parse import urlsplit
 
 from .locate import describe_folders, find_model_file, model_name_problem
-from .registry import ModelInfo, known_model
+from .registry import ModelInfo, known_model, place_yourself_hint, placed_model
 
 log = logging.getLogger("seedvr2")
 
@@ -88,6 +89,11 @@ def find_models(requests: Sequence[tuple[str, Sequence[str | os.PathLike]]], all
             continue
         path = find_model_file(name, folders, allow_paths=allow_paths)
         info = known_model(name)
+        blocked = next((f / name for f in folders if (f / name).is_dir()), None)
+        if path is None and blocked is not None:
+            problems.append(f"{blocked} is a folder, not the weight file {Path(name).name!r}: remove or rename "
+                            f"that folder and put the file itself there (or let it download)")
+            continue
         if path is not None:
             problem = _structural_problem(path)
             if problem is None:
@@ -97,6 +103,8 @@ def find_models(requests: Sequence[tuple[str, Sequence[str | os.PathLike]]], all
             else:
                 log.warning("%s It will be downloaded again.", problem)
                 plan.downloads[i] = (info, path.parent)
+        elif info is None and placed_model(name) is not None:
+            problems.append(place_yourself_hint(placed_model(name)).rstrip("."))
         elif info is None:
             problems.append(
                 f"model file {name!r} was not found in {describe_folders(folders)}, and it is not a released "
@@ -184,7 +192,7 @@ def _structural_problem(path: Path) -> str | None:
     """Why an existing file cannot be a complete weight file, or None (header-only; no hashing)."""
     if path.stat().st_size == 0:
         return f"{path} is empty (an interrupted download?)."
-    if path.suffix.lower() == ".safetensors":
+    if path.suffix.lower() in (".safetensors", ".gguf"):  # both readers check every tensor's bytes
         from .checkpoint import CheckpointError, read_index  # imports torch: only when a file is there
 
         try:

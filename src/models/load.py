@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, staged_read
-from .checkpoint import CONFIG_METADATA_KEY, CheckpointError, CheckpointIndex, check_strict, float_dtype_rule, read_index, require_kind
+from .checkpoint import (
+    CONFIG_METADATA_KEY, CheckpointError, CheckpointIndex, check_dtypes, check_strict, float_dtype_rule, read_extras,
+    read_index, require_kind,
+)
+from .quant_formats import QuantFormatError, QuantizedWeight, check_against_model
 from .dit import NaDiT, NaDiTConfig
 from .video_vae_v3 import VAEConfig, VideoAutoencoder
 
@@ -26,9 +30,11 @@ def staged(path, device) -> bool:
             and os.environ.get(STAGED_LOAD_ENV, "1") != "0")
 
 
-def materialize(model: torch.nn.Module, path, *, device, dtype_for, overrides={}) -> torch.nn.Module:
-    """Fill the meta ``model`` from ``path`` (see :func:`staged`), else tensor by tensor."""
-    if staged(path, device):
+def materialize(model: torch.nn.Module, path, *, device, dtype_for, overrides={},
+                plain_tensors: bool = True) -> torch.nn.Module:
+    """Fill the meta ``model`` from ``path`` (see :func:`staged`), else tensor by tensor.  A file with
+    quantized layers (``plain_tensors`` False) goes through the format seam (``checkpoint.materialize``)."""
+    if plain_tensors and staged(path, device):
         return staged_read.materialize(model, Path(path), device=device, dtype_for=dtype_for, overrides=overrides)
     return checkpoint.materialize(model, Path(path), device=device, dtype_for=dtype_for, overrides=overrides)
 
@@ -62,6 +68,25 @@ def inspect_vae(path: str | os.PathLike) -> tuple[CheckpointIndex, VAEConfig]:
     return index, _detect(index, VAEConfig, "VAE")
 
 
+def validate_dit(path: str | os.PathLike) -> CheckpointIndex:
+    """Every check :func:`load_dit` makes before it reads tensor data (kind, architecture, strict keys and
+    shapes, dtypes, quantized layers), on a ``meta`` model: cheap enough for a loader node."""
+    index, config = inspect_dit(path)
+    with torch.device("meta"):
+        model = NaDiT(config)
+    _check_file(index, model, optional=set(model.rope_frequency_buffers()))
+    return index
+
+
+def validate_vae(path: str | os.PathLike) -> CheckpointIndex:
+    """The VAE counterpart of :func:`validate_dit`."""
+    index, config = inspect_vae(path)
+    with torch.device("meta"):
+        model = VideoAutoencoder(config)
+    _check_file(index, model)
+    return index
+
+
 def load_dit(
     path: str | os.PathLike,
     *,
@@ -78,11 +103,46 @@ def load_dit(
     with torch.device("meta"):
         model = NaDiT(config)
     rope = model.rope_frequency_buffers()
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_strict(index.path, expected, index.shapes, optional=set(rope))
+    _check_file(index, model, optional=set(rope))
     keep_packed = _prepare_quantized_layers(model, index, quantization, dtype, torch.device(device))
-    materialize(model, index.path, device=device, dtype_for=float_dtype_rule(dtype, keep_packed), overrides=rope)
+    materialize(model, index.path, device=device, dtype_for=_dtype_rule(dtype, keep_packed), overrides=rope,
+                plain_tensors=not index.quantized)
+    model.file_conditioning = _conditioning(index)
     return model.eval().requires_grad_(False)
+
+
+def _check_file(index: CheckpointIndex, model: torch.nn.Module, optional: set[str] = frozenset()) -> None:
+    """Strict keys and shapes (quantized layers by their storage), floating dtypes, per-layer scale shapes."""
+    params = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in params.items()}
+    check_strict(index.path, expected, index.shapes_for(expected), optional=optional)
+    check_dtypes(index, params)
+    try:
+        for key, quant in index.quantized.items():
+            check_against_model(quant, expected[key])
+    except QuantFormatError as exc:
+        raise CheckpointError(f"{index.path.name}: {exc}") from None
+
+
+def _dtype_rule(dtype: torch.dtype, keep_packed):
+    """Floating tensors to ``dtype``; quantized layer weights stay packed where a layer keeps them so, and
+    are dequantized to ``dtype`` otherwise."""
+    rule = float_dtype_rule(dtype, keep_packed)
+
+    def dtype_for(key: str, tensor) -> torch.dtype | None:
+        if isinstance(tensor, QuantizedWeight):
+            return None if keep_packed(key, tensor) else dtype
+        return rule(key, tensor)
+
+    return dtype_for
+
+
+def _conditioning(index: CheckpointIndex) -> dict[str, torch.Tensor] | None:
+    """The text conditioning a ComfyUI file carries (CPU tensors), or None."""
+    if not index.extras:
+        return None
+    extras = read_extras(index.path)
+    return {name: extras[name] for name in ("positive", "negative") if name in extras} or None
 
 
 def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, quantization: str,
@@ -95,6 +155,14 @@ def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, qu
         from ..optimization import gguf
 
         report = gguf.prepare_model_for_gguf(model, gguf.load_gguf_state_dict(index.path), compute_dtype=dtype)
+    elif index.quantized:
+        from ..optimization import comfy_quant
+
+        try:
+            report = comfy_quant.prepare_model_for_comfy_quant(
+                model, index.quantized, quantization, dtype, device, file_name=index.path.name)
+        except QuantFormatError as exc:
+            raise CheckpointError(f"{index.path.name}: {exc}") from None
     else:
         fp8_file = any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in index.tensors.values())
         if quantization in ("disabled", "gguf") and not fp8_file:
@@ -121,7 +189,6 @@ def load_vae(
     index, config = inspect_vae(path)
     with torch.device("meta"):
         model = VideoAutoencoder(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_strict(index.path, expected, index.shapes)
-    materialize(model, index.path, device=device, dtype_for=float_dtype_rule(dtype))
+    _check_file(index, model)
+    materialize(model, index.path, device=device, dtype_for=_dtype_rule(dtype, lambda key, tensor: False))
     return model.eval().requires_grad_(False)

@@ -63,10 +63,42 @@ KNOWN_MODELS: tuple[ModelInfo, ...] = (
 
 _BY_NAME = {info.filename: info for info in KNOWN_MODELS}
 
+# Released files this pack loads but does not download: no SHA-256 of them is published or known to us,
+# and a download is only ever renamed into place after its hash matched.  Users place them themselves
+# (ComfyUI's own templates download them into models/diffusion_models and models/vae).
+# Comfy-Org's 3B is ByteDance's current 3B release (2025-06-22), not the earlier one numz's files hold.
+_COMFY_ORG = "Comfy-Org/SeedVR2"
+_COMFY_FORMATS = ("fp16", "fp8_e4m3fn", "int8_convrot", "mxfp8", "nvfp4")
+PLACE_YOURSELF: tuple[ModelInfo, ...] = (
+    *(ModelInfo(f"seedvr2_{size}_{fmt}.safetensors", _COMFY_ORG, "", "dit", size[:2], fmt, sharp=size.endswith("sharp"))
+      for size in ("3b", "7b", "7b_sharp") for fmt in _COMFY_FORMATS),
+    ModelInfo("seedvr2_ema_vae_fp16.safetensors", _COMFY_ORG, "", "vae", "", "fp16"),
+    ModelInfo("seedvr2_ema_3b.pth", "ByteDance-Seed/SeedVR2-3B", "", "dit", "3b", "fp32"),
+    ModelInfo("seedvr2_ema_7b.pth", "ByteDance-Seed/SeedVR2-7B", "", "dit", "7b", "fp32"),
+    ModelInfo("seedvr2_ema_7b_sharp.pth", "ByteDance-Seed/SeedVR2-7B", "", "dit", "7b", "fp32", sharp=True),
+    ModelInfo("ema_vae.pth", "ByteDance-Seed/SeedVR2-3B", "", "vae", "", "fp32"),
+)
+_PLACED = {info.filename: info for info in PLACE_YOURSELF}
+
 
 def known_model(name: str) -> ModelInfo | None:
-    """The registry entry for a file name (a bare name, not a path inside a subfolder), or None."""
+    """The registry entry of a downloadable released file (a bare name, not a path in a subfolder), or None."""
     return _BY_NAME.get(name)
+
+
+def placed_model(name: str) -> ModelInfo | None:
+    """The entry of a released file that is not downloaded (no known SHA-256), or None."""
+    return _PLACED.get(name)
+
+
+def place_yourself_hint(info: ModelInfo) -> str:
+    """What to tell a user who selected a released file that is not downloaded and is missing."""
+    folder = "models/diffusion_models" if info.kind == "dit" else "models/vae"
+    return (
+        f"{info.filename!r} is a released SeedVR2 file, but no SHA-256 of it is known to this pack, so it is "
+        f"not downloaded automatically (a download is only used after its hash is checked). Download it from "
+        f"https://huggingface.co/{info.repo} and put it into ComfyUI's {folder} (or models/SEEDVR2)."
+    )
 
 
 def known_dit_models() -> list[str]:

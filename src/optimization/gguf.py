@@ -1,9 +1,7 @@
-"""GGUF DiT weights: read ComfyUI-GGUF style files, keep quantized weights packed, dequantize per layer.
+"""GGUF DiT weights: keep quantized weights packed, dequantize per layer.
 
-Files are read with the PyPI ``gguf`` package.  Keys may carry ComfyUI-GGUF's ``model.diffusion_model.``
-prefix; a tensor the converter flattened for block alignment has its real shape in the metadata entry
-``comfy.gguf.orig_shape.<name>``.  Quantized tensors stay as raw ggml blocks (:class:`GGUFWeight`) and a
-:class:`GGUFLinear` dequantizes its weight with the torch kernels below just before each matmul, on the
+Files are read by :mod:`src.models.gguf_reader` (with the other checkpoint readers).  Quantized tensors
+stay as raw ggml blocks (:class:`GGUFWeight`) and a :class:`GGUFLinear` dequantizes its weight with the torch kernels below just before each matmul, on the
 weight's device, so the model is never dequantized as a whole.
 
 Block layouts (ggml): a block of 32 (legacy types) or 256 (K-quants) values is stored as raw bytes.
@@ -14,13 +12,10 @@ multiply the super-block's fp16 ``d`` (and ``dmin``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping
 import weakref
 
 import gguf
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,18 +23,12 @@ from torch import nn
 from .fp4_quantization import COMPUTE_DTYPES, QuantizationReport
 
 Q = gguf.GGMLQuantizationType
-COMFY_PREFIX = "model.diffusion_model."
-ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
+# Reading GGUF files lives with the other checkpoint readers; these names stay importable from here.
+from ..models.gguf_reader import (  # noqa: E402
+    COMFY_PREFIX, ORIG_SHAPE_KEY, GGUFError, GGUFWeight, load_gguf_state_dict, plain_types,
+)
 
-# Unquantized GGUF tensor types and the torch dtype they load as.
-PLAIN_TYPES = {
-    Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16, Q.F64: torch.float64,
-    Q.I8: torch.int8, Q.I16: torch.int16, Q.I32: torch.int32, Q.I64: torch.int64,
-}
-
-
-class GGUFError(ValueError):
-    """A GGUF file or tensor cannot be used; the message names it and says what to do."""
+PLAIN_TYPES = plain_types()
 
 
 # ------------------------------------------------------------------------------------------ block helpers
@@ -179,90 +168,6 @@ def dequantize(data: torch.Tensor, qtype: gguf.GGMLQuantizationType, shape: tupl
         )
     _, type_size = gguf.GGML_QUANT_SIZES[qtype]
     return kernel(data.reshape(-1, type_size)).reshape(shape).to(dtype)
-
-
-@dataclass(frozen=True, eq=False)
-class GGUFWeight:
-    """A quantized tensor as stored in the file: raw ggml blocks, their type and the tensor's shape."""
-
-    data: torch.Tensor                       # uint8, 1-D
-    qtype: gguf.GGMLQuantizationType
-    shape: torch.Size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the packed bytes (what a loader must keep to hand the weight over untouched)."""
-        return torch.uint8
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    def is_floating_point(self) -> bool:
-        return False
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-           non_blocking: bool = False) -> GGUFWeight:
-        """The same packed weight on ``device``; ``dtype`` may only name the packed dtype (uint8)."""
-        if dtype not in (None, torch.uint8):
-            raise GGUFError(f"a {self.qtype.name} weight stays packed; use dequantize({dtype}) for a {dtype} copy.")
-        return GGUFWeight(self.data.to(device, non_blocking=non_blocking), self.qtype, self.shape)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor's values in ``dtype``, computed on the weight's device."""
-        return dequantize(self.data, self.qtype, tuple(self.shape), dtype)
-
-
-# ---------------------------------------------------------------------------------------------- reading
-def _orig_shape(reader: gguf.GGUFReader, name: str) -> tuple[int, ...] | None:
-    field = reader.get_field(ORIG_SHAPE_KEY + name)
-    if field is None:
-        return None
-    return tuple(int(field.parts[index][0]) for index in field.data)
-
-
-def load_gguf_state_dict(path: str | Path) -> dict[str, torch.Tensor | GGUFWeight]:
-    """Read a GGUF file: plain tensors for F32/F16/BF16 (and integer) entries, :class:`GGUFWeight` for
-    quantized ones; keys without the ``model.diffusion_model.`` prefix, shapes as the model expects.
-
-    The data stays memory-mapped (copy-on-write) until a tensor is moved or converted.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise GGUFError(f"GGUF file {path} does not exist.")
-    try:
-        reader = gguf.GGUFReader(path, "c")
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as error:
-        raise GGUFError(
-            f"{path.name} is not a readable GGUF file ({error}). It is damaged or incomplete (download it "
-            f"again), or newer than the installed gguf package (pip install -U gguf)."
-        ) from error
-    if reader.byte_order != "I":
-        raise GGUFError(f"{path.name} is a big-endian GGUF file; only little-endian files are supported.")
-
-    state: dict[str, torch.Tensor | GGUFWeight] = {}
-    for tensor in reader.tensors:
-        name = tensor.name.removeprefix(COMFY_PREFIX)
-        qtype = tensor.tensor_type
-        shape = _orig_shape(reader, tensor.name) or tuple(reversed([int(d) for d in tensor.shape]))
-        if int(np.prod(shape)) != tensor.n_elements:
-            raise GGUFError(
-                f"{path.name}: tensor {tensor.name!r} has {tensor.n_elements} values but its shape metadata says "
-                f"{shape}. The file is damaged or was converted incorrectly."
-            )
-        data = torch.from_numpy(tensor.data)  # shares the copy-on-write map: writes never reach the file
-        if qtype in PLAIN_TYPES:
-            if qtype == Q.BF16:  # stored as raw bytes
-                data = data.view(torch.bfloat16)
-            state[name] = data.reshape(shape)
-        elif qtype in DEQUANTIZERS:
-            state[name] = GGUFWeight(data.reshape(-1), qtype, torch.Size(shape))
-        else:
-            raise GGUFError(
-                f"{path.name}: tensor {tensor.name!r} uses GGUF type {qtype.name}, which is not supported; "
-                f"supported: {_supported_list()}. Use a file quantized to one of these (e.g. Q8_0 or Q4_K_M)."
-            )
-    return state
 
 
 # ------------------------------------------------------------------------------------------- the layer

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -583,7 +584,8 @@ class _Runner:
         if self.vae is not None:
             self.vae.park()
         dit = self._dit()
-        positive, negative = text_embeddings(dit.device, dit.dtype)
+        positive, negative = text_embeddings(dit.device, dit.dtype, getattr(dit.model, "file_conditioning", None),
+                                             Path(str(dit.info.get("path", "the DiT file"))).name)
         model = dit.model
         if parallel.mode == "windows":
             from ..distributed.window_parallel import WindowParallelDiT

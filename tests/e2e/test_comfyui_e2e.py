@@ -41,6 +41,8 @@ DIT_7B_SWAP = ["seedvr2_ema_7b_sharp_fp16.safetensors", "cuda:0", 36, False, "cp
 DIT_3B_SWAP = ["seedvr2_ema_3b_fp16.safetensors", "cuda:0", 32, False, "cpu", False, "sdpa"]
 VAE_PLAIN = ["ema_vae_fp16.safetensors", "cuda:0", False, 1024, 128, False, 1024, 128, "false", "none", False]
 VAE_TILED = ["ema_vae_fp16.safetensors", "cuda:0", True, 64, 32, True, 64, 32, "false", "cpu", False]
+COMFY_ORG_DIT = "seedvr2_3b_int8_convrot.safetensors"
+COMFY_ORG_VAE = "seedvr2_ema_vae_fp16.safetensors"
 
 
 def upscaler_values(seed=42, resolution=64, max_resolution=0, batch_size=1, uniform=False, overlap=0):
@@ -65,6 +67,24 @@ def write_tiny_models(folder: Path) -> None:
     vae = cast("vae_weights.safetensors", torch.float16)
     save_file(vae, str(folder / "ema_vae_fp16.safetensors"))
     save_file(vae, str(folder / "restoration_decoder.safetensors"))
+
+
+def write_comfy_org_models(models: Path) -> None:
+    """ComfyUI's own SeedVR2 layout where ComfyUI keeps it: an int8_convrot DiT (with its conditioning
+    buffers) in models/diffusion_models, the VAE under Comfy-Org's second name in models/vae."""
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from tools import comfy_quantize
+
+    emb = load_file(str(GOLDEN_DIR / "text_embeddings.safetensors"))
+    tensors, _ = comfy_quantize.convert(load_file(str(GOLDEN_DIR / "dit3b_weights.safetensors")), "int8_convrot",
+                                        conditioning=(emb["pos"], emb["neg"]), keep_reference=False)
+    (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(models / "diffusion_models" / COMFY_ORG_DIT))
+    (models / "vae").mkdir(parents=True, exist_ok=True)
+    vae = {k: v.half() for k, v in load_file(str(GOLDEN_DIR / "vae_weights.safetensors")).items()}
+    save_file(vae, str(models / "vae" / COMFY_ORG_VAE))
 
 
 def write_image(path: Path, width: int, height: int, alpha: bool = False) -> None:
@@ -129,6 +149,13 @@ def build_workflows(folder: Path, classes: dict) -> list[tuple[str, Path]]:
     def healthy(seed: int) -> dict:  # a new seed each time, so ComfyUI cannot answer from its cache
         return image_upscale_workflow(classes, "e2e_image.png", DIT_FP8, VAE_PLAIN, upscaler_values(seed=seed))
 
+    workflows += [
+        ("comfy_org_files", image_upscale_workflow(classes, "e2e_image.png", [COMFY_ORG_DIT, *DIT_FP8[1:]],
+                                                   [COMFY_ORG_VAE, *VAE_PLAIN[1:]], upscaler_values(seed=5))),
+        # The earlier pack's PR #625 adds a trailing local_models_only toggle to both loaders.
+        ("trailing_local_models_only", image_upscale_workflow(classes, "e2e_image.png", [*DIT_FP8, True],
+                                                              [*VAE_PLAIN, True], upscaler_values(seed=6))),
+    ]
     wrong_model = ["ema_vae_fp16.safetensors", *DIT_FP8[1:]]
     workflows += [
         ("wrong_model", image_upscale_workflow(classes, "e2e_image.png", wrong_model, VAE_PLAIN, upscaler_values())),
@@ -188,6 +215,7 @@ def comfy(tmp_path_factory):
         pytest.skip(f"comfy_run.py not found at {COMFY_RUN} (set COMFY_RUN)")
     root = tmp_path_factory.mktemp("comfy_e2e")
     write_tiny_models(root / "models" / "SEEDVR2")
+    write_comfy_org_models(root / "models")
     inputs = root / "input"
     inputs.mkdir()
     write_image(inputs / "e2e_image.png", 48, 32)
@@ -296,6 +324,21 @@ def test_image_workflow_succeeds(comfy, key, size):
     assert run["status"] == "success", explain(run)
     image = output_file(run)
     assert (image["width"], image["height"]) == size
+
+
+def test_comfy_org_files_in_comfyuis_folders_are_listed_and_run(comfy):
+    _report, info, runs = comfy
+    assert COMFY_ORG_DIT in info["SeedVR2LoadDiTModel"]["input"]["required"]["model"][0]
+    assert COMFY_ORG_VAE in info["SeedVR2LoadVAEModel"]["input"]["required"]["model"][0]
+    assert COMFY_ORG_DIT not in info["SeedVR2LoadVAEModel"]["input"]["required"]["model"][0]
+    run = runs["comfy_org_files"]
+    assert run["status"] == "success", explain(run)
+    assert (output_file(run)["width"], output_file(run)["height"]) == (96, 64)
+
+
+def test_workflow_with_a_trailing_local_models_only_value_runs(comfy):
+    run = comfy[2]["trailing_local_models_only"]
+    assert run["status"] == "success", explain(run)
 
 
 def test_rgba_input_keeps_its_alpha(comfy):
