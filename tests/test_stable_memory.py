@@ -495,3 +495,22 @@ def test_host_prefault_leaves_other_tensors_alone():
     stable_memory.HostPrefault(strided).wait()  # not contiguous: nothing to do, and nothing written
     assert torch.equal(strided, torch.ones(8, 4))
     stable_memory.HostPrefault(torch.empty(0)).wait()
+
+
+def test_host_copies_of_inference_tensors_are_not_kept():
+    """Weights moved inside inference mode (ComfyUI runs nodes so) have no version counter: an unchanged
+    weight cannot be told from one written in place, so its pinned copy is never reused (the node's second
+    queue failed on this with 'Inference tensors do not track version counter')."""
+    from src.optimization.stable_memory import _HostCopy
+
+    host = torch.zeros(4)
+    with torch.inference_mode():
+        weight = torch.ones(4)
+    assert _HostCopy.of(host, weight) is None
+    normal = torch.ones(4)
+    record = _HostCopy.of(host, normal)
+    assert record is not None and record.still_matches(normal)
+    normal.add_(1)  # an in-place write
+    assert not record.still_matches(normal)
+    with torch.inference_mode():
+        assert not record.still_matches(torch.ones(4))

@@ -328,9 +328,18 @@ class _HostCopy:
     data_ptr: int  # the GPU tensor's: assigning new data (``param.data = ...``) moves it
     version: int   # the GPU tensor's version counter: any in-place write through it increments it
 
+    @classmethod
+    def of(cls, host: torch.Tensor, tensor: torch.Tensor) -> "_HostCopy | None":
+        """The record for ``tensor`` (just copied from ``host``), or None where an in-place write could not be
+        told: inference tensors (weights moved inside ComfyUI's inference mode) keep no version counter, so
+        theirs are copied again each time."""
+        if tensor.is_inference():
+            return None
+        return cls(host, tensor.data_ptr(), tensor._version)
+
     def still_matches(self, tensor: torch.Tensor) -> bool:
-        return (tensor.data_ptr() == self.data_ptr and tensor._version == self.version
-                and tensor.stride() == self.host.stride())
+        return (not tensor.is_inference() and tensor.data_ptr() == self.data_ptr
+                and tensor._version == self.version and tensor.stride() == self.host.stride())
 
 
 # GPU weight -> its pinned host copy.  Weak keys by identity: a dropped model takes its entries (and pinned
@@ -371,7 +380,9 @@ def offload(model: nn.Module, device: torch.device | str, pin_memory: bool = Fal
             if device.type == "cuda" and tensor.is_pinned():
                 host = tensor.data
                 tensor.data = moved
-                _HOST_COPIES[tensor] = _HostCopy(host, tensor.data_ptr(), tensor._version)
+                record = _HostCopy.of(host, tensor)
+                if record is not None:
+                    _HOST_COPIES[tensor] = record
             else:
                 tensor.data = moved
     if copied_from_gpu:
