@@ -41,6 +41,8 @@ def stand_in(monkeypatch):
     monkeypatch.setattr(fused_kernels, "_silu_mul",
                         fused_kernels._TritonKernel("silu_mul", "SwiGLU", fused_kernels._silu_mul.operator))
     monkeypatch.delenv(fused_kernels.TRITON_KERNELS_ENV, raising=False)
+    # Code compiled by an earlier test (the same module classes, other switch state) must not be reused.
+    torch.compiler.reset()
     return SimpleNamespace(module=module, calls=calls)
 
 
