@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .progress import checkpoint
 from .settings import COLOR_CORRECTIONS as COLOR_CORRECTION_METHODS
 
 # Wavelet colour fix (golden README §7.2): 3x3 binomial low-pass, dilated by these radii.
@@ -172,6 +173,7 @@ def match_histogram(source: torch.Tensor, reference: torch.Tensor) -> torch.Tens
     reference_table = _quantile_table(reference.reshape(-1))
     matched = torch.empty_like(flat)
     for start in range(0, flat.numel(), _MAP_CHUNK):  # chunks bound the index temporaries at 4K
+        checkpoint()
         chunk = flat[start : start + _MAP_CHUNK]
         matched[start : start + _MAP_CHUNK] = _interpolate_table(_table_position(chunk, source_table), reference_table)
     return matched.reshape(source.shape).to(source.dtype)

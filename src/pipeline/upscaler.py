@@ -27,7 +27,7 @@ from .color_correction import color_correct
 from .devices import resolve_device
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
 from .model_manager import ManagedModel, ModelManager, default_manager
-from .progress import Progress
+from .progress import Progress, checkpoint, reporting
 from .restoration import (
     RandomDraws, VAETiling, condition_latent, decode_latent, dit_velocity, draw_randoms, encode_posterior,
     restore_latent,
@@ -196,16 +196,21 @@ class _Runner:
             log.info("SeedVR2: %d frame(s) %dx%d -> %dx%d in %d batch(es) of up to %d", num_frames, in_w, in_h,
                      width, height, len(plan.batches), settings.batch_size)
 
-        with self._phase("encode", self.vae_spec):
-            latents = self._encode_phase(extended, plan, geometry)
-        with self._phase("upscale", self.dit_spec):
-            latents = self._upscale_phase(latents, plan)
-        prefault.wait()
-        with self._phase("decode", self.vae_spec):
-            self._decode_phase(latents, extended, plan, geometry, out)
-        if channels == 4:
-            with self._phase("postprocess", self.vae_spec):
-                self._alpha_phase(frames[..., 3:], out)
+        # The inner loops (VAE chunks, pieces and tiles, DiT blocks) report to this run's progress.
+        try:
+            with reporting(self.progress):
+                with self._phase("encode", self.vae_spec):
+                    latents = self._encode_phase(extended, plan, geometry)
+                with self._phase("upscale", self.dit_spec):
+                    latents = self._upscale_phase(latents, plan)
+                prefault.wait()
+                with self._phase("decode", self.vae_spec):
+                    self._decode_phase(latents, extended, plan, geometry, out)
+                if channels == 4:
+                    with self._phase("postprocess", self.vae_spec):
+                        self._alpha_phase(frames[..., 3:], out)
+        finally:
+            prefault.wait()  # an interrupted run leaves no thread behind
         return out
 
     @contextmanager
@@ -292,12 +297,14 @@ class _Runner:
                                            self._tiling("decode"), batch.padded_length)
             latents[index] = None
             with progress.section("postprocess"):
+                checkpoint(1.0)
                 frames = crop(decoded[: batch.length], geometry.height, geometry.width).float()
                 del decoded
                 style = to_model_range(self._batch_pixels(extended, batch, geometry, vae.device))
                 frames = color_correct(frames, style, settings.color_correction)
                 self._draw_tile_debug(frames, geometry)
                 frames = from_model_range(frames.clamp_(-1, 1)).permute(0, 2, 3, 1)
+                checkpoint(1.0)
                 _write_batch(out, frames, batch, plan.prepend_frames)
             progress.advance()
 

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ...pipeline.progress import checkpoint, part
 from .errors import VAEInputError
 
 # Tile sizes are whole multiples of 32 pixels (4 latent pixels), so tiles stay reasonably shaped at
@@ -95,11 +96,15 @@ def run_tiled(
     rows, cols = tile_spans(grid_h, tile, overlap), tile_spans(grid_w, tile, overlap)
     row_weights, col_weights = blend_weights(rows, out_scale), blend_weights(cols, out_scale)
     out: Optional[torch.Tensor] = None
-    for (top, bottom), row_weight in zip(rows, row_weights):
-        for (left, right), col_weight in zip(cols, col_weights):
-            piece = run_tile(
-                source[:, :, :, top * source_scale:bottom * source_scale, left * source_scale:right * source_scale]
-            )
+    tiles = len(rows) * len(cols)
+    for row, ((top, bottom), row_weight) in enumerate(zip(rows, row_weights)):
+        for col, ((left, right), col_weight) in enumerate(zip(cols, col_weights)):
+            number = row * len(cols) + col
+            checkpoint(number / tiles)
+            with part(number, tiles):
+                piece = run_tile(
+                    source[:, :, :, top * source_scale:bottom * source_scale, left * source_scale:right * source_scale]
+                )
             if out is None:
                 out = torch.zeros(
                     (*piece.shape[:3], grid_h * out_scale, grid_w * out_scale), dtype=torch.float32, device=piece.device
