@@ -26,7 +26,7 @@ from .batching import Batch, BatchPlan, overlap_weights, pad_temporal, plan_batc
 from .color_correction import color_correct
 from .devices import resolve_device
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
-from .model_manager import ManagedModel, ModelManager, default_manager
+from .model_manager import ManagedModel, ModelManager, default_manager, dit_working_bytes
 from .progress import Progress, checkpoint, reporting
 from .restoration import (
     RandomDraws, VAETiling, condition_latent, decode_latent, dit_velocity, draw_randoms, encode_posterior,
@@ -168,11 +168,14 @@ class _Runner:
                                                  dtype=model.dtype, piece_bytes=runtime.piece_bytes,
                                                  fused_norm=runtime.compile_norm)
 
-    def _dit(self) -> ManagedModel:
+    def _dit(self, latent_shapes: list[tuple[int, int, int]]) -> ManagedModel:
+        """The DiT on its device, with room made for the activations of the largest of ``latent_shapes``."""
         if self.dit is None:
             self.dit = self.manager.dit(self.dit_spec)
             _optimize(self.dit, self.dit_spec)
-        self.dit.activate()
+        config = getattr(self.dit.model, "config", None)
+        required = dit_working_bytes(config, latent_shapes, self.dit.dtype) if config and latent_shapes else 0
+        self.dit.activate(memory_required=required)
         return self.dit
 
     def close(self) -> None:
@@ -264,7 +267,7 @@ class _Runner:
         progress.start_phase("upscale", len(conds))
         if self.vae is not None:
             self.vae.park()
-        dit = self._dit()
+        dit = self._dit([tuple(cond.shape[:3]) for cond in conds])
         positive, negative = text_embeddings(dit.device, dit.dtype)
         model_fn = dit_velocity(dit.model, positive, negative)
         backend = self.dit_spec.attention_mode if self.dit_spec.enable_optimizations else matrix_ops.PLAIN
