@@ -16,7 +16,7 @@ from ..src.pipeline.devices import (
 )
 from ..src.pipeline.settings import CompileSettings, DiTSpec, SettingsError
 from .model_folders import dit_choices, fetch_model
-from .validation import loader_validation
+from .validation import loader_validation, require_model
 
 ATTENTION_MODES = (
     "auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn_2", "sageattn_3", "sageattn",
@@ -110,9 +110,9 @@ class SeedVR2LoadDiTModel:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None):
-        """Checks the model file and the device names (see :func:`loader_validation`)."""
-        return loader_validation("dit", model, device, offload_device)
+    def VALIDATE_INPUTS(cls, device=None, offload_device=None):
+        """Checks the device names; the model name is checked by ComfyUI's combo (see :func:`loader_validation`)."""
+        return loader_validation(device, offload_device)
 
     def load(
         self,
@@ -139,6 +139,7 @@ class SeedVR2LoadDiTModel:
             )
         if offload_to == run_on:
             blocks_to_swap, swap_io_components = 0, False  # swapping to the device it runs on changes nothing
+        require_model(model, "dit")
         path = fetch_model(model)
         if path.suffix.lower() == ".safetensors":
             require_kind(read_index(path), "dit")

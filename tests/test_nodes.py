@@ -262,8 +262,10 @@ def test_device_combos_list_every_gpu(two_gpus):
 
 
 def test_device_inputs_are_checked_by_the_node_not_by_the_combo():
+    """ComfyUI attaches a failed VALIDATE_INPUTS to every input it takes: the loaders' takes the device inputs
+    only, so a model name that is not listed is ComfyUI's combo error, attached to ``model`` alone."""
     for name in ("SeedVR2LoadDiTModel", "SeedVR2LoadVAEModel"):
-        assert {"model", "device", "offload_device"} <= set(inspect.signature(nodes[name].VALIDATE_INPUTS).parameters)
+        assert set(inspect.signature(nodes[name].VALIDATE_INPUTS).parameters) == {"device", "offload_device"}
     assert "offload_device" in inspect.signature(nodes["SeedVR2VideoUpscaler"].VALIDATE_INPUTS).parameters
 
 
@@ -292,7 +294,8 @@ def test_incumbent_examples_validate_and_build_specs_on_a_cpu_machine(example, m
     for node_type in ("SeedVR2LoadDiTModel", "SeedVR2LoadVAEModel"):
         inputs = defaults(nodes[node_type]) | map_widgets(nodes[node_type], EXAMPLES[example][node_type][0])
         node = nodes[node_type]
-        assert node.VALIDATE_INPUTS(inputs["model"], inputs["device"], inputs["offload_device"]) is True
+        assert node.VALIDATE_INPUTS(inputs["device"], inputs["offload_device"]) is True
+        assert inputs["model"] in node.INPUT_TYPES()["required"]["model"][0]  # passes ComfyUI's combo check
         (built[node_type],) = getattr(node(), node.FUNCTION)(**inputs)
         assert built[node_type].device == "cpu"
         assert Path(built[node_type].model) == models / inputs["model"]
@@ -329,14 +332,18 @@ def test_our_example_workflows_fit_our_nodes(file):
 # ---------------------------------------------------------------------------------------------- validation
 def test_validation_messages_name_the_problem(models, cpu_only):
     dit_loader = nodes["SeedVR2LoadDiTModel"]
-    assert dit_loader.VALIDATE_INPUTS("seedvr2_ema_7b_fp16.safetensors", "cuda:3", "cuda:0") is True  # downloadable
-    message = dit_loader.VALIDATE_INPUTS("my_finetune.safetensors", "auto", "none")
-    assert "my_finetune.safetensors" in message and str(models) in message
-    message = dit_loader.VALIDATE_INPUTS("seedvr2_ema_3b_fp16.safetensors", "gpu", "auto")
+    listed = dit_loader.INPUT_TYPES()["required"]["model"][0]
+    assert dit_loader.VALIDATE_INPUTS("cuda:3", "cuda:0") is True
+    assert "seedvr2_ema_7b_fp16.safetensors" in listed       # downloadable: listed, so it validates
+    assert "my_finetune.safetensors" not in listed           # ComfyUI's combo check rejects it, on `model`
+    with pytest.raises(settings.SettingsError) as error:     # the same name through a link: the loader says why
+        dit_loader().load("my_finetune.safetensors", "auto")
+    assert "my_finetune.safetensors" in str(error.value) and str(models) in str(error.value)
+    message = dit_loader.VALIDATE_INPUTS("gpu", "auto")
     assert "device: 'gpu' is not a device" in message and "offload_device: 'auto' is not a device" in message
-    assert dit_loader.VALIDATE_INPUTS(None, None, None) is True  # linked inputs are checked at run time
+    assert dit_loader.VALIDATE_INPUTS(None, None) is True  # linked inputs are checked at run time
     assert "offload_device: 'cuda:x' is not a device" in nodes["SeedVR2VideoUpscaler"].VALIDATE_INPUTS("cuda:x")
-    assert nodes["SeedVR2LoadVAEModel"].VALIDATE_INPUTS("ema_vae_fp16.safetensors", "mps", "cpu") is True
+    assert nodes["SeedVR2LoadVAEModel"].VALIDATE_INPUTS("mps", "cpu") is True
 
 
 def test_device_fallback_warns_once(cpu_only, caplog):
