@@ -283,8 +283,11 @@ class ModelManager:
             if previous is not managed:
                 self._release_if_unheld(previous)
             return
+        try:
+            weakref.finalize(spec, self._spec_gone, holder)
+        except TypeError:  # a spec that cannot be watched: the manager keeps the model (until clear())
+            return
         self._holders[holder] = managed
-        weakref.finalize(spec, self._spec_gone, holder)
 
     def _spec_gone(self, holder: int) -> None:
         managed = self._holders.pop(holder, None)
