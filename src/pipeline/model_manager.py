@@ -194,7 +194,11 @@ def _patcher_class():
         loads_whole = True
 
         def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kw):
-            return super().load(device_to, lowvram_model_memory, force_patch_weights, True, **kw)
+            result = super().load(device_to, lowvram_model_memory, force_patch_weights, True, **kw)
+            # All of it is on the device now, buffers too (ComfyUI counts only modules with parameters, which
+            # leaves out the fp8 weight-only layers' buffers): its bookkeeping gets the real figure.
+            self.model.model_loaded_weight_memory = self.model_size()
+            return result
 
     _PATCHER_CLASS = SeedVR2Patcher
     return SeedVR2Patcher
