@@ -1,9 +1,10 @@
 """Pipeline progress shown on the ComfyUI node, and the user's "Cancel" reaching the pipeline."""
 from __future__ import annotations
 
-from ..src.pipeline.progress import Progress
-
 import logging
+import time
+
+from ..src.pipeline.progress import Progress
 
 try:
     import comfy.model_management as model_management
@@ -44,6 +45,7 @@ class ComfyProgress(Progress):
 
     PHASE_WEIGHTS = {"encode": 0.2, "upscale": 0.25, "decode": 0.5, "postprocess": 0.05}
     BAR_STEPS = 1000
+    MIN_INTERVAL_S = 0.05
 
     def __init__(self):
         # ComfyUI attaches the bar to the node that is executing.
@@ -56,6 +58,7 @@ class ComfyProgress(Progress):
         self._label = ""
         self.position = 0
         self._shown = -1
+        self._last_shown = 0.0
 
     def start_phase(self, phase: str, total: int) -> None:
         """A phase ("encode", "upscale", "decode", "postprocess") begins with ``total`` steps."""
@@ -73,14 +76,18 @@ class ComfyProgress(Progress):
         self._name_step()
 
     def within_step(self, fraction: float) -> None:
-        """The current step is ``fraction`` done (from the pipeline's inner loops)."""
+        """The current step is ``fraction`` done (from the pipeline's inner loops).  Shown at most every
+        ``MIN_INTERVAL_S`` (a bar message per DiT block or VAE stage would flood the websocket)."""
         if self._phase in self._fraction_done and self._phase_steps < self._phase_total:
-            self._set_fraction(self._phase_steps + min(max(fraction, 0.0), 1.0))
+            now = time.monotonic()
+            throttled = now - self._last_shown < self.MIN_INTERVAL_S
+            self._set_fraction(self._phase_steps + min(max(fraction, 0.0), 1.0), show=not throttled)
 
-    def _set_fraction(self, steps: float) -> None:
+    def _set_fraction(self, steps: float, show: bool = True) -> None:
         fraction = min(steps / self._phase_total, 1.0) if self._phase_total else 1.0
         self._fraction_done[self._phase] = max(self._fraction_done[self._phase], fraction)
-        self._show()
+        if show:
+            self._show()
 
     def _name_step(self) -> None:
         """Show the phase and the batch in progress on the node."""
@@ -107,4 +114,5 @@ class ComfyProgress(Progress):
         self.position = max(self.position, round(done * self.BAR_STEPS))
         if self._bar is not None and self.position != self._shown:  # one message per visible change
             self._bar.update_absolute(self.position)
+            self._last_shown = time.monotonic()
         self._shown = self.position

@@ -101,6 +101,7 @@ def _blur(x: torch.Tensor, radius: int) -> torch.Tensor:
 def wavelet_low_frequency(x: torch.Tensor) -> torch.Tensor:
     """Lowest band of the dilated-binomial wavelet decomposition: x blurred at radii 1, 2, 4, 8, 16."""
     for radius in _WAVELET_RADII:
+        checkpoint()
         x = _blur(x, radius)
     return x
 
