@@ -45,7 +45,9 @@ class ComfyProgress(Progress):
 
     PHASE_WEIGHTS = {"encode": 0.2, "upscale": 0.25, "decode": 0.5, "postprocess": 0.05}
     BAR_STEPS = 1000
-    MIN_INTERVAL_S = 0.05
+    FREE_UPDATES = 8
+    MIN_INTERVAL_S = 0.02
+    MIN_MOVE = 3
 
     def __init__(self):
         # ComfyUI attaches the bar to the node that is executing.
@@ -59,10 +61,12 @@ class ComfyProgress(Progress):
         self.position = 0
         self._shown = -1
         self._last_shown = 0.0
+        self._step_updates = 0
 
     def start_phase(self, phase: str, total: int) -> None:
         """A phase ("encode", "upscale", "decode", "postprocess") begins with ``total`` steps."""
         self._phase, self._phase_total, self._phase_steps = phase, max(int(total), 0), 0
+        self._step_updates = 0
         log.info("SeedVR2: %s, %d batch(es)", PHASE_TITLES.get(phase, phase), self._phase_total)
         self._name_step()
         self._show()
@@ -72,16 +76,23 @@ class ComfyProgress(Progress):
         if self._phase not in self._fraction_done:
             return  # other phase names own no share of the bar
         self._phase_steps += steps
+        self._step_updates = 0
         self._set_fraction(self._phase_steps)
         self._name_step()
 
     def within_step(self, fraction: float) -> None:
-        """The current step is ``fraction`` done (from the pipeline's inner loops).  Shown at most every
-        ``MIN_INTERVAL_S`` (a bar message per DiT block or VAE stage would flood the websocket)."""
+        """The current step is ``fraction`` done (from the pipeline's inner loops).  The first
+        ``FREE_UPDATES`` moves of a step are shown as they come (a short phase still visibly moves); later
+        ones at most every ``MIN_INTERVAL_S`` and ``MIN_MOVE`` bar steps apart (a message per DiT block or VAE
+        stage would flood the websocket)."""
         if self._phase in self._fraction_done and self._phase_steps < self._phase_total:
-            now = time.monotonic()
-            throttled = now - self._last_shown < self.MIN_INTERVAL_S
-            self._set_fraction(self._phase_steps + min(max(fraction, 0.0), 1.0), show=not throttled)
+            position = self.position
+            self._set_fraction(self._phase_steps + min(max(fraction, 0.0), 1.0), show=False)
+            if self._step_updates < self.FREE_UPDATES or (
+                    time.monotonic() - self._last_shown >= self.MIN_INTERVAL_S
+                    and self._position() - position >= self.MIN_MOVE):
+                self._step_updates += 1
+                self._show()
 
     def _set_fraction(self, steps: float, show: bool = True) -> None:
         fraction = min(steps / self._phase_total, 1.0) if self._phase_total else 1.0
@@ -109,9 +120,12 @@ class ComfyProgress(Progress):
         if model_management is not None:
             model_management.throw_exception_if_processing_interrupted()
 
-    def _show(self) -> None:
+    def _position(self) -> int:
         done = sum(self.PHASE_WEIGHTS[phase] * fraction for phase, fraction in self._fraction_done.items())
-        self.position = max(self.position, round(done * self.BAR_STEPS))
+        return max(self.position, round(done * self.BAR_STEPS))
+
+    def _show(self) -> None:
+        self.position = self._position()
         if self._bar is not None and self.position != self._shown:  # one message per visible change
             self._bar.update_absolute(self.position)
             self._last_shown = time.monotonic()

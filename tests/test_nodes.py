@@ -559,23 +559,26 @@ def test_progress_drives_the_comfy_bar_by_phase_weight(monkeypatch):
     assert updates[-1] == 1000 and updates == sorted(updates)
 
 
-def test_the_bar_moves_inside_a_step_at_most_every_interval(monkeypatch):
+def test_the_bar_moves_inside_a_step_without_flooding(monkeypatch):
     updates, texts, clock = [], [], [100.0]
     bar = types.SimpleNamespace(update_absolute=updates.append)
     monkeypatch.setattr(progress_module, "comfy_utils", types.SimpleNamespace(ProgressBar=lambda total: bar))
     monkeypatch.setattr(progress_module, "_text_sender", lambda: texts.append)
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
-    progress = progress_module.ComfyProgress()
+    progress_class = progress_module.ComfyProgress
+    progress = progress_class()
     progress.start_phase("decode", 2)                 # decode owns half of the bar (500 of 1000 steps)
-    clock[0] += 2 * progress_module.ComfyProgress.MIN_INTERVAL_S
-    progress.within_step(0.5)
-    assert updates[-1] == 125                         # half of the first of two batches
-    progress.within_step(0.6)                         # within MIN_INTERVAL_S of the last message: not sent
-    assert updates[-1] == 125
-    clock[0] += 2 * progress_module.ComfyProgress.MIN_INTERVAL_S
-    progress.within_step(0.8)
-    assert updates[-1] == 200
-    progress.within_step(0.2)                         # never backwards
+    steps = [0.01 * i for i in range(1, 60)]          # 59 reports within one step, all at one instant
+    for fraction in steps:
+        progress.within_step(fraction)
+    # The first FREE_UPDATES are shown as they come (fraction f of batch 1 of 2 is 250·f bar steps) ...
+    assert updates[1:] == [round(250 * f) for f in steps[:progress_class.FREE_UPDATES]]
+    clock[0] += 2 * progress_class.MIN_INTERVAL_S
+    progress.within_step(0.6)                          # ... later ones once the interval has passed
+    assert updates[-1] == 150
+    progress.within_step(0.61)                         # too soon, and too small a move
+    progress.within_step(0.2)                          # never backwards
+    assert updates[-1] == 150
     progress.advance()
     assert updates[-1] == 250 and updates == sorted(updates)
     assert texts == ["SeedVR2: decoding, batch 1/2", "SeedVR2: decoding, batch 2/2"]
