@@ -43,6 +43,17 @@ def native_seedvr2_nodes(path: str) -> list[str]:
     return re.findall(r'node_id\s*=\s*"([^"]+)"', text)
 
 
+def progress_throttle_s(path: str) -> float:
+    """The least interval between two progress messages of this ComfyUI's ProgressBar (0: none; ComfyUI
+    0.19 sends at most one per 0.1 s)."""
+    try:
+        text = (Path(path) / "comfy" / "utils.py").read_text()
+    except OSError:
+        return 0.0
+    found = re.search(r"^PROGRESS_THROTTLE_MIN_INTERVAL\s*=\s*([0-9.]+)", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def load_comfy_run():
     """The comfy_run.py driver as a module (its server, websocket client and workflow runner)."""
     spec = importlib.util.spec_from_file_location("comfy_run", COMFY_RUN)

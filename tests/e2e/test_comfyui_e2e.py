@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from comfy_dirs import (
-    COMFY_RUN, COMFYUI_DIRS, ONLY_THIS_PACK, SKIP_REASON, has_native_seedvr2, ids, native_seedvr2_nodes, stray_tracebacks,
+    COMFY_RUN, COMFYUI_DIRS, ONLY_THIS_PACK, SKIP_REASON, has_native_seedvr2, ids, native_seedvr2_nodes,
+    progress_throttle_s, stray_tracebacks,
 )
 from conftest import GOLDEN_DIR, REPO_ROOT, import_pack
 from ui_workflow import image_upscale_workflow, video_upscale_workflow
@@ -327,6 +328,10 @@ def test_progress_bar_moves_during_the_upscale(comfy):
 def test_progress_moves_inside_every_phase(comfy, key):
     """The bar's shares (nodes/progress.py): encode [0, 200), DiT [200, 450), decode [450, 950); a single
     image (one batch per phase) still moves inside each."""
+    if progress_throttle_s(comfy[0]["comfyui_dir"]):
+        pytest.skip("this ComfyUI sends at most one progress message per "
+                    f"{progress_throttle_s(comfy[0]['comfyui_dir'])} s, longer than these phases last; "
+                    "test_comfyui_lifecycle checks progress inside the phases of a slower single image")
     values = [t["value"] for t in comfy[2][key].get("progress_ticks", []) if t["max"] == 1000]
     for low, high in ((0, 200), (200, 450), (450, 950)):
         assert len({v for v in values if low < v < high}) >= 3, (low, high, values)
