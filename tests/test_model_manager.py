@@ -137,6 +137,9 @@ class _FakeComfy:
             def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
                 self.loaded_whole = full_load
 
+            def model_size(self):
+                return self.size
+
             def detach(self, unpatch_all=True):
                 return self.model
 
@@ -170,8 +173,9 @@ def test_comfyui_is_told_the_real_sizes(monkeypatch):
                                                            *dit_patcher.model.inner.buffers()])
     assert vae_patcher.size == 4 * sum(t.numel() for t in [*vae_patcher.model.inner.parameters(),
                                                            *vae_patcher.model.inner.buffers()])
-    # Whole loads without force_full_load, so ComfyUI sizes the load against its free memory.
+    # Whole loads without force_full_load, so ComfyUI sizes the load against its free memory; all of it counts.
     assert all(not forced and patcher.loaded_whole for patcher, _required, forced in fake.loads)
+    assert all(patcher.model.model_loaded_weight_memory == patcher.size for patcher, _r, _f in fake.loads)
     (dit_required,) = [required for patcher, required, _ in fake.loads if patcher is dit_patcher]
     # The DiT's working set: 2x3 latent pixels -> 1x... tokens of the tiny 3B (64 wide, SwiGLU).
     config = dit_patcher.model.inner.config
