@@ -168,14 +168,15 @@ def scenario(request, tmp_path_factory):
     wide_bytes = write_models(root / "models" / "SEEDVR2")
     (root / "input").mkdir()
     write_image(root / "input" / "life_image.png", 48, 32)
+    write_image(root / "input" / "life_large.png", 512, 384)
     write_video(root / "input" / "life_clip.mp4", 64, 36, frames=13)
     classes = import_pack().NODE_CLASS_MAPPINGS
     session = Session(request.param, root)
     results: dict = {"wide_bytes": wide_bytes}
     try:
-        def image(seed, cache, model=WIDE_DIT, debug=False):
-            return image_upscale_workflow(classes, "life_image.png", dit_values(model, cache), vae_values(cache),
-                                          upscaler_values(seed, debug=debug))
+        def image(seed, cache, model=WIDE_DIT, debug=False, name="life_image.png", resolution=64):
+            return image_upscale_workflow(classes, name, dit_values(model, cache), vae_values(cache),
+                                          upscaler_values(seed, resolution=resolution, debug=debug))
 
         # Imports and first-use caches come with the first run; the baseline is taken after it.
         results["warm_up"] = session.run("warm_up", image(0, cache=False))
@@ -185,6 +186,9 @@ def scenario(request, tmp_path_factory):
             results[f"cached_{seed}"] = session.run(f"cached_{seed}", image(seed, cache=True))
             loads.append(session.loads("DiT"))
         results["rss_cached"] = session.rss()
+        # Phases long enough (about a second each on a CPU) for ComfyUI 0.19's one progress message per 0.1 s.
+        results["large_image"] = session.run("large_image", image(6, cache=True, name="life_large.png",
+                                                                  resolution=384))
         session.post("/free", {"unload_models": True, "free_memory": True})
         deadline = time.monotonic() + 30
         while "releasing the cached DIT" not in session.log() and time.monotonic() < deadline:
@@ -222,7 +226,7 @@ def explain(run: dict) -> str:
 
 # ------------------------------------------------------------------------------------------- tests
 def test_every_run_of_the_scenario_succeeds(scenario):
-    for key in ("warm_up", "cached_1", "cached_2", "cached_3", "uncached_4", "uncached_5", "probe_before",
+    for key in ("warm_up", "cached_1", "cached_2", "large_image", "cached_3", "uncached_4", "uncached_5", "probe_before",
                 "probe_after", "healthy"):
         assert scenario[key]["status"] == "success", (key, explain(scenario[key]))
 
@@ -272,7 +276,7 @@ def test_a_run_after_the_interrupts_is_identical_to_one_before(scenario):
 
 
 def test_a_single_image_shows_progress_inside_every_phase(scenario):
-    ticks = [t["value"] for t in scenario["cached_1"]["progress_ticks"] if t["max"] == 1000]
+    ticks = [t["value"] for t in scenario["large_image"]["progress_ticks"] if t["max"] == 1000]
     for phase, (low, high) in PHASES.items():
         inside = {value for value in ticks if low < value < high}
         assert len(inside) >= 3, (phase, ticks)
