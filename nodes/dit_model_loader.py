@@ -17,7 +17,7 @@ from ..src.pipeline.devices import (
 )
 from ..src.pipeline.settings import CompileSettings, DiTSpec, SettingsError
 from .model_folders import dit_choices, fetch_model
-from .validation import loader_validation
+from .validation import loader_validation, require_model
 
 ATTENTION_MODES = (
     "auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn_2", "sageattn_3", "sageattn",
@@ -124,10 +124,11 @@ class SeedVR2LoadDiTModel:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None, quantization=None):
-        """Checks the model file and the device names (see :func:`loader_validation`), and ``quantization``
-        here rather than by ComfyUI's combo check, so that older workflows' booleans pass."""
-        result = loader_validation("dit", model, device, offload_device)
+    def VALIDATE_INPUTS(cls, device=None, offload_device=None, quantization=None):
+        """Checks the device names (see :func:`loader_validation`; the model name is left to ComfyUI's combo
+        check, so its error is attached to ``model`` alone), and ``quantization`` here rather than by ComfyUI's
+        combo check, so that older workflows' booleans pass."""
+        result = loader_validation(device, offload_device)
         problem = quantization_problem(quantization)
         if problem is None:
             return result
@@ -158,6 +159,7 @@ class SeedVR2LoadDiTModel:
             )
         if offload_to == run_on:
             blocks_to_swap, swap_io_components = 0, False  # swapping to the device it runs on changes nothing
+        require_model(model, "dit")
         path = fetch_model(model)
         if path.suffix.lower() in (".safetensors", ".gguf"):  # header-only: refuse a broken file here, not at the run
             validate_dit(path)

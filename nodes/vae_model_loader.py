@@ -13,7 +13,7 @@ from ..src.pipeline.devices import (
 from ..src.pipeline.settings import VAE_QUANTIZATIONS, CompileSettings, SettingsError, VAESpec
 from ..src.pipeline.tile_debug import TILE_DEBUG_MODES
 from .model_folders import fetch_model, vae_choices
-from .validation import loader_validation
+from .validation import loader_validation, require_model
 
 
 
@@ -96,9 +96,9 @@ class SeedVR2LoadVAEModel:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model=None, device=None, offload_device=None):
-        """Checks the model file and the device names (see :func:`loader_validation`)."""
-        return loader_validation("vae", model, device, offload_device)
+    def VALIDATE_INPUTS(cls, device=None, offload_device=None):
+        """Checks the device names; the model name is checked by ComfyUI's combo (see :func:`loader_validation`)."""
+        return loader_validation(device, offload_device)
 
     def load(
         self,
@@ -127,6 +127,7 @@ class SeedVR2LoadVAEModel:
                 )
         run_on = resolve_device(device)
         offload_to = resolve_device(offload_device, offload=True)
+        require_model(model, "vae")
         path = fetch_model(model)
         if path.suffix.lower() in (".safetensors", ".gguf"):  # header-only: refuse a broken file here, not at the run
             validate_vae(path)

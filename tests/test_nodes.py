@@ -265,8 +265,13 @@ def test_device_combos_list_every_gpu(two_gpus):
 
 
 def test_device_inputs_are_checked_by_the_node_not_by_the_combo():
-    for name in ("SeedVR2LoadDiTModel", "SeedVR2LoadVAEModel"):
-        assert {"model", "device", "offload_device"} <= set(inspect.signature(nodes[name].VALIDATE_INPUTS).parameters)
+    """ComfyUI attaches a failed VALIDATE_INPUTS to every input it takes: the loaders' takes the device inputs
+    (and the DiT loader's ``quantization``, whose combo check older workflows' booleans would fail), never
+    ``model``, so a model name that is not listed is ComfyUI's combo error, attached to ``model`` alone."""
+    expected = {"SeedVR2LoadDiTModel": {"device", "offload_device", "quantization"},
+                "SeedVR2LoadVAEModel": {"device", "offload_device"}}
+    for name, parameters in expected.items():
+        assert set(inspect.signature(nodes[name].VALIDATE_INPUTS).parameters) == parameters
     assert "offload_device" in inspect.signature(nodes["SeedVR2VideoUpscaler"].VALIDATE_INPUTS).parameters
 
 
@@ -295,7 +300,8 @@ def test_incumbent_examples_validate_and_build_specs_on_a_cpu_machine(example, m
     for node_type in ("SeedVR2LoadDiTModel", "SeedVR2LoadVAEModel"):
         inputs = defaults(nodes[node_type]) | map_widgets(nodes[node_type], EXAMPLES[example][node_type][0])
         node = nodes[node_type]
-        assert node.VALIDATE_INPUTS(inputs["model"], inputs["device"], inputs["offload_device"]) is True
+        assert node.VALIDATE_INPUTS(inputs["device"], inputs["offload_device"]) is True
+        assert inputs["model"] in node.INPUT_TYPES()["required"]["model"][0]  # passes ComfyUI's combo check
         (built[node_type],) = getattr(node(), node.FUNCTION)(**inputs)
         assert built[node_type].device == "cpu"
         assert Path(built[node_type].model) == models / inputs["model"]
@@ -324,7 +330,7 @@ def test_incumbent_workflows_with_a_trailing_local_models_only_value_load(toggle
     assert built["SeedVR2LoadDiTModel"].enable_optimizations is True
     assert built["SeedVR2LoadVAEModel"].enable_optimizations is toggle   # a boolean widget: taken as given
     assert nodes["SeedVR2LoadDiTModel"].VALIDATE_INPUTS(
-        "seedvr2_ema_3b_fp16.safetensors", "cpu", "none", "int4").startswith("quantization: 'int4' is not")
+        device="cpu", offload_device="none", quantization="int4").startswith("quantization: 'int4' is not")
 
 
 @pytest.mark.parametrize("file", sorted((REPO_ROOT / "example_workflows").glob("*.json")), ids=lambda p: p.name)
@@ -353,14 +359,18 @@ def test_our_example_workflows_fit_our_nodes(file):
 # ---------------------------------------------------------------------------------------------- validation
 def test_validation_messages_name_the_problem(models, cpu_only):
     dit_loader = nodes["SeedVR2LoadDiTModel"]
-    assert dit_loader.VALIDATE_INPUTS("seedvr2_ema_7b_fp16.safetensors", "cuda:3", "cuda:0") is True  # downloadable
-    message = dit_loader.VALIDATE_INPUTS("my_finetune.safetensors", "auto", "none")
-    assert "my_finetune.safetensors" in message and str(models) in message
-    message = dit_loader.VALIDATE_INPUTS("seedvr2_ema_3b_fp16.safetensors", "gpu", "auto")
+    listed = dit_loader.INPUT_TYPES()["required"]["model"][0]
+    assert dit_loader.VALIDATE_INPUTS("cuda:3", "cuda:0") is True
+    assert "seedvr2_ema_7b_fp16.safetensors" in listed       # downloadable: listed, so it validates
+    assert "my_finetune.safetensors" not in listed           # ComfyUI's combo check rejects it, on `model`
+    with pytest.raises(settings.SettingsError) as error:     # the same name through a link: the loader says why
+        dit_loader().load("my_finetune.safetensors", "auto")
+    assert "my_finetune.safetensors" in str(error.value) and str(models) in str(error.value)
+    message = dit_loader.VALIDATE_INPUTS("gpu", "auto")
     assert "device: 'gpu' is not a device" in message and "offload_device: 'auto' is not a device" in message
-    assert dit_loader.VALIDATE_INPUTS(None, None, None) is True  # linked inputs are checked at run time
+    assert dit_loader.VALIDATE_INPUTS(None, None) is True  # linked inputs are checked at run time
     assert "offload_device: 'cuda:x' is not a device" in nodes["SeedVR2VideoUpscaler"].VALIDATE_INPUTS("cuda:x")
-    assert nodes["SeedVR2LoadVAEModel"].VALIDATE_INPUTS("ema_vae_fp16.safetensors", "mps", "cpu") is True
+    assert nodes["SeedVR2LoadVAEModel"].VALIDATE_INPUTS("mps", "cpu") is True
 
 
 def test_device_fallback_warns_once(cpu_only, caplog):
@@ -574,6 +584,31 @@ def test_progress_drives_the_comfy_bar_by_phase_weight(monkeypatch):
     progress.start_phase("encode", 4)  # a phase started again never moves the bar back
     progress.advance()
     assert updates[-1] == 1000 and updates == sorted(updates)
+
+
+def test_the_bar_moves_inside_a_step_without_flooding(monkeypatch):
+    updates, texts, clock = [], [], [100.0]
+    bar = types.SimpleNamespace(update_absolute=updates.append)
+    monkeypatch.setattr(progress_module, "comfy_utils", types.SimpleNamespace(ProgressBar=lambda total: bar))
+    monkeypatch.setattr(progress_module, "_text_sender", lambda: texts.append)
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    progress_class = progress_module.ComfyProgress
+    progress = progress_class()
+    progress.start_phase("decode", 2)                 # decode owns half of the bar (500 of 1000 steps)
+    steps = [0.01 * i for i in range(1, 60)]          # 59 reports within one step, all at one instant
+    for fraction in steps:
+        progress.within_step(fraction)
+    # The first FREE_UPDATES are shown as they come (fraction f of batch 1 of 2 is 250·f bar steps) ...
+    assert updates[1:] == [round(250 * f) for f in steps[:progress_class.FREE_UPDATES]]
+    clock[0] += 2 * progress_class.MIN_INTERVAL_S
+    progress.within_step(0.6)                          # ... later ones once the interval has passed
+    assert updates[-1] == 150
+    progress.within_step(0.61)                         # too soon, and too small a move
+    progress.within_step(0.2)                          # never backwards
+    assert updates[-1] == 150
+    progress.advance()
+    assert updates[-1] == 250 and updates == sorted(updates)
+    assert texts == ["SeedVR2: decoding, batch 1/2", "SeedVR2: decoding, batch 2/2"]
 
 
 def test_a_finished_run_fills_the_bar_even_without_post_processing():

@@ -16,10 +16,12 @@
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import itertools
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -278,15 +280,71 @@ class HostPrefault:
         if tensor.device.type != "cpu" or tensor.is_pinned() or not tensor.is_contiguous() or tensor.numel() == 0:
             return  # pinned memory is mapped when allocated; GPU memory has no host pages
         step = max(1, self.PAGE_BYTES // tensor.element_size())
-        pages = tensor.view(-1)[::step]
-        self._thread = threading.Thread(target=pages.zero_, name="seedvr2-prefault", daemon=True)
-        self._thread.start()
+        self._thread = start_background("seedvr2-prefault", _touch_pages, tensor.view(-1)[::step])
 
     def wait(self) -> None:
         """Return once every page is mapped (at once if there was nothing to do)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+
+def _touch_pages(pages: torch.Tensor) -> None:
+    # A tensor made under inference mode (ComfyUI runs nodes so) may only be written to under it, and the
+    # mode is per thread: take the tensor's own.
+    with torch.inference_mode(torch.is_inference(pages)):
+        pages.zero_()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Background threads
+# ---------------------------------------------------------------------------------------------------
+
+_BACKGROUND: set[threading.Thread] = set()
+_BACKGROUND_LOCK = threading.Lock()
+_FAILED_ONCE: set[str] = set()
+EXIT_JOIN_SECONDS = 30.0
+
+
+def start_background(name: str, work: Callable[..., None], *args: object) -> threading.Thread:
+    """Run ``work(*args)`` on a named daemon thread that never prints a traceback: a failure is logged once per
+    name (background work only speeds things up; the caller does the work itself if it matters) and every
+    such thread still running at interpreter exit is joined first (a thread still inside PyTorch when the
+    interpreter tears down aborts the process)."""
+
+    def run() -> None:
+        try:
+            work(*args)
+        except BaseException as error:  # noqa: BLE001 - reported once, never raised into the thread's hook
+            if name not in _FAILED_ONCE:
+                _FAILED_ONCE.add(name)
+                logger.warning("SeedVR2: background work %s failed (%s: %s); continuing without it.",
+                               name, type(error).__name__, error)
+        finally:
+            with _BACKGROUND_LOCK:
+                _BACKGROUND.discard(threading.current_thread())
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    with _BACKGROUND_LOCK:
+        _BACKGROUND.add(thread)
+    thread.start()
+    return thread
+
+
+def background_threads() -> list[threading.Thread]:
+    """The background threads started here that are still running."""
+    with _BACKGROUND_LOCK:
+        return [thread for thread in _BACKGROUND if thread.is_alive()]
+
+
+def join_background(timeout: float = EXIT_JOIN_SECONDS) -> None:
+    """Wait (up to ``timeout`` seconds in all) for every background thread started here to end."""
+    deadline = time.monotonic() + timeout
+    for thread in background_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(join_background)
 
 
 # ---------------------------------------------------------------------------------------------------

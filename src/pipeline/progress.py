@@ -3,11 +3,21 @@
 The ComfyUI node passes an adapter around ``comfy.utils.ProgressBar`` and
 ``comfy.model_management.throw_exception_if_processing_interrupted``; the CLI passes a tqdm-based one;
 tests pass :class:`Progress` itself, which does nothing.
+
+The phases count steps (batches).  A single step can take minutes (one 1080p batch on a small GPU), so the
+long loops inside a step (temporal chunks and streamed pieces of the VAE, spatial tiles, DiT blocks, per-frame
+post-processing) call :func:`checkpoint`: it checks for an interrupt and tells the active progress how far
+into the current step the run is.  The loops know nothing of the pipeline: the upscaler makes its progress
+the active one with :func:`reporting`, and each loop narrows the share of the step it owns with :func:`part`
+(nesting: a tile of a chunk of a batch).  Without an active progress :func:`checkpoint` does nothing.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator
+
+import torch
 
 
 class Progress:
@@ -19,10 +29,58 @@ class Progress:
     def advance(self, steps: int = 1) -> None:
         """``steps`` more steps of the current phase are done."""
 
+    def within_step(self, fraction: float) -> None:
+        """The step in progress is ``fraction`` (0 to 1) done; reported from inside long loops."""
+
     def check_interrupt(self) -> None:
-        """Raise if the user asked to stop; called between batches, tiles and layers."""
+        """Raise if the user asked to stop; called between batches, and inside them at every
+        :func:`checkpoint` (tiles, streamed pieces, DiT blocks, post-processing)."""
 
     @contextmanager
     def section(self, name: str) -> Iterator[None]:
         """Mark a timed part of a phase (e.g. "postprocess" inside decoding); benchmarks time these."""
         yield
+
+
+# The progress of the run on this thread (or asyncio task), and the share of its current step that the
+# innermost running loop owns, as (start, stop) fractions of the step.
+_ACTIVE: ContextVar[Progress | None] = ContextVar("seedvr2_progress", default=None)
+_SPAN: ContextVar[tuple[float, float]] = ContextVar("seedvr2_progress_span", default=(0.0, 1.0))
+
+
+@contextmanager
+def reporting(progress: Progress | None) -> Iterator[None]:
+    """Make ``progress`` the one :func:`checkpoint` reports to while the block runs."""
+    active, span = _ACTIVE.set(progress), _SPAN.set((0.0, 1.0))
+    try:
+        yield
+    finally:
+        _SPAN.reset(span)
+        _ACTIVE.reset(active)
+
+
+@contextmanager
+def part(index: int, count: int) -> Iterator[None]:
+    """While the block runs, the innermost loop's share is its ``index``-th of ``count`` equal parts."""
+    start, stop = _SPAN.get()
+    width = (stop - start) / max(count, 1)
+    token = _SPAN.set((start + width * index, start + width * (index + 1)))
+    try:
+        yield
+    finally:
+        _SPAN.reset(token)
+
+
+def checkpoint(done: float | None = None) -> None:
+    """Called between the iterations of a long loop: raise if the user asked to stop, and report that the
+    loop's share of the current step is ``done`` (0 to 1) complete (None: only check for an interrupt)."""
+    if torch.compiler.is_compiling():
+        return  # inside a compiled region (the plain VAE's compiled forward): no graph break
+    progress = _ACTIVE.get()
+    if progress is None:
+        return
+    progress.check_interrupt()
+    if done is None:
+        return
+    start, stop = _SPAN.get()
+    progress.within_step(start + (stop - start) * min(max(done, 0.0), 1.0))

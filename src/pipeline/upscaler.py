@@ -35,8 +35,8 @@ from .color_correction import color_correct
 from .devices import resolve_device
 from .finite import NonFiniteError, check_batch, input_scale
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
-from .model_manager import ManagedModel, ModelManager, compute_dtype, default_manager
-from .progress import Progress
+from .model_manager import ManagedModel, ModelManager, compute_dtype, default_manager, dit_working_bytes
+from .progress import Progress, checkpoint, reporting
 from .restoration import (
     RandomDraws, VAETiling, condition_latent, decode_latent, dit_velocity, draw_randoms, encode_posterior,
     restore_latent,
@@ -440,13 +440,16 @@ class _Runner:
                                                  dtype=model.dtype, piece_bytes=runtime.piece_bytes,
                                                  fused_norm=runtime.compile_norm)
 
-    def _dit(self) -> ManagedModel:
+    def _dit(self, latent_shapes: list[tuple[int, int, int]] = ()) -> ManagedModel:
+        """The DiT on its device, with room made for the activations of the largest of ``latent_shapes``."""
         if self.dit is None:
             loading, self._dit_loading = self._dit_loading, None
             with timing.span("wait_dit_load"):
                 self.dit = loading.result() if loading is not None else self.manager.dit(self.dit_spec)
             _optimize(self.dit, self.dit_spec)
-        self.dit.activate()
+        config = getattr(self.dit.model, "config", None)
+        required = dit_working_bytes(config, latent_shapes, self.dit.dtype) if config and latent_shapes else 0
+        self.dit.activate(memory_required=required)
         return self.dit
 
     def close(self) -> None:
@@ -501,19 +504,25 @@ class _Runner:
         parallel = self.parallel.resolve(len(batches))
         # Maps the result's pages while the GPU encodes.
         prefault = stable_memory.HostPrefault(out[held:]) if out is not None else None
-        with self._phase("encode", self.vae_spec):
-            latents = self._encode_phase(source, batches, geometry, parallel)
-        if parallel.mode == "windows":
-            latents = parallel.share_latents(latents, clip_parallel.communication_device())
-        with self._phase("upscale", self.dit_spec):
-            latents = self._upscale_phase(latents, batches, parallel)
-        if prefault is not None:
-            prefault.wait()
-        with self._phase("decode", self.vae_spec):
-            self._decode_phase(latents, source, batches, geometry, out, out_start - base, parallel)
+        # The inner loops (VAE chunks, pieces and bands, DiT blocks) report to this run's progress.
+        try:
+            with reporting(self.progress):
+                with self._phase("encode", self.vae_spec):
+                    latents = self._encode_phase(source, batches, geometry, parallel)
+                if parallel.mode == "windows":
+                    latents = parallel.share_latents(latents, clip_parallel.communication_device())
+                with self._phase("upscale", self.dit_spec):
+                    latents = self._upscale_phase(latents, batches, parallel)
+                if prefault is not None:
+                    prefault.wait()
+                with self._phase("decode", self.vae_spec):
+                    self._decode_phase(latents, source, batches, geometry, out, out_start - base, parallel)
+        finally:
+            if prefault is not None:
+                prefault.wait()  # an interrupted run leaves no thread behind
 
     def alpha_phase(self, alpha: torch.Tensor, out: torch.Tensor) -> None:
-        with self._phase("postprocess", self.vae_spec):
+        with reporting(self.progress), self._phase("postprocess", self.vae_spec):
             self._alpha_phase(alpha, out)
 
     @contextmanager
@@ -583,7 +592,7 @@ class _Runner:
         progress.start_phase("upscale", len(conds))
         if self.vae is not None:
             self.vae.park()
-        dit = self._dit()
+        dit = self._dit([tuple(cond.shape[:3]) for cond in conds if cond is not None])
         positive, negative = text_embeddings(dit.device, dit.dtype, getattr(dit.model, "file_conditioning", None),
                                              Path(str(dit.info.get("path", "the DiT file"))).name)
         model = dit.model
@@ -637,6 +646,7 @@ class _Runner:
                                            self._tiling("decode"), batch.padded_length)
             latents[index] = None
             with progress.section("postprocess"), timing.accumulate("postprocess"):
+                checkpoint(1.0)
                 frames = crop(decoded[: batch.length], geometry.height, geometry.width).float()
                 del decoded
                 style = to_model_range(self._batch_pixels(extended, batch, geometry, vae.device))
@@ -644,6 +654,7 @@ class _Runner:
                 self._check(frames, "VAE decode and colour correction", batch)
                 self._draw_tile_debug(frames, geometry)
                 frames = from_model_range(frames.clamp_(-1, 1)).permute(0, 2, 3, 1)
+                checkpoint(1.0)
                 if out is None:
                     parallel.send_frames(frames, clip_parallel.communication_device())
                 else:

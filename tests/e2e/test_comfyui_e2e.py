@@ -1,7 +1,7 @@
-"""The pack inside a real ComfyUI 0.8.0 server (CPU), driven like the web UI by comfy_run.py.
+"""The pack inside a real ComfyUI server (CPU), driven like the web UI by comfy_run.py.
 
-Needs ``COMFYUI_DIR`` (a ComfyUI checkout with its ``.venv``; see shared/comfyui/README.md); skipped
-otherwise.  One server boot runs every workflow in order: the three graphs of the earlier pack's
+Needs ``COMFYUI_DIR`` (ComfyUI checkouts with their ``.venv``, several separated by ``os.pathsep``; see
+tests/e2e/README.md); skipped otherwise.  For each checkout one server boot runs every workflow in order: the three graphs of the earlier pack's
 examples (scaled down for CPU), our example workflows, then error cases, each followed by a good run
 that proves the server is still healthy.  The models are the golden tiny models (released architectures,
 random weights) saved under the released file names.
@@ -9,7 +9,6 @@ random weights) saved under the released file names.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,19 +20,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from comfy_dirs import (
+    COMFY_RUN, COMFYUI_DIRS, ONLY_THIS_PACK, SKIP_REASON, has_native_seedvr2, ids, native_seedvr2_nodes,
+    progress_throttle_s, stray_tracebacks,
+)
 from conftest import GOLDEN_DIR, REPO_ROOT, import_pack
 from ui_workflow import image_upscale_workflow, video_upscale_workflow
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-COMFY_RUN = Path(os.environ.get("COMFY_RUN", REPO_ROOT.parent / "shared" / "comfyui" / "comfy_run.py"))
 NODES = ["SeedVR2VideoUpscaler", "SeedVR2LoadDiTModel", "SeedVR2LoadVAEModel", "SeedVR2TorchCompileSettings"]
 INTERRUPT_TITLE = "SeedVR2 interrupt target"
+WRONG_KIND = "seedvr2_ema_7b_fp16.safetensors"
 WORKFLOW_TIMEOUT_S = 300
 
-pytestmark = pytest.mark.skipif(
-    not COMFYUI_DIR,
-    reason="end-to-end tests need a ComfyUI 0.8.0 checkout: set COMFYUI_DIR (see shared/comfyui/README.md)",
-)
+pytestmark = pytest.mark.skipif(not COMFYUI_DIRS, reason=SKIP_REASON)
 
 # Widget values in the earlier pack's order (doc §8), scaled down for a CPU and the tiny models.
 DIT_FP8 = ["seedvr2_ema_3b_fp8_e4m3fn.safetensors", "cuda:0", 0, False, "none", False, "sdpa"]
@@ -67,6 +66,7 @@ def write_tiny_models(folder: Path) -> None:
     vae = cast("vae_weights.safetensors", torch.float16)
     save_file(vae, str(folder / "ema_vae_fp16.safetensors"))
     save_file(vae, str(folder / "restoration_decoder.safetensors"))
+    save_file(vae, str(folder / WRONG_KIND))  # a VAE under a released DiT name: listed for the DiT loader
 
 
 def write_comfy_org_models(models: Path) -> None:
@@ -159,6 +159,8 @@ def build_workflows(folder: Path, classes: dict) -> list[tuple[str, Path]]:
     wrong_model = ["ema_vae_fp16.safetensors", *DIT_FP8[1:]]
     workflows += [
         ("wrong_model", image_upscale_workflow(classes, "e2e_image.png", wrong_model, VAE_PLAIN, upscaler_values())),
+        ("wrong_kind", image_upscale_workflow(classes, "e2e_image.png", [WRONG_KIND, *DIT_FP8[1:]], VAE_PLAIN,
+                                              upscaler_values())),
         ("after_wrong_model", healthy(1)),
         ("impossible_max_resolution", image_upscale_workflow(classes, "e2e_image.png", DIT_FP8, VAE_PLAIN,
                                                              upscaler_values(max_resolution=8))),
@@ -208,9 +210,10 @@ def interrupt_when_running(port: int, stop: threading.Event, delay_s: float = 3.
                 return
 
 
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    """Run comfy_run.py once; returns (report, object_info, {workflow key: workflow report})."""
+@pytest.fixture(scope="module", params=COMFYUI_DIRS, ids=ids())
+def comfy(request, tmp_path_factory):
+    """Run comfy_run.py once per checkout; returns (report, object_info, {workflow key: workflow report})."""
+    comfyui_dir = request.param
     if not COMFY_RUN.is_file():
         pytest.skip(f"comfy_run.py not found at {COMFY_RUN} (set COMFY_RUN)")
     root = tmp_path_factory.mktemp("comfy_e2e")
@@ -227,12 +230,13 @@ def comfy(tmp_path_factory):
     workflows = build_workflows(root, import_pack().NODE_CLASS_MAPPINGS)
 
     port = free_port()
+    expected = NODES + (native_seedvr2_nodes(comfyui_dir) if has_native_seedvr2(comfyui_dir) else [])
     command = [
-        sys.executable, str(COMFY_RUN), "--comfy", COMFYUI_DIR, "--pack", str(REPO_ROOT), "--port", str(port),
+        sys.executable, str(COMFY_RUN), "--comfy", comfyui_dir, "--pack", str(REPO_ROOT), "--port", str(port),
         "--models", str(root / "models"), "--input-dir", str(inputs), "--output-dir", str(root / "output"),
-        "--expect-node", ",".join(NODES), "--dump-object-info", str(root / "object_info.json"),
+        "--expect-node", ",".join(expected), "--dump-object-info", str(root / "object_info.json"),
         "--timeout", str(WORKFLOW_TIMEOUT_S), "--report", str(root / "report.json"), "--log-lines", "200",
-        "--log", str(root / "server.log"),
+        "--log", str(root / "server.log"), *(f"--server-arg={arg}" for arg in ONLY_THIS_PACK),
     ]
     for _key, path in workflows:
         command += ["--workflow", str(path)]
@@ -249,6 +253,7 @@ def comfy(tmp_path_factory):
     by_key = {key: run for (key, _path), run in zip(workflows, report.get("workflows", []))}
     log_file = root / "server.log"
     report["server_log"] = log_file.read_text(errors="replace") if log_file.exists() else ""
+    report["comfyui_dir"] = comfyui_dir
     return report, object_info, by_key
 
 
@@ -362,12 +367,49 @@ def test_progress_bar_moves_during_the_upscale(comfy):
     assert len(values) >= 4 and values == sorted(values) and values[-1] == 1000, ticks
 
 
+@pytest.mark.parametrize("key", ["simple_image", "hd_video"])
+def test_progress_moves_inside_every_phase(comfy, key):
+    """The bar's shares (nodes/progress.py): encode [0, 200), DiT [200, 450), decode [450, 950); a single
+    image (one batch per phase) still moves inside each."""
+    if progress_throttle_s(comfy[0]["comfyui_dir"]):
+        pytest.skip("this ComfyUI sends at most one progress message per "
+                    f"{progress_throttle_s(comfy[0]['comfyui_dir'])} s, longer than these phases last; "
+                    "test_comfyui_lifecycle checks progress inside the phases of a slower single image")
+    values = [t["value"] for t in comfy[2][key].get("progress_ticks", []) if t["max"] == 1000]
+    for low, high in ((0, 200), (200, 450), (450, 950)):
+        assert len({v for v in values if low < v < high}) >= 3, (low, high, values)
+
+
+def test_comfyuis_own_seedvr2_nodes_load_beside_ours(comfy):
+    report = comfy[0]
+    if not has_native_seedvr2(report["comfyui_dir"]):
+        pytest.skip("this ComfyUI has no SeedVR2 nodes of its own")
+    native = native_seedvr2_nodes(report["comfyui_dir"])
+    assert native and report["expected_nodes"]["missing"] == [], report["expected_nodes"]
+    assert not [f for f in report.get("builtin_import_failures", []) if "seedvr" in f["module"].lower()]
+
+
+def test_no_traceback_in_the_server_log(comfy):
+    """Over the whole run, error cases included: the only tracebacks are ComfyUI's reports of the node errors
+    the error cases provoke; no thread prints one (the prefault thread did on every run)."""
+    assert stray_tracebacks(comfy[0]["server_log"]) == []
+
+
 def test_vae_file_selected_as_dit_is_a_clear_loader_error(comfy):
-    run = comfy[2]["wrong_model"]
+    run = comfy[2]["wrong_kind"]
     assert run["status"] == "failed"
     node, message = node_error(run)
     assert node == "SeedVR2LoadDiTModel", explain(run)
-    assert "ema_vae_fp16.safetensors" in message and "VAE" in message
+    assert WRONG_KIND in message and "VAE" in message
+
+
+def test_a_vae_name_in_the_dit_loader_is_one_validation_error_on_model(comfy):
+    """The DiT combo does not list the released VAE: ComfyUI rejects it once, on the ``model`` input."""
+    run = comfy[2]["wrong_model"]
+    assert run["failure"].startswith("prompt rejected"), explain(run)
+    errors = [e for node in run["node_errors"].values() for e in node["errors"]]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["model"], errors
+    assert "ema_vae_fp16.safetensors" in errors[0]["details"]
 
 
 def test_impossible_resolution_is_a_clear_error(comfy):
@@ -387,6 +429,8 @@ def test_unknown_device_name_is_rejected_at_validation(comfy):
     (errors,) = [node["errors"] for node in run["node_errors"].values()]
     details = [e["details"] for e in errors if e["type"] == "custom_validation_failed"]
     assert details and all("device: 'tpu' is not a device" in d for d in details), errors
+    # ComfyUI attaches the answer to each input VALIDATE_INPUTS takes: the two device inputs, never the model.
+    assert {e["extra_info"]["input_name"] for e in errors} <= {"device", "offload_device"}, errors
 
 
 def test_zero_frames_is_a_clear_error(comfy):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from . import graph_breaks
+from ...pipeline.progress import checkpoint
 from .block import NaDiTBlock
 from .config import NaDiTConfig
 from .embedding import TimeEmbedding
@@ -72,7 +73,8 @@ class NaDiT(nn.Module):
         # (B, d, slot, role): slots (attn, mlp), roles (shift, scale, gate); see modulation.py.
         time = self.emb_in(timestep, dtype).unflatten(-1, (config.vid_dim, 2, 3))
         plans = self._window_plans(layout, vid.device)
-        for block in self.blocks:
+        for number, block in enumerate(self.blocks):
+            checkpoint(number / len(self.blocks))  # an interrupt lands between blocks
             x_vid, x_txt = block(x_vid, x_txt, time, layout, plans[block.window, block.window_method])
 
         if self.vid_out_norm is not None:

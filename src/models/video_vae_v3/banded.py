@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...pipeline.progress import checkpoint
 from .causal_conv import CausalConv3d
 from .mid_block import MidBlockAttention
 from .resampling import Downsampler3D, Upsampler3D, pixel_shuffle_3d
@@ -241,6 +242,7 @@ class BandedRunner:
         group_stats = GroupStats(self.groups, self.stat_dtype) if stats else None
         spans = self.plan.spans(out_height, out_width)
         for number, (top, bottom) in enumerate(spans):
+            checkpoint()  # Cancel lands between bands
             lo, hi = max(0, top * sh - ph), min(source.height, (bottom - 1) * sh - ph + kh)
             new = source.rows(lo, hi)
             batch = new.shape[0]
@@ -322,18 +324,21 @@ class BandedRunner:
     # ----------------------------------------------------------------------------------------- networks
     def encode(self, encoder: "Encoder3D", video: torch.Tensor, memory: CausalMemory) -> Activation:
         act = self.convolve(encoder.conv_in, _TensorRows(video, self), memory)
-        for level in encoder.down_blocks:
+        for index, level in enumerate(encoder.down_blocks):
+            checkpoint(index / (len(encoder.down_blocks) + 1))  # progress per level
             for block in level.resnets:
                 act = self.resnet(block, act, memory)
             for block in level.downsamplers:
                 act = self.down(block, act, memory)
+        checkpoint(len(encoder.down_blocks) / (len(encoder.down_blocks) + 1))
         act = self.mid(encoder.mid_block, act, memory)
         return self.convolve(encoder.conv_out, self.normalized(act, encoder.conv_norm_out), memory, stats=False)
 
     def decode(self, decoder: "Decoder3D", z: torch.Tensor, memory: CausalMemory) -> Activation:
         act = self.convolve(decoder.conv_in, _TensorRows(z, self), memory)
         act = self.mid(decoder.mid_block, act, memory)
-        for level in decoder.up_blocks:
+        for index, level in enumerate(decoder.up_blocks):
+            checkpoint((index + 1) / (len(decoder.up_blocks) + 1))  # progress per level
             for block in level.resnets:
                 act = self.resnet(block, act, memory)
             for block in level.upsamplers:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...pipeline.progress import checkpoint
 from .causal_conv import CausalConv3d
 from .config import VAEConfig
 from .frame_norm import FrameGroupNorm
@@ -66,7 +67,8 @@ class Decoder3D(nn.Module):
     def forward(self, z: torch.Tensor, memory: Optional[CausalMemory] = None) -> torch.Tensor:
         x = self.conv_in(z, memory)
         x = self.mid_block(x, memory)
-        for level in self.up_blocks:
+        for number, level in enumerate(self.up_blocks):
+            checkpoint(number / len(self.up_blocks))  # an interrupt lands between levels
             x = level(x, memory)
         x = F.silu(self.conv_norm_out(x), inplace=True)  # releases the widest full-resolution activation
         return self.conv_out(x, memory)

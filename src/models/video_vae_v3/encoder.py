@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...pipeline.progress import checkpoint
 from .causal_conv import CausalConv3d
 from .config import VAEConfig
 from .frame_norm import FrameGroupNorm
@@ -63,8 +64,10 @@ class Encoder3D(nn.Module):
 
     def forward(self, video: torch.Tensor, memory: Optional[CausalMemory] = None) -> torch.Tensor:
         x = self.conv_in(video, memory)
-        for level in self.down_blocks:
+        for number, level in enumerate(self.down_blocks):
+            checkpoint(number / (len(self.down_blocks) + 1))  # an interrupt lands between levels
             x = level(x, memory)
+        checkpoint(len(self.down_blocks) / (len(self.down_blocks) + 1))
         x = self.mid_block(x, memory)
         x = F.silu(self.conv_norm_out(x), inplace=True)
         return self.conv_out(x, memory)

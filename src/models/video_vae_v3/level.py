@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
+from ...pipeline.progress import checkpoint
 from .resnet import ResnetBlock3D
 from .temporal_slicing import CausalMemory, Stage
 
@@ -31,6 +32,7 @@ class ResnetLevel(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: Optional[CausalMemory] = None) -> torch.Tensor:
         for resnet in self.resnets:
+            checkpoint()
             x = resnet(x, memory)
         for resampler in self.resamplers:
             x = resampler(x, memory)

@@ -16,6 +16,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from ...pipeline.progress import checkpoint, part
+
 
 class CausalMemory:
     """The trailing input frames of every causal convolution, kept for the next chunk of the same clip.
@@ -88,10 +90,12 @@ def run_sliced(
     memory = None if step is None else CausalMemory()
     out: Optional[torch.Tensor] = None
     filled = 0
-    for start, stop in bounds:
+    for number, (start, stop) in enumerate(bounds):
         if memory is not None:
             memory.last_chunk = stop == clip.shape[2]
-        piece = run_chunk(clip[:, :, start:stop], memory)
+        checkpoint(number / len(bounds))
+        with part(number, len(bounds)):
+            piece = run_chunk(clip[:, :, start:stop], memory)
         if out is None:
             out = torch.empty(
                 (*piece.shape[:2], out_frames, *piece.shape[3:]), dtype=out_dtype, device=out_device
@@ -116,24 +120,32 @@ class Stage(NamedTuple):
 
 
 def _run_pieces(stages: Sequence[Stage], x: torch.Tensor, first_stage: int, memory: CausalMemory,
-                piece_bytes: int, outputs: list[torch.Tensor], last: bool) -> None:
+                piece_bytes: int, outputs: list[torch.Tensor], last: bool, span: tuple[float, float] = (0.0, 1.0)
+                ) -> None:
     """Run ``x`` from ``stages[first_stage]`` on, splitting it into pieces before any stage it would overflow.
     ``last``: no later piece of the clip will reach these stages, so their look-back need not be kept.
+    ``span``: the share of the chunk's progress that these stages of this piece stand for; every stage is a
+    :func:`checkpoint` (a piece of a 1080p frame through one stage takes a fraction of a second on a GPU).
 
     A plain recursive function, not a closure: a self-referencing closure would form a reference cycle
     that keeps the causal memory (gigabytes at 1080p) alive until Python's cycle collector happens to run.
     """
+    begin, end = span
     for index in range(first_stage, len(stages)):
         if x.shape[2] == 0:
             return
+        done = begin + (end - begin) * (index - first_stage) / (len(stages) - first_stage)
         stage = stages[index]
         frame_bytes = x[:, :, 0].numel() * x.element_size() * stage.growth
         frames = max(1, int(piece_bytes // frame_bytes))
         if x.shape[2] > frames:
             pieces = x.split(frames, dim=2)
+            share = (end - done) / len(pieces)
             for number, piece in enumerate(pieces, start=1):
-                _run_pieces(stages, piece, index, memory, piece_bytes, outputs, last and number == len(pieces))
+                _run_pieces(stages, piece, index, memory, piece_bytes, outputs, last and number == len(pieces),
+                            (done + share * (number - 1), done + share * number))
             return
+        checkpoint(done)
         memory.closing = last
         try:
             x = stage.run(x, memory)
