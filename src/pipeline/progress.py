@@ -13,11 +13,10 @@ the active one with :func:`reporting`, and each loop narrows the share of the st
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator
-
-import torch
 
 
 class Progress:
@@ -74,7 +73,8 @@ def part(index: int, count: int) -> Iterator[None]:
 def checkpoint(done: float | None = None) -> None:
     """Called between the iterations of a long loop: raise if the user asked to stop, and report that the
     loop's share of the current step is ``done`` (0 to 1) complete (None: only check for an interrupt)."""
-    if torch.compiler.is_compiling():
+    torch = sys.modules.get("torch")  # not imported here: the CLI's console uses this module before torch
+    if torch is not None and torch.compiler.is_compiling():
         return  # inside a compiled region (the plain VAE's compiled forward): no graph break
     progress = _ACTIVE.get()
     if progress is None:
