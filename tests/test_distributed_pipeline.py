@@ -40,8 +40,12 @@ def _ranks_upscale(rank: int, world: int, mode: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single_process() -> dict:
-    return _upscale_all("auto")
+def single_process(tmp_path_factory) -> dict:
+    # In a process of its own (a group of one: no parallelism), like the parallel runs: the optimized pipeline
+    # imports Triton, which must not happen in the test process before the Triton interpreter tests choose
+    # their mode (tests/triton_interpreter.py).
+    (result,) = run_ranks(1, tmp_path_factory.mktemp("single"), _ranks_upscale, "auto")
+    return result
 
 
 @pytest.mark.parametrize("world,mode", [(2, "auto"), (2, "windows"), (4, "auto")])
