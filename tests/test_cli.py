@@ -21,9 +21,9 @@ from src.pipeline import media
 from src.pipeline.settings import COLOR_CORRECTIONS, VAE_QUANTIZATIONS
 
 
-def _write_mp4(path, frames=6, width=48, height=32):
+def _write_mp4(path, frames=6, width=48, height=32, rate=8):
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=8)
+        stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(frames):
             y, x = np.mgrid[0:height, 0:width]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import av
+from test_cli import _write_mp4  # the clip the CLI tests use
 import numpy as np
 import pytest
 import torch
@@ -43,19 +44,6 @@ def _leftovers(folder: Path):
 def _models():
     return ["--dit_model", str(golden_path("dit3b_weights.safetensors")),
             "--vae_model", str(golden_path("vae_weights.safetensors")), "--device", "cpu"]
-
-
-def _write_mp4(path, frames, width=48, height=32, rate=8):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            y, x = np.mgrid[0:height, 0:width]
-            frame = np.stack([(x * 5 + i * 9) % 256, (y * 7) % 256, np.full_like(x, 128)], -1).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 # ------------------------------------------------------------------------------------------- conversion
