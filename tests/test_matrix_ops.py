@@ -271,3 +271,21 @@ def test_library_kernels_run_outside_the_compiled_graph():
         out = torch.compile(lambda a, b, c: attention(a, b, c) * 2, backend="eager")(q, k, v)
     assert calls == [False], "a non-traceable kernel must run eagerly, as a graph break"
     assert rel(out, 2 * reference_attention(q, k, v)) <= 1e-5
+
+
+def test_a_backend_named_in_the_call_wins_over_the_selection():
+    calls = []
+
+    def recording_kernel(q, k, v):
+        calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    register_backend(AttentionBackend("recording", recording_kernel, devices=("cpu",)))
+    q, k, v = qkv(1, 2, 8, 8, 16)
+    with attention_backend("sdpa"):
+        out = attention(q, k, v, backend="recording")
+        attention(q, k, v)
+    assert len(calls) == 1, "only the call that named the backend may run it"
+    assert rel(out, reference_attention(q, k, v)) <= 1e-5
+    with pytest.raises(UnknownAttentionBackendError):
+        attention(q, k, v, backend="no_such_backend")

@@ -469,15 +469,19 @@ def prepare_for_compile() -> None:
         _compile_ready = True
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √head_dim) v for ``(batch, heads, seq, head_dim)`` tensors, no mask."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √head_dim) v for ``(batch, heads, seq, head_dim)`` tensors, no mask, computed by the
+    backend named ``backend`` (None: the one selected by :func:`attention_backend`)."""
     if q.dim() != 4:
         raise ValueError(f"attention expects (batch, heads, seq, head_dim) tensors, got q of shape {tuple(q.shape)}.")
-    key = (_selected.name, q.device, q.dtype, q.shape[-1])
-    backend = _BACKENDS[_resolution(*key)]
-    if backend.name == PLAIN or (backend.traceable and torch.compiler.is_compiling()):
-        return backend.run(q, k, v)
-    return _run_outside_graph(backend, key, q, k, v)
+    name = _selected.name if backend is None else backend
+    if backend is not None:
+        _check_name(name)
+    key = (name, q.device, q.dtype, q.shape[-1])
+    chosen = _BACKENDS[_resolution(*key)]
+    if chosen.name == PLAIN or (chosen.traceable and torch.compiler.is_compiling()):
+        return chosen.run(q, k, v)
+    return _run_outside_graph(chosen, key, q, k, v)
 
 
 # ---------------------------------------------------------------------------------------------------
