@@ -33,25 +33,39 @@ class NonFiniteError(RuntimeError):
     """A model produced NaN or infinite values; the message says where and what to try."""
 
 
-def _minmax(tensor: torch.Tensor) -> tuple[float, float]:
-    """(min, max) of a floating tensor; NaN when it holds a NaN (float8 is read through float16)."""
+def _device_minmax(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of a floating tensor as 0-dim float32 tensors on its device, NaN when it holds a NaN
+    (``aminmax`` and ``min``/``max`` propagate NaN; float8 is read through float16).  Nothing is read back to
+    the host, so a caller checking many tensors waits for the device once."""
     flat = tensor.detach().reshape(-1)
-    low, high = math.inf, -math.inf
+    lows, highs = [], []
     for start in range(0, flat.numel(), SLICE_ELEMENTS):
         part = flat[start:start + SLICE_ELEMENTS]
         if part.element_size() == 1:
             part = part.to(torch.float16)  # float8: every value fits
         lo, hi = torch.aminmax(part)
-        lo, hi = float(lo), float(hi)
-        if math.isnan(lo) or math.isnan(hi):
-            return math.nan, math.nan
-        low, high = min(low, lo), max(high, hi)
+        lows.append(lo.float())
+        highs.append(hi.float())
+    if len(lows) == 1:
+        return lows[0], highs[0]
+    return torch.stack(lows).min(), torch.stack(highs).max()
+
+
+def _minmax(tensor: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a floating tensor; NaN when it holds a NaN."""
+    low, high = torch.stack(_device_minmax(tensor)).tolist()
+    if math.isnan(low) or math.isnan(high):
+        return math.nan, math.nan
     return low, high
 
 
+def _finite_flag(tensor: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on the tensor's device: True when every value is finite."""
+    return torch.isfinite(torch.stack(_device_minmax(tensor))).all()
+
+
 def is_finite(tensor: torch.Tensor) -> bool:
-    low, high = _minmax(tensor)
-    return math.isfinite(low) and math.isfinite(high)
+    return bool(_finite_flag(tensor).item())
 
 
 def _frame_list(indices: list[int]) -> str:
@@ -101,15 +115,24 @@ def input_scale(images: torch.Tensor, scale: float | None = None) -> float:
 
 def check_weights(model: torch.nn.Module, path) -> None:
     """Refuse a model whose floating-point weights hold NaN or infinite values (integer and packed
-    quantized storage is skipped: it has no NaN)."""
+    quantized storage is skipped: it has no NaN).
+
+    One flag per tensor stays on its device and each device is read back once: a host round trip per tensor
+    would wait, thousands of times, behind whatever else the device runs (the DiT loads during the encode)."""
+    flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
             continue
-        if not is_finite(tensor):
-            raise SettingsError(
-                f"{path}: the weight {name!r} holds NaN or infinite values, so every output would be NaN (an "
-                f"all-black video). The file is corrupt or was converted wrongly; download or convert it again."
-            )
+        flags.setdefault(tensor.device, []).append((name, _finite_flag(tensor)))
+    for entries in flags.values():
+        stacked = torch.stack([flag for _, flag in entries])
+        if bool(stacked.all().item()):
+            continue
+        bad = int((~stacked).nonzero()[0, 0].item())
+        raise SettingsError(
+            f"{path}: the weight {entries[bad][0]!r} holds NaN or infinite values, so every output would be NaN (an "
+            f"all-black video). The file is corrupt or was converted wrongly; download or convert it again."
+        )
 
 
 def check_batch(tensor: torch.Tensor, phase: str, first_frame: int, frames: int) -> None:
