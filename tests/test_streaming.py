@@ -67,6 +67,7 @@ def _fake_batches(self, source, base, batches, geometry, out, out_start, held=0)
         frames = source[batch.start - base:batch.stop - base, ..., :3] + 0.001 * batch.start
         local = upscaler_module.replace(batch, start=batch.start - base, stop=batch.stop - base)
         upscaler_module._write_batch(out, frames, local, out_start - base)
+        yield batches.index(batch)
 
 
 @pytest.mark.parametrize("frames,chunk,batch_size,overlap,prepend", [
@@ -198,3 +199,34 @@ def test_the_default_chunk_fits_the_memory_budget():
     assert auto_chunk_frames(540, 960, 3, UpscaleSettings(resolution=1080, batch_size=33, temporal_overlap=3),
                              budget=4 << 30) == 120
     assert auto_chunk_frames(540, 960, 3, settings, budget=1) == 5   # never less than one batch
+
+
+@pytest.mark.parametrize("overlap,expected", [
+    # batches [0,5) [5,10) [10,15) complete in the chunk, [15,17) ends the clip
+    (0, [("written", 0), ("yielded", 5), ("written", 5), ("yielded", 5), ("written", 10), ("yielded", 5),
+         ("written", 15), ("yielded", 2)]),
+    # batches start every 3 frames; the last one's 2 frames that a next batch could blend into come at the end
+    (2, [("written", 0), ("yielded", 3), ("written", 3), ("yielded", 3), ("written", 6), ("yielded", 3),
+         ("written", 9), ("yielded", 3), ("written", 12), ("yielded", 3), ("yielded", 2)]),
+])
+def test_a_chunk_of_several_batches_yields_each_batch_once_it_is_written(monkeypatch, overlap, expected):
+    """The writer gets a batch's final frames while the chunk's later batches still decode."""
+    events = []
+
+    def recording_batches(self, source, base, batches, geometry, out, out_start, held=0):
+        for index in _fake_batches(self, source, base, batches, geometry, out, out_start, held):
+            events.append(("written", batches[index].start))
+            yield index
+
+    monkeypatch.setattr(upscaler_module._Runner, "run_batches", recording_batches)
+    settings = UpscaleSettings(resolution=16, batch_size=5, temporal_overlap=overlap)
+    clip = torch.rand(17, 16, 16, 3)
+    whole = upscale(clip, DiTSpec(model="unused"), VAESpec(model="unused"), settings, manager=ModelManager())
+    events.clear()
+    parts = []
+    for part in upscale_stream([clip], DiTSpec(model="unused"), VAESpec(model="unused"), settings,
+                               manager=ModelManager()):
+        events.append(("yielded", part.shape[0]))
+        parts.append(part)
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+    assert events == expected

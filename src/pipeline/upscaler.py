@@ -319,14 +319,22 @@ class _BatchStream:
             held = 0 if self.tail is None else self.tail.shape[0]
             if held:
                 out[:held] = self.tail
-        self.runner.run_batches(self.source, self.base, batches, self.geometry, out, start, held)
+        for written in self.runner.run_batches(self.source, self.base, batches, self.geometry, out, start, held):
+            # Frames before the next batch's start are final as soon as this batch is written: the writer
+            # encodes them while the later batches decode.
+            # (RGBA waits for the end: its alpha phase must not run inside the decode phase.)
+            if out is not None and written + 1 < len(batches) and self.frame_shape[-1] != 4:
+                ready = min(batches[written + 1].start, stop)
+                if ready > self.emitted:
+                    yield from self._emit(out[self.emitted - start:ready - start], self.emitted)
         # Frames before the next batch's start are final; with the clip's end, all of them.
         done = stop if final else max(min(batches[-1].start + self.step, stop), start)
         if out is None:
             self.emitted = done
         else:
             self.tail = out[done - start:].clone() if done < stop else None
-            yield from self._emit(out[: done - start], start)
+            if done > self.emitted:
+                yield from self._emit(out[self.emitted - start:done - start], self.emitted)
         # Keep the source frames of the batches still to come.
         keep_from = self.next_batch * self.step
         if keep_from > self.base:
@@ -481,14 +489,16 @@ class _Runner:
         if settings.enable_debug:
             log.info("SeedVR2: %d frame(s) %dx%d -> %dx%d in %d batch(es) of up to %d", num_frames, in_w, in_h,
                      width, height, len(plan.batches), settings.batch_size)
-        self.run_batches(extended, 0, plan.batches, geometry, out, plan.prepend_frames)
+        for _ in self.run_batches(extended, 0, plan.batches, geometry, out, plan.prepend_frames):
+            pass
         if channels == 4 and out is not None:
             self.alpha_phase(frames[..., 3:], out)
         return out
 
     def run_batches(self, source: torch.Tensor, base: int, batches: tuple[Batch, ...], geometry: ClipGeometry,
-                    out: torch.Tensor | None, out_start: int, held: int = 0) -> None:
-        """Encode, restore and decode ``batches`` (extended-clip indices), writing into ``out``.
+                    out: torch.Tensor | None, out_start: int, held: int = 0) -> Iterator[int]:
+        """Encode, restore and decode ``batches`` (extended-clip indices), writing into ``out``; yields the
+        index (in ``batches``) of each batch as soon as it is written.
 
         ``source`` holds the extended clip's frames from index ``base`` on, ``out`` its output frames from
         ``out_start`` on (batch frames before ``out_start`` are dropped: prepended frames); its first ``held``
@@ -516,7 +526,8 @@ class _Runner:
                 if prefault is not None:
                     prefault.wait()
                 with self._phase("decode", self.vae_spec):
-                    self._decode_phase(latents, source, batches, geometry, out, out_start - base, parallel)
+                    yield from self._decode_phase(latents, source, batches, geometry, out, out_start - base,
+                                                  parallel)
         finally:
             if prefault is not None:
                 prefault.wait()  # an interrupted run leaves no thread behind
@@ -626,8 +637,9 @@ class _Runner:
 
     def _decode_phase(self, latents: list[torch.Tensor | None], extended: torch.Tensor, batches: tuple[Batch, ...],
                       geometry: ClipGeometry, out: torch.Tensor | None, out_start: int,
-                      parallel: clip_parallel.ClipParallel) -> None:
-        """Decode this process's batches; rank 0 (``out``) writes them all, in order, cross-fading overlaps."""
+                      parallel: clip_parallel.ClipParallel) -> Iterator[int]:
+        """Decode this process's batches; rank 0 (``out``) writes them all, in order, cross-fading overlaps,
+        and yields each batch's index once it is written."""
         settings, progress = self.settings, self.progress
         progress.start_phase("decode", len(latents))
         if self.dit is not None:
@@ -640,6 +652,8 @@ class _Runner:
                     frames = parallel.receive_frames(parallel.owner(index), clip_parallel.communication_device())
                     _write_batch(out, frames, batch, out_start)
                 progress.advance()
+                if out is not None:
+                    yield index
                 continue
             latent = latent.to(vae.device)
             decoded = self._with_oom_retry("decode", lambda tiling: decode_latent(vae.model, latent, tiling),
@@ -660,6 +674,8 @@ class _Runner:
                 else:
                     _write_batch(out, frames, batch, out_start)
             progress.advance()
+            if out is not None:
+                yield index
 
     def _alpha_phase(self, alpha: torch.Tensor, out: torch.Tensor) -> None:
         from .alpha import upscale_alpha
