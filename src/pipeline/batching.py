@@ -172,11 +172,13 @@ def prepend_mirrored(frames: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def blend_overlap(prev_tail: torch.Tensor, new_head: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Cross-fade of shared frames: ``prev_tail·w + new_head·(1 − w)`` with one weight per frame."""
+    """Cross-fade shared frames into ``prev_tail`` in place: ``prev_tail·w + new_head·(1 − w)`` with one
+    weight per frame (time first); returns ``prev_tail``.  In place because the tail is a view of the
+    output clip."""
     if prev_tail.shape != new_head.shape or prev_tail.shape[0] != weights.numel():
         raise ValueError(
             f"overlap blend needs equal shapes and one weight per frame: got {tuple(prev_tail.shape)}, "
             f"{tuple(new_head.shape)} and {weights.numel()} weights."
         )
-    w = weights.to(prev_tail).reshape(-1, *([1] * (prev_tail.ndim - 1)))
-    return prev_tail * w + new_head * (1.0 - w)
+    w = weights.to(prev_tail.device).reshape(-1, *([1] * (prev_tail.ndim - 1)))
+    return prev_tail.mul_(w).add_(new_head.to(prev_tail.device) * (1.0 - w))

@@ -30,7 +30,7 @@ from ..models.video_vae_v3.banded import BandPlan
 from ..optimization import dit_chunking, fused_kernels, matrix_ops, stable_memory, vae_optimizer
 from ..optimization.switches import env_switch
 from . import memory_plan, timing
-from .batching import Batch, pad_temporal, padded_length, plan_batches, prepend_mirrored
+from .batching import Batch, blend_overlap, pad_temporal, padded_length, plan_batches, prepend_mirrored
 from .color_correction import color_correct
 from .devices import resolve_device
 from .finite import NonFiniteError, check_batch, input_scale
@@ -823,10 +823,8 @@ def _write_batch(out: torch.Tensor, frames: torch.Tensor, batch: Batch, prepend:
     blended = max(batch.overlap - first, 0)
     start = batch.start + first - prepend
     if blended:
-        weights = batch.blend_weights[first:first + blended].view(-1, 1, 1, 1).to(out.device)
-        head = frames[first:first + blended].to(out.device)
-        target = out[start:start + blended, ..., :3]
-        target.mul_(weights).add_(head * (1.0 - weights))
+        blend_overlap(out[start:start + blended, ..., :3], frames[first:first + blended],
+                      batch.blend_weights[first:first + blended])
     rest = frames[first + blended:]
     with timing.accumulate("host_copy"):
         stable_memory.copy_to_host(out[start + blended:start + blended + rest.shape[0], ..., :3], rest)
