@@ -1,12 +1,15 @@
-"""Splitting a clip into DiT batches: frame ranges, 4n+1 padding, overlaps and their blend weights.
+"""Splitting a clip into DiT batches, and the frame operations of a batch: 4n+1 padding, mirrored
+frames in front of the clip, the overlap cross-fade.
 
 The causal VAE needs ``4n + 1`` frames per batch (one image is the case n = 0).  Batches start every
 ``batch_size − temporal_overlap`` frames; the ``overlap`` first frames of a batch are cross-faded with
 the last frames of the previous one to hide seams.  ``prepend_frames`` mirrored frames can be put in
 front of the clip so the first real frames get temporal context; they are dropped from the output.
 
-All frame indices of a plan refer to the *extended* clip (prepended frames included); the caller
-returns ``extended[plan.output_frames]``.
+All frame indices of a plan refer to the *extended* clip (prepended frames included).  The upscaler
+writes each batch into an output whose first frame is extended frame ``prepend_frames``, dropping the
+frames before it; a streamed clip is planned again as frames arrive (a plan's full batches do not
+depend on the clip's length).
 """
 from __future__ import annotations
 
@@ -73,16 +76,6 @@ class BatchPlan:
     num_frames: int
     prepend_frames: int
     batches: tuple[Batch, ...]
-
-    @property
-    def total_frames(self) -> int:
-        """Frames of the extended clip (prepended frames included)."""
-        return self.num_frames + self.prepend_frames
-
-    @property
-    def output_frames(self) -> slice:
-        """The frames of the extended clip that form the output (the prepended ones removed)."""
-        return slice(self.prepend_frames, self.total_frames)
 
 
 def plan_batches(
