@@ -544,7 +544,13 @@ class _Runner:
 
     def _batch_pixels(self, extended: torch.Tensor, batch: Batch, geometry: ClipGeometry,
                       device: torch.device) -> torch.Tensor:
-        """The batch's frames resized to the output size, (n, 3, H', W') in [0, 1], on ``device``."""
+        """The batch's frames resized to the output size, (n, 3, H', W') in [0, 1], on ``device``.
+
+        Computed twice per batch on purpose: in the encode phase as the VAE's input, and in the decode phase
+        as the colour correction's reference.  All batches of a run are encoded before any is decoded, so
+        keeping the first result would hold every batch's output-size pixels (as much memory as the output)
+        through the DiT phase; resizing the same frames again on the same device gives the same pixels.
+        """
         frames = extended[batch.start:batch.stop].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         if self.input_scale != 1.0:
             frames = frames / self.input_scale
