@@ -686,7 +686,7 @@ class _Runner:
     # ----------------------------------------------------------------------------------------- helpers
     def _draws(self, latent_shape: tuple[int, int, int]) -> RandomDraws:
         """The random draws of a batch with this latent shape, on the CPU.  Every batch is seeded alike, so
-        batches of one shape share them: drawn once per run (about 0.1 s of CPU time at 1080p), while the
+        batches of one shape share them: drawn once per run (a noticeable CPU cost at 1080p), while the
         first batch's encode runs on the GPU, instead of once per batch and phase with the GPU waiting."""
         if latent_shape not in self._random_draws:
             self._random_draws[latent_shape] = draw_randoms(self.settings.seed, latent_shape, "cpu")
