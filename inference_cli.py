@@ -2,8 +2,9 @@
 """Upscale a video, an image, or a folder of images (a PNG sequence) with SeedVR2, without ComfyUI.
 
 The parameters are those of the ComfyUI nodes.  Weights are looked up in --model_dir and released files
-are downloaded there on first use.  Long videos are processed --chunk_size frames at a time, so memory
-stays bounded whatever the clip length; chunks overlap by --temporal_overlap frames, blended like batches.
+are downloaded there on first use.  Long videos are read --chunk_size frames at a time and run through
+the whole clip's batch plan as the frames arrive, so memory stays bounded whatever the clip length and
+the frames equal those of a run over the whole clip at once.
 """
 from __future__ import annotations
 

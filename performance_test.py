@@ -19,18 +19,18 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from src.benchmark import wall
 from src.benchmark.flops import dit_flops, vae_flops
+from src.benchmark.job import PrebuiltManager, dit_inputs, job_geometry, pattern_clip
 from src.benchmark.random_weights import random_dit, random_vae
+from src.benchmark.results import device_name, write_json
+from src.benchmark.timer import cuda_time, event_time, peak_gb, reset_peak, sync
 from src.optimization import matrix_ops
-from src.pipeline.batching import padded_length
-from src.pipeline.frames import target_size
-from src.pipeline.model_manager import ManagedModel, ModelManager, compute_dtype
+from src.pipeline.model_manager import compute_dtype
 from src.pipeline.progress import Progress
 from src.pipeline.settings import CompileSettings, DiTSpec, UpscaleSettings, VAESpec
 from src.pipeline.upscaler import upscale
@@ -89,20 +89,6 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_gb(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 class PhaseRecorder(Progress):
     """Times each pipeline phase (and the post-process sections) with device synchronisation."""
 
@@ -147,53 +133,10 @@ def measure_peak_tflops(device: torch.device) -> float:
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * 8192**3 / statistics.median(times) / 1e12
-
-
-def cuda_time(fn, device: torch.device, repeat: int = 10) -> float:
-    """Median seconds of ``fn()`` (after two warm-up calls)."""
-    for _ in range(2):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return 2 * 8192**3 / event_time(lambda: a @ b, repeat=10) / 1e12
 
 
 # --------------------------------------------------------------------------------------------- models
-class PrebuiltManager(ModelManager):
-    """Hands the pipeline models built by the benchmark instead of loading files."""
-
-    def __init__(self, dit, vae, device):
-        super().__init__()
-        self._models = {"dit": dit, "vae": vae}
-        self._device = device
-
-    def _managed(self, kind, spec):
-        model = self._models[kind]
-        offload = None if spec.offload_device in ("none", "", None) else torch.device(spec.offload_device)
-        return ManagedModel(kind, (kind,), model, self._device, offload, compute_dtype(self._device), cache=True,
-                            info={"config": getattr(model, "config", None)})
-
-    def dit(self, spec):
-        return self._managed("dit", spec)
-
-    def vae(self, spec):
-        return self._managed("vae", spec)
-
-
 def build_models(args, device):
     dtype = compute_dtype(device)
     if args.model in ("3b", "7b"):
@@ -211,55 +154,11 @@ def build_models(args, device):
     return dit, vae
 
 
-def test_clip(frames: int, width: int, height: int) -> torch.Tensor:
-    """A smooth moving test pattern (N, H, W, 3) in [0, 1]."""
-    generator = torch.Generator().manual_seed(0)
-    base = torch.rand(1, 3, max(2, height // 16), max(2, width // 16), generator=generator)
-    base = torch.nn.functional.interpolate(base, size=(height, width), mode="bicubic").clamp(0, 1)
-    shift = torch.arange(frames).view(-1, 1, 1, 1) * 2
-    clip = torch.stack([torch.roll(base[0], int(s), dims=-1) for s in shift.flatten()])
-    return clip.permute(0, 2, 3, 1).contiguous()
-
-
-# --------------------------------------------------------------------------------------------- the job
-@dataclass(frozen=True)
-class JobGeometry:
-    """Sizes of the benchmark job: output frame, the 16-pixel grid the models see, the 4n+1 frame count."""
-
-    in_w: int
-    in_h: int
-    out_h: int
-    out_w: int
-    pad_h: int
-    pad_w: int
-    frames: int  # test frames padded to 4n+1, as the pipeline pads one batch
-
-    @property
-    def latent(self) -> tuple[int, int, int]:
-        return (self.frames - 1) // 4 + 1, self.pad_h // 8, self.pad_w // 8
-
-
-def job_geometry(args) -> JobGeometry:
-    in_w, in_h = map(int, args.input_size.split("x"))
-    out_h, out_w = target_size(in_h, in_w, args.resolution)
-    return JobGeometry(in_w, in_h, out_h, out_w, -(-out_h // 16) * 16, -(-out_w // 16) * 16,
-                       padded_length(args.test_frames))
-
-
-def dit_inputs(geometry: JobGeometry, config, device: torch.device, seed: int = 1) -> tuple:
-    """Random packed DiT arguments (vid, txt, vid_shape, txt_shape, timestep) for the job's latent."""
-    t, h, w = geometry.latent
-    generator = torch.Generator().manual_seed(seed)
-    vid = torch.randn(t * h * w, config.vid_in_channels, generator=generator).to(device)
-    txt = torch.randn(58, config.txt_in_dim, generator=generator).to(device)
-    return vid, txt, torch.tensor([[t, h, w]]), torch.tensor([[58]]), torch.tensor([1000.0], device=device)
-
-
 # --------------------------------------------------------------------------------------------- sections
 def section_attention(args, device, dit_config) -> dict:
     """Every available backend on the DiT's window batch and the VAE's single-head attention."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    geometry = job_geometry(args)
+    geometry = job_geometry(args.input_size, args.resolution, args.test_frames)
     from src.models.dit.windows import partition_windows
 
     t, h, w = geometry.latent
@@ -307,8 +206,8 @@ def section_attention(args, device, dit_config) -> dict:
 def run_job(args, device, dit, vae, variant: str, iterations: int) -> dict:
     """Time the real pipeline on the test clip for one variant (see --variants)."""
     optimized = variant != "plain"
-    geometry = job_geometry(args)
-    clip = test_clip(args.test_frames, geometry.in_w, geometry.in_h)
+    geometry = job_geometry(args.input_size, args.resolution, args.test_frames)
+    clip = pattern_clip(args.test_frames, geometry.in_w, geometry.in_h)
     batch = args.batch_size or args.test_frames
     compile_settings = CompileSettings() if (variant == "compiled" or (optimized and args.compile)) else None
     swap = int(variant[4:]) if variant.startswith("swap") else 0
@@ -365,7 +264,7 @@ def run_job(args, device, dit, vae, variant: str, iterations: int) -> dict:
 
 
 def section_e2e(args, device, dit, vae, peak_tflops) -> dict:
-    g = job_geometry(args)
+    g = job_geometry(args.input_size, args.resolution, args.test_frames)
     flops = {"upscale": dit_flops(dit.config, g.latent)}
     flops["encode"], flops["decode"] = vae_flops(vae.config, g.frames, g.pad_h, g.pad_w)
     total_flops = sum(flops.values())
@@ -405,7 +304,7 @@ def section_e2e(args, device, dit, vae, peak_tflops) -> dict:
 
 def section_vae_conv(args, device) -> dict:
     """The VAE's dominant kernel, a 3x3x3 convolution at full output resolution, in several layouts."""
-    geometry = job_geometry(args)
+    geometry = job_geometry(args.input_size, args.resolution, args.test_frames)
     pad_h, pad_w = geometry.pad_h, geometry.pad_w
     dtype = torch.bfloat16
     results = {}
@@ -440,7 +339,7 @@ def section_vae_norm(args, device) -> dict:
     compiled for dynamic and for static shapes, against PyTorch's F.group_norm frame by frame."""
     from src.optimization.vae_optimizer import normalize_into
 
-    geometry = job_geometry(args)
+    geometry = job_geometry(args.input_size, args.resolution, args.test_frames)
     dtype = compute_dtype(device)
     results = {}
     for channels, scale, frames in ((128, 1, 2), (256, 2, 2), (512, 8, 5)):
@@ -538,8 +437,8 @@ def section_profile(args, device, dit, vae) -> dict:
     overhead and synchronisation) and its top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    geometry = job_geometry(args)
-    clip = test_clip(args.test_frames, geometry.in_w, geometry.in_h)
+    geometry = job_geometry(args.input_size, args.resolution, args.test_frames)
+    clip = pattern_clip(args.test_frames, geometry.in_w, geometry.in_h)
     dit_spec = DiTSpec(model=str(args.model), device=str(device), attention_mode=args.attention,
                        enable_optimizations=True, offload_device=args.dit_offload,
                        compile=CompileSettings() if args.compile else None)
@@ -575,7 +474,7 @@ def section_compile(args, device, dit) -> dict:
     """Cold compile time of the DiT's repeated block at the job's token count."""
     from src.optimization import torch_compile
 
-    inputs = dit_inputs(job_geometry(args), dit.config, device)
+    inputs = dit_inputs(job_geometry(args.input_size, args.resolution, args.test_frames), dit.config, device)
     with matrix_ops.attention_backend(args.attention):
         eager = cuda_time(lambda: dit(*inputs), device, repeat=3)
         torch_compile.compile_repeated_blocks(dit, CompileSettings())
@@ -595,7 +494,7 @@ def section_precision(args, device) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     result = {}
-    geometry = job_geometry(args)
+    geometry = job_geometry(args.input_size, args.resolution, args.test_frames)
     pad_h, pad_w = geometry.pad_h, geometry.pad_w
     dit32 = random_dit(args.model if args.model in ("3b", "7b") else "3b", device, torch.float32)
     inputs = dit_inputs(geometry, dit32.config, device)
@@ -614,7 +513,7 @@ def section_precision(args, device) -> dict:
     # fp32 activations of the full-resolution decoder levels are large: check the VAE at half size.
     vae32 = random_vae(device, torch.float32)
     vae_h, vae_w = pad_h // 2 // 16 * 16, pad_w // 2 // 16 * 16
-    video = test_clip(5, vae_w, vae_h).permute(3, 0, 1, 2)[None].to(device) * 2 - 1
+    video = pattern_clip(5, vae_w, vae_h).permute(3, 0, 1, 2)[None].to(device) * 2 - 1
     with torch.no_grad():
         mean32, _ = vae32.encode(video)
         dec32 = vae32.decode(mean32)
@@ -690,8 +589,7 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = torch.device(args.device)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    results = {"args": vars(args), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__}
+    results = {"args": vars(args), "device": device_name(device), "torch": torch.__version__}
     if set(sections) - {"wall"}:
         results["peak_tflops"] = args.peak_tflops or measure_peak_tflops(device)
     if "wall" in sections:
@@ -714,7 +612,7 @@ def main(argv=None) -> int:
             results["compile"] = section_compile(args, device, dit)
     print_table(results)
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=1, default=str))
+        write_json(args.output, results)
     return 0
 
 

@@ -4,7 +4,7 @@ memory-efficient kernel, at one 1080p latent frame (32640 positions) and one 4K 
 
     PYTHONPATH=. python benchmarks/attention_wide.py --output attention_wide.json
 
-Per shape and kernel: median ms (performance_test.cuda_time), TFLOP/s (4·q_len·k_len·head_dim: the two
+Per shape and kernel: median ms (src/benchmark/timer.py's cuda_time), TFLOP/s (4·q_len·k_len·head_dim: the two
 products, not the slices' recomputation), the first call's seconds (compiling and autotuning), the relative L2
 error against a float32 reference (TF32 off, computed in query slices) and, for the Triton kernel, the
 configuration autotuning chose.  A failing kernel is recorded, not fatal.  About a minute on an H100.
@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from kernel_bench import error_row, parse_args, run_shapes, time_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from src.benchmark.kernels import error_row, parse_args, run_shapes, time_call
 from src.optimization import matrix_ops
 from src.optimization.attention_triton import tuned_tiles, wide_attention
 

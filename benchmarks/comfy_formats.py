@@ -14,7 +14,6 @@ scales) and ``int8_convrot+int8mm`` (SEEDVR2_INT8_MATMUL=1: int8 matmuls).  Run 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -24,8 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from performance_test import cuda_time, dit_inputs, job_geometry
+from src.benchmark.job import dit_inputs, job_geometry
 from src.benchmark.random_weights import random_dit
+from src.benchmark.results import write_json
+from src.benchmark.timer import cuda_time
 from src.models.load import load_dit
 from src.optimization import comfy_quant, fused_kernels, matrix_ops
 from tools import comfy_quantize as tool
@@ -110,8 +111,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda:0")
     rows = [r for r in args.formats.split(",") if r]
-    geometry = job_geometry(argparse.Namespace(input_size=args.input_size, resolution=args.resolution,
-                                               test_frames=args.frames))
+    geometry = job_geometry(args.input_size, args.resolution, args.frames)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="seedvr2_formats_"))
     workdir.mkdir(parents=True, exist_ok=True)
     repo = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
             print(f"{row:22s} failed: {type(exc).__name__}: {exc}", flush=True)
             torch.cuda.empty_cache()
         if args.output:
-            Path(args.output).write_text(json.dumps(results, indent=1))
+            write_json(args.output, results)
     os.environ.pop(comfy_quant.INT8_SWITCH, None)
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -5,7 +5,7 @@ bf16 and in fp8 (e4m3), at the full-size shapes of a 1080p decode.
 
 Per shape: cuDNN exactly as VAERuntime._convolve calls it (torch.cudnn_convolution, channels_last_3d bf16),
 the Triton kernel in bf16, in fp8 (quantizing x timed apart) and in fp8 with the tensor core's own
-accumulation over all of K, each autotuned.  Each: median ms (performance_test.cuda_time),
+accumulation over all of K, each autotuned.  Each: median ms (src/benchmark/timer.py's cuda_time),
 TFLOP/s (2·M·N·K), the first call's seconds (compiling and autotuning), relative L2 error against the cuDNN
 output and against a float32 F.conv3d (TF32 off) of the top 16 rows.  Triton failures are recorded, not
 fatal.  About 2-3 minutes on an H100; the JSON is rewritten after every shape.
@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from kernel_bench import error_row, parse_args, run_shapes, time_call
 
-from performance_test import cuda_time
+from src.benchmark.kernels import error_row, parse_args, run_shapes, time_call
+from src.benchmark.timer import cuda_time
 from src.optimization.conv3d_triton import conv3d_causal, quantize_input_fp8, tuned_tiles, weight_matrix
 from src.optimization.vae_fp8 import quantize_weight_fp8
 

@@ -10,28 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from src.benchmark.random_weights import random_dit, random_vae
+from src.benchmark.results import device_name
+from src.benchmark.timer import cuda_time
 from src.pipeline.finite import check_batch, check_weights
-
-
-def timed(call, device: torch.device, repeat: int) -> float:
-    call()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -53,7 +39,7 @@ def main() -> None:
                 if isinstance(module, torch.nn.Linear):
                     module.weight.data = module.weight.data.to(dtype)
         size = sum(t.numel() * t.element_size() for t in model.parameters())
-        seconds = timed(lambda: check_weights(model, name), device, args.repeat)
+        seconds = cuda_time(lambda: check_weights(model, name), device, args.repeat, warmup=1)
         rows.append({"check": f"weights {name} ({args.dtype if name != 'vae' else 'bfloat16'})",
                      "gb": round(size / 1e9, 2), "seconds": round(seconds, 4)})
         print(json.dumps(rows[-1]), flush=True)
@@ -61,13 +47,12 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     frames = torch.rand(33, 3, 1080, 1920, device=device)
-    seconds = timed(lambda: check_batch(frames, "decode", 0, 33), device, args.repeat)
+    seconds = cuda_time(lambda: check_batch(frames, "decode", 0, 33), device, args.repeat, warmup=1)
     rows.append({"check": "decoded batch 33x1080p float32", "gb": round(frames.numel() * 4 / 1e9, 2),
                  "seconds": round(seconds, 4)})
     print(json.dumps(rows[-1]), flush=True)
     if args.output:
-        args.output.write_text(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                                           else "cpu", "rows": rows}, indent=1) + "\n")
+        args.output.write_text(json.dumps({"device": device_name(device), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

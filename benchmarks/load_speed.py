@@ -10,7 +10,6 @@ fp16 or converting to --dtype as the pipeline does (bf16 on a GPU).  Reports sec
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src.benchmark.results import write_json  # noqa: E402
 from src.models import checkpoint, staged_read  # noqa: E402
 from src.models.checkpoint import float_dtype_rule  # noqa: E402
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         print(f"{name:<24} best {best:6.2f} s  {size / best / 1e9:5.2f} GB/s  (runs: "
               + ", ".join(f"{t:.2f}" for t in times) + ")", flush=True)
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=1))
+        write_json(args.output, results)
     return 0
 
 

@@ -29,13 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from src.benchmark.job import PrebuiltManager, pattern_clip  # noqa: E402
 from src.benchmark.random_weights import random_dit, random_vae  # noqa: E402
+from src.benchmark.results import device_name, write_json  # noqa: E402
 from src.models.dit import NaDiTConfig  # noqa: E402
 from src.models.video_vae_v3 import VAEConfig  # noqa: E402
 from src.optimization import stable_memory  # noqa: E402
 from src.optimization.vae_optimizer import optimize_vae  # noqa: E402
 from src.pipeline import memory_plan  # noqa: E402
-from src.pipeline.model_manager import ManagedModel, ModelManager, compute_dtype  # noqa: E402
+from src.pipeline.model_manager import compute_dtype  # noqa: E402
 from src.pipeline.settings import DiTSpec, UpscaleSettings, VAESpec  # noqa: E402
 from src.pipeline.upscaler import upscale  # noqa: E402
 
@@ -56,31 +58,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class BudgetManager(ModelManager):
-    """Hands the pipeline prebuilt models; installs the BlockSwap a (planned) DiT spec asks for."""
+class BudgetManager(PrebuiltManager):
+    """Prebuilt models waiting on the CPU; tells the planner the DiT's size and installs the BlockSwap a
+    (planned) DiT spec asks for."""
 
     def __init__(self, dit, vae, device):
-        super().__init__()
-        self.models = {"dit": dit, "vae": vae}
-        self.device = device
+        super().__init__(dit, vae, device, offload=torch.device("cpu"))
         self.swap = None
 
     def dit_facts(self, spec):
         model = self.models["dit"]
         return model.config, sum(p.numel() * p.element_size() for p in model.parameters())
 
-    def _managed(self, kind, spec):
-        model = self.models[kind]
-        return ManagedModel(kind, (kind,), model, self.device, torch.device("cpu"), compute_dtype(self.device),
-                            cache=True, info={"config": getattr(model, "config", None)})
-
     def dit(self, spec):
         if spec.blocks_to_swap and self.swap is None:
             self.swap = stable_memory.BlockSwap(self.models["dit"].blocks, spec.blocks_to_swap, self.device, "cpu")
-        return self._managed("dit", spec)
-
-    def vae(self, spec):
-        return self._managed("vae", spec)
+        return super().dit(spec)
 
     def release(self):
         if self.swap is not None:
@@ -116,13 +109,6 @@ class Cap:
         if self.device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, self.device)
         return False
-
-
-def clip(frames, width, height):
-    generator = torch.Generator().manual_seed(0)
-    base = torch.rand(1, 3, max(2, height // 16), max(2, width // 16), generator=generator)
-    base = torch.nn.functional.interpolate(base, size=(height, width), mode="bicubic").clamp(0, 1)
-    return torch.stack([torch.roll(base[0], 2 * i, dims=-1) for i in range(frames)]).permute(0, 2, 3, 1).contiguous()
 
 
 def difference(a, b) -> dict:
@@ -179,12 +165,11 @@ def main(argv=None) -> int:
     optimize_vae(vae)
     manager = BudgetManager(dit, vae, device)
     manager.release()  # everything starts in pinned host memory
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__}
+    results = {"device": device_name(device), "torch": torch.__version__}
     budgets = [float(b) for b in args.budgets.split(",") if b]
 
     if "pipeline" in sections:
-        images = clip(frames, *sizes["in"])
+        images = pattern_clip(frames, *sizes["in"])
         reference, first = run_pipeline(manager, images, sizes["resolution"], frames, None, device, plans)
         again, second = run_pipeline(manager, images, sizes["resolution"], frames, None, device, plans)
         rows = {"unconstrained": [first, second], "run_to_run": difference(again, reference)}
@@ -219,14 +204,14 @@ def main(argv=None) -> int:
         results["decode"] = rows
 
     if "image" in sections:
-        images = clip(1, *sizes["image_in"])
+        images = pattern_clip(1, *sizes["image_in"])
         budget = None if device.type != "cuda" else args.image_budget
         _out, row = run_pipeline(manager, images, sizes["image_out"], 1, budget, device, plans)
         results["image"] = row
 
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=1))
+        write_json(args.output, results)
     return 0
 
 

@@ -38,9 +38,10 @@ class ComfyProgress(Progress):
     """One node progress bar for the whole run, each phase owning a share of it.
 
     The shares follow where the time goes on a GPU (decode is the slowest phase).  Within a phase the
-    bar moves per step (batch) and inside a step as the pipeline's inner loops report (streamed pieces,
-    tiles, DiT blocks).  The bar never moves back, even if a phase is started again.  The phase and batch
-    are named on the node (ComfyUI's progress text) and in the log.
+    bar moves per step (batch) and inside a step as the pipeline's inner loops report (DiT blocks; the
+    VAE's levels, chunks, pieces and bands).  The bar never moves back, even if a phase is started again.
+    The phase and the batch in progress are named on the node (ComfyUI's progress text); the log gets a
+    line per phase with its number of batches.
     """
 
     PHASE_WEIGHTS = {"encode": 0.2, "upscale": 0.25, "decode": 0.5, "postprocess": 0.05}

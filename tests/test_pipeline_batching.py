@@ -21,8 +21,8 @@ def test_padded_length(length, expected):
 
 def _check_plan(frames, batch_size, overlap, uniform, prepend):
     plan = Bt.plan_batches(frames, batch_size, overlap, uniform, prepend)
-    assert plan.total_frames == frames + prepend
-    assert plan.output_frames == slice(prepend, frames + prepend)
+    assert (plan.num_frames, plan.prepend_frames) == (frames, prepend)
+    assert plan.batches[-1].stop == frames + prepend  # the batches cover the extended clip
     written = []  # frames each batch writes (its first `overlap` frames are blended, not written)
     for i, batch in enumerate(plan.batches):
         assert 1 <= batch.length <= batch_size
@@ -33,7 +33,7 @@ def _check_plan(frames, batch_size, overlap, uniform, prepend):
             assert batch.start == previous.stop - overlap  # the shared frames are exactly the overlap
             assert batch.length > batch.overlap            # every batch brings new frames
         written.extend(range(batch.start + batch.overlap, batch.stop))
-    assert written == list(range(plan.total_frames))
+    assert written == list(range(frames + prepend))
     if uniform:
         assert {b.padded_length for b in plan.batches} == {Bt.padded_length(batch_size)}
     else:
@@ -134,4 +134,4 @@ def test_plan_and_helpers_reassemble_a_clip():
         shared = slice(b.start, b.start + b.overlap)
         out[shared] = Bt.blend_overlap(out[shared], result[: b.overlap], b.blend_weights)
         out[b.start + b.overlap : b.stop] = result[b.overlap :]
-    assert torch.allclose(out[plan.output_frames], clip, atol=1e-6)
+    assert torch.allclose(out[plan.prepend_frames:], clip, atol=1e-6)

@@ -6,6 +6,7 @@ import torch
 
 from conftest import golden_cases
 from src.pipeline import frames as Fr
+from src.pipeline import media
 
 
 @pytest.mark.parametrize(
@@ -89,18 +90,25 @@ def test_ranges_are_inverse():
     assert Fr.to_model_range(torch.tensor([0.0, 0.5, 1.0])).tolist() == [-1.0, 0.0, 1.0]
 
 
+def _to_uint8(x):
+    """The product's path from model output to 8-bit levels: back to [0, 1] as the upscaler returns
+    frames, then the writers' conversion (any layout here, as one row of one-channel pixels)."""
+    levels = media.frame_to_uint8(Fr.from_model_range(x.float().clamp(-1.0, 1.0)).reshape(1, -1, 1))
+    return torch.from_numpy(levels).reshape(x.shape)
+
+
 def test_to_uint8_rounds_half_to_even_and_clips():
-    assert Fr.to_uint8(torch.tensor([-1.0, 1.0, 3.0, -2.0, 0.0])).tolist() == [0, 255, 255, 0, 128]
+    assert _to_uint8(torch.tensor([-1.0, 1.0, 3.0, -2.0, 0.0])).tolist() == [0, 255, 255, 0, 128]
     # float32 inputs for which 255·(x·0.5 + 0.5) evaluates to exactly 128.5 and 252.5: ties go to
     # the even level (round half away from zero would give 129 and 253).
     ties = torch.tensor([0.007843137718737125, 0.9803920984268188], dtype=torch.float32)
     assert (255 * (ties * 0.5 + 0.5)).tolist() == [128.5, 252.5]
-    assert Fr.to_uint8(ties).tolist() == [128, 252]
+    assert _to_uint8(ties).tolist() == [128, 252]
 
 
 @pytest.mark.parametrize("name", ["video5", "pad3", "image1"])
 def test_to_uint8_matches_golden_output(name):
     c = golden_cases("pipeline_cases.safetensors")[name]
-    out = Fr.to_uint8(c["colorfixed"].permute(0, 2, 3, 1))
+    out = _to_uint8(c["colorfixed"].permute(0, 2, 3, 1))
     assert out.dtype == torch.uint8
     assert torch.equal(out, c["output_uint8"])

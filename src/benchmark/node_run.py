@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run the upscaler node the way ComfyUI runs it, without ComfyUI, in this (fresh) process; for the wall benchmark.
+r"""Run the upscaler node the way ComfyUI runs it, without ComfyUI, in this (fresh) process; for the wall benchmark.
 
     SEEDVR2_TIMING_JSON=t.json python src/benchmark/node_run.py --pack . --input clip.mp4 \
         --dit seedvr2_ema_3b_fp16.safetensors --queues 2

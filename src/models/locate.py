@@ -17,7 +17,7 @@ import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Mapping, Sequence
 
-from .registry import KNOWN_MODELS, has_model_extension
+from .registry import KNOWN_MODELS, has_model_extension, known_dit_models, known_vae_models
 
 DEFAULT_MODEL_DIR = Path("models") / "SEEDVR2"
 
@@ -120,7 +120,7 @@ def model_choices(kind: str, files: Mapping[str, Path]) -> list[str]:
     DiT list every other file, so that a DiT of unexpected layout can still be picked."""
     if kind not in ("dit", "vae"):
         raise ValueError(f"kind must be 'dit' or 'vae', not {kind!r}")
-    known = [info.filename for info in KNOWN_MODELS if info.kind == kind]
+    known = known_dit_models() if kind == "dit" else known_vae_models()
     known_names = {info.filename for info in KNOWN_MODELS}
     extra = [
         name for name, path in files.items()

@@ -1,12 +1,15 @@
-"""Splitting a clip into DiT batches: frame ranges, 4n+1 padding, overlaps and their blend weights.
+"""Splitting a clip into DiT batches, and the frame operations of a batch: 4n+1 padding, mirrored
+frames in front of the clip, the overlap cross-fade.
 
 The causal VAE needs ``4n + 1`` frames per batch (one image is the case n = 0).  Batches start every
 ``batch_size − temporal_overlap`` frames; the ``overlap`` first frames of a batch are cross-faded with
 the last frames of the previous one to hide seams.  ``prepend_frames`` mirrored frames can be put in
 front of the clip so the first real frames get temporal context; they are dropped from the output.
 
-All frame indices of a plan refer to the *extended* clip (prepended frames included); the caller
-returns ``extended[plan.output_frames]``.
+All frame indices of a plan refer to the *extended* clip (prepended frames included).  The upscaler
+writes each batch into an output whose first frame is extended frame ``prepend_frames``, dropping the
+frames before it; a streamed clip is planned again as frames arrive (a plan's full batches do not
+depend on the clip's length).
 """
 from __future__ import annotations
 
@@ -73,16 +76,6 @@ class BatchPlan:
     num_frames: int
     prepend_frames: int
     batches: tuple[Batch, ...]
-
-    @property
-    def total_frames(self) -> int:
-        """Frames of the extended clip (prepended frames included)."""
-        return self.num_frames + self.prepend_frames
-
-    @property
-    def output_frames(self) -> slice:
-        """The frames of the extended clip that form the output (the prepended ones removed)."""
-        return slice(self.prepend_frames, self.total_frames)
 
 
 def plan_batches(
@@ -172,11 +165,13 @@ def prepend_mirrored(frames: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def blend_overlap(prev_tail: torch.Tensor, new_head: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Cross-fade of shared frames: ``prev_tail·w + new_head·(1 − w)`` with one weight per frame."""
+    """Cross-fade shared frames into ``prev_tail`` in place: ``prev_tail·w + new_head·(1 − w)`` with one
+    weight per frame (time first); returns ``prev_tail``.  In place because the tail is a view of the
+    output clip."""
     if prev_tail.shape != new_head.shape or prev_tail.shape[0] != weights.numel():
         raise ValueError(
             f"overlap blend needs equal shapes and one weight per frame: got {tuple(prev_tail.shape)}, "
             f"{tuple(new_head.shape)} and {weights.numel()} weights."
         )
-    w = weights.to(prev_tail).reshape(-1, *([1] * (prev_tail.ndim - 1)))
-    return prev_tail * w + new_head * (1.0 - w)
+    w = weights.to(prev_tail.device).reshape(-1, *([1] * (prev_tail.ndim - 1)))
+    return prev_tail.mul_(w).add_(new_head.to(prev_tail.device) * (1.0 - w))

@@ -1,4 +1,4 @@
-"""Frame preprocessing and output conversion: target size, resize, padding to the model grid, ranges.
+"""Frames to the models and back: target size, resize, padding to the model grid, pixel ranges.
 
 Frames are ``(N, C, H, W)`` float tensors, N frames of C channels.  ComfyUI and the CLI hold pixels in
 [0, 1]; the VAE and the colour fix work in [−1, 1].
@@ -95,10 +95,3 @@ def to_model_range(x: torch.Tensor) -> torch.Tensor:
 def from_model_range(x: torch.Tensor) -> torch.Tensor:
     """[−1, 1] model pixels back to [0, 1] (not clamped)."""
     return (x + 1.0) * 0.5
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """8-bit levels ``round(255·(clip(x, −1, 1)·0.5 + 0.5))`` of [−1, 1] pixels, round half to even
-    (the golden ``output_uint8``); any layout."""
-    levels = 255.0 * (x.float().clamp(-1.0, 1.0) * 0.5 + 0.5)
-    return torch.round(levels).to(torch.uint8)

@@ -188,14 +188,6 @@ def frame_to_uint8(frame: torch.Tensor, out: np.ndarray | None = None) -> np.nda
     return out
 
 
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """(N, H, W, C) frames in [0, 1] to uint8, one frame at a time (no float copy of the whole clip)."""
-    out = np.empty(tuple(frames.shape), np.uint8)
-    for index in range(frames.shape[0]):
-        frame_to_uint8(frames[index], out[index])
-    return out
-
-
 def _check_frames(frames: torch.Tensor) -> None:
     if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] not in (3, 4):
         shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__

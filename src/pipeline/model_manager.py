@@ -107,8 +107,8 @@ class ManagedModel:
         else:
             stable_memory.offload(self.model, target, pin_memory=True)
         # ComfyUI's convention: return the memory to the driver after moving a model.  Standalone the freed
-        # weights stay in PyTorch's cache, for the next phase's activations: returning 3.3 GB to the driver and
-        # mapping it back for the decode cost ~0.09 s on an H100 (docs/performance.md, DiT offload).
+        # weights stay in PyTorch's cache, for the next phase's activations: returning them to the driver only
+        # to map them back for the decode costs time (docs/performance.md, DiT offload).
         if comfy_mm is not None:
             _empty_cache(self.device)
 

@@ -1,15 +1,20 @@
 """How the pipeline reports progress and learns about interrupts, without depending on ComfyUI.
 
 The ComfyUI node passes an adapter around ``comfy.utils.ProgressBar`` and
-``comfy.model_management.throw_exception_if_processing_interrupted``; the CLI passes a tqdm-based one;
-tests pass :class:`Progress` itself, which does nothing.
+``comfy.model_management.throw_exception_if_processing_interrupted``; the CLI passes
+:class:`~.console.ConsoleProgress` (a tqdm bar; Ctrl-C stops it as any Python program); without one the
+upscaler uses :class:`Progress` itself, which does nothing.
 
-The phases count steps (batches).  A single step can take minutes (one 1080p batch on a small GPU), so the
-long loops inside a step (temporal chunks and streamed pieces of the VAE, spatial tiles, DiT blocks, per-frame
-post-processing) call :func:`checkpoint`: it checks for an interrupt and tells the active progress how far
-into the current step the run is.  The loops know nothing of the pipeline: the upscaler makes its progress
-the active one with :func:`reporting`, and each loop narrows the share of the step it owns with :func:`part`
-(nesting: a tile of a chunk of a batch).  Without an active progress :func:`checkpoint` does nothing.
+The phases count steps (batches), and each phase's loop checks for an interrupt before every step.  A
+single step can take minutes (one 1080p batch on a small GPU), so the long loops inside a step call
+:func:`checkpoint`: the DiT between blocks; the VAE between levels and resnet blocks, between temporal
+chunks, streamed pieces and the row bands of a tiled run; the colour correction between its passes; the
+upscaler around a batch's post-processing.  It checks for an interrupt and, when the loop says how far it
+is, tells the active progress how far into the current step the run is.  The loops know nothing of the
+pipeline: the upscaler makes its progress the active one with :func:`reporting`, and a loop that splits
+the step (the VAE's temporal chunks) gives each part its share with :func:`part`, so the loops inside a
+part report within that share.  Without an active progress, or inside a compiled region,
+:func:`checkpoint` does nothing.
 """
 from __future__ import annotations
 
@@ -32,8 +37,8 @@ class Progress:
         """The step in progress is ``fraction`` (0 to 1) done; reported from inside long loops."""
 
     def check_interrupt(self) -> None:
-        """Raise if the user asked to stop; called between batches, and inside them at every
-        :func:`checkpoint` (tiles, streamed pieces, DiT blocks, post-processing)."""
+        """Raise if the user asked to stop; called before every step of a phase, and inside a step at
+        every :func:`checkpoint` (DiT blocks; VAE levels, chunks, pieces and bands; colour correction)."""
 
     @contextmanager
     def section(self, name: str) -> Iterator[None]:

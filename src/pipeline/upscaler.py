@@ -30,7 +30,7 @@ from ..models.video_vae_v3.banded import BandPlan
 from ..optimization import dit_chunking, fused_kernels, matrix_ops, stable_memory, vae_optimizer
 from ..optimization.switches import env_switch
 from . import memory_plan, timing
-from .batching import Batch, pad_temporal, padded_length, plan_batches, prepend_mirrored
+from .batching import Batch, blend_overlap, pad_temporal, padded_length, plan_batches, prepend_mirrored
 from .color_correction import color_correct
 from .devices import resolve_device
 from .finite import NonFiniteError, check_batch, input_scale
@@ -555,7 +555,13 @@ class _Runner:
 
     def _batch_pixels(self, extended: torch.Tensor, batch: Batch, geometry: ClipGeometry,
                       device: torch.device) -> torch.Tensor:
-        """The batch's frames resized to the output size, (n, 3, H', W') in [0, 1], on ``device``."""
+        """The batch's frames resized to the output size, (n, 3, H', W') in [0, 1], on ``device``.
+
+        Computed twice per batch on purpose: in the encode phase as the VAE's input, and in the decode phase
+        as the colour correction's reference.  All batches of a run are encoded before any is decoded, so
+        keeping the first result would hold every batch's output-size pixels (as much memory as the output)
+        through the DiT phase; resizing the same frames again on the same device gives the same pixels.
+        """
         frames = extended[batch.start:batch.stop].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         if self.input_scale != 1.0:
             frames = frames / self.input_scale
@@ -696,7 +702,7 @@ class _Runner:
     # ----------------------------------------------------------------------------------------- helpers
     def _draws(self, latent_shape: tuple[int, int, int]) -> RandomDraws:
         """The random draws of a batch with this latent shape, on the CPU.  Every batch is seeded alike, so
-        batches of one shape share them: drawn once per run (about 0.1 s of CPU time at 1080p), while the
+        batches of one shape share them: drawn once per run (a noticeable CPU cost at 1080p), while the
         first batch's encode runs on the GPU, instead of once per batch and phase with the GPU waiting."""
         if latent_shape not in self._random_draws:
             self._random_draws[latent_shape] = draw_randoms(self.settings.seed, latent_shape, "cpu")
@@ -839,10 +845,8 @@ def _write_batch(out: torch.Tensor, frames: torch.Tensor, batch: Batch, prepend:
     blended = max(batch.overlap - first, 0)
     start = batch.start + first - prepend
     if blended:
-        weights = batch.blend_weights[first:first + blended].view(-1, 1, 1, 1).to(out.device)
-        head = frames[first:first + blended].to(out.device)
-        target = out[start:start + blended, ..., :3]
-        target.mul_(weights).add_(head * (1.0 - weights))
+        blend_overlap(out[start:start + blended, ..., :3], frames[first:first + blended],
+                      batch.blend_weights[first:first + blended])
     rest = frames[first + blended:]
     with timing.accumulate("host_copy"):
         stable_memory.copy_to_host(out[start + blended:start + blended + rest.shape[0], ..., :3], rest)

@@ -1,19 +1,17 @@
-"""What the kernel benchmarks share: a kernel timed with its first call (compiling, autotuning) apart, a failure
-recorded as a row, and the loop over shapes that prints each and rewrites the JSON after each, so a crash keeps
-the shapes already measured.  CUDA only; run the scripts from the repo root with PYTHONPATH=.
+"""What the kernel benchmarks in benchmarks/ share: a kernel timed with its first call (compiling,
+autotuning) apart, a failure recorded as a row, and the loop over shapes that prints each and rewrites the
+JSON after each, so a crash keeps the shapes already measured.  CUDA only.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
-import triton
 
-from performance_test import cuda_time
+from .results import write_json
+from .timer import cuda_time
 
 
 def parse_args(description: str, argv=None) -> argparse.Namespace:
@@ -41,6 +39,8 @@ def error_row(error: Exception) -> dict:
 def run_shapes(shapes: Iterable[tuple[str, object]], measure_shape: Callable[[object, torch.device], dict],
                print_shape: Callable[[str, dict], None], output: str | None) -> int:
     """Measure every (name, shape) on the GPU without autograd, print it, and keep the JSON up to date."""
+    import triton  # only its version is recorded; the kernels import it themselves
+
     device = torch.device("cuda")
     results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                "triton": triton.__version__, "shapes": {}}
@@ -53,6 +53,6 @@ def run_shapes(shapes: Iterable[tuple[str, object]], measure_shape: Callable[[ob
         torch.cuda.empty_cache()
         results["seconds"] = time.perf_counter() - start
         if output:
-            Path(output).write_text(json.dumps(results, indent=1))
+            write_json(output, results)
     print(f"\n{results['seconds']:.0f} s in all")
     return 0
