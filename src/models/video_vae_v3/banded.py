@@ -1,25 +1,12 @@
 """Exact banded execution: encode or decode a frame in row bands with exactly the untiled result.
 
-What a band needs from outside itself is (a) its neighbours' rows, one halo row per 3x3 convolution, and (b)
-the statistics of every GroupNorm over the whole frame.  Both are only available layer by layer, so a causal
-chunk runs through the network one layer at a time, each layer band by band:
-
-* every activation of the chunk (B, C, T, H, W) lives in a :class:`Store`, on the compute device when it is
-  small and in (pinned) host memory when it is larger than ``BandPlan.resident_bytes``; a band's rows are
-  contiguous in it (layout B, H, T, W, C), so moving a band is one copy;
-* a convolution reads, per band of output rows, its input rows plus the halo (the real neighbours; zeros
-  only at the frame's edges), its causal look-back rows (kept, like the input, per layer in a Store), runs
-  on the compute device and writes the band's output rows;
-* while writing, the per-(batch, group, frame) count, mean and M2 of the output are accumulated (Chan's
-  parallel combination), so the next GroupNorm normalises every band with the whole frame's statistics
-  without another pass;
-* the mid-block attention runs per frame over all h·w latent tokens (the bottleneck is small), in chunks of
-  queries (exact: every query row is independent).
-
-Nothing is blended and no band sees less than the untiled network, so the output equals the untiled one up
-to float summation order.  The model's layers run as they are (plain ``nn.Conv3d``/``Linear`` calls); a
-subclass of :class:`BandedRunner` may run the convolutions and the attention its own way
-(``optimization.vae_banded``).
+A band needs its neighbours' rows (one halo row per 3x3 convolution) and the statistics of every GroupNorm
+over the whole frame, so a causal chunk runs through the network layer by layer, each layer band by band:
+activations live in a :class:`Store` (on the device, or in host memory above ``BandPlan.resident_bytes``),
+every convolution accumulates its output's GroupNorm statistics while writing it (:class:`GroupStats`), and
+the mid-block attention runs per frame, its queries in chunks.  Nothing is blended.  The layers run as plain
+``nn.Conv3d``/``Linear`` calls; ``optimization.vae_banded`` subclasses :class:`BandedRunner` to run them with
+the optimized path's kernels.  The design: docs/architecture.md, "Exact spatial tiling".
 """
 from __future__ import annotations
 
