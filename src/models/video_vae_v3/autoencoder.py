@@ -16,7 +16,7 @@ from .decoder import Decoder3D
 from .encoder import Encoder3D
 from .errors import VAEInputError
 from .banded import BandPlan, run_banded
-from .temporal_slicing import ChunkFn, CausalMemory, run_sliced
+from .temporal_slicing import CausalMemory, ChunkFn, run_sliced
 from .tiling import check_tiling
 
 LOGVAR_RANGE = (-30.0, 20.0)
