@@ -31,10 +31,10 @@ def main(argv=None) -> None:
         timed(f"piece {gib} GiB", "decode", 3 if gib == 2 else 2)
         timed(f"piece {gib} GiB", "encode", 3 if gib == 2 else 2)
     optimize_vae(vae, piece_bytes=2 << 30)
-    vae.runtime.shuffle_gemm = False
+    vae.executor.runtime.shuffle_gemm = False
     timed("no shuffle gemm", "decode")
-    vae.runtime.shuffle_gemm = True
-    vae.runtime.triton_kernels = False
+    vae.executor.runtime.shuffle_gemm = True
+    vae.executor.runtime.triton_kernels = False
     t = time.perf_counter()
     timed("compiled GN (first run compiles)", "decode", 1)
     print("compile+run", time.perf_counter() - t)

@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         plan = memory_plan.plan_memory(
             int((budget or 1e9) * GIB), vae_config=vae_config, vae_dtype=dtype,
             vae_weight_bytes=sum(p.numel() * p.element_size() for p in vae.parameters()), height=height,
-            width=width, frames=long_frames, channels_last=vae.runtime.channels_last, decode_to_host=True)
+            width=width, frames=long_frames, channels_last=vae.executor.runtime.channels_last, decode_to_host=True)
         for count in (frames, long_frames):
             latent = torch.randn(1, 16, (count - 1) // 4 + 1, height // 8, width // 8, generator=torch.Generator()
                                  .manual_seed(3)).to(dtype)

@@ -221,8 +221,8 @@ def test_out_of_memory_retry_first_tries_the_tile_that_fits_the_free_memory(monk
     runner = upscaler_module._Runner(DiTSpec(model="dit"), VAESpec(model="vae"), UpscaleSettings(), Progress(),
                                      ModelManager())
     runtime = SimpleNamespace(piece_bytes=2 << 30, compile_norm=True)
-    runner.vae = SimpleNamespace(model=SimpleNamespace(device=torch.device("cuda"), runtime=runtime,
-                                                       config=VAEConfig.released(), dtype=torch.bfloat16))
+    runner.vae = SimpleNamespace(model=SimpleNamespace(device=torch.device("cuda"), executor=SimpleNamespace(
+        runtime=runtime), config=VAEConfig.released(), dtype=torch.bfloat16))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 << 30, 80 << 30))
     fits = vae_optimizer.choose_tile_size(8 << 30, config=VAEConfig.released(), direction="decode", frames=33,
                                           dtype=torch.bfloat16, piece_bytes=2 << 30)

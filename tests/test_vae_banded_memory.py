@@ -14,7 +14,8 @@ from test_vae_optimizer_memory import LiveStorageBytes
 
 from src.benchmark.random_weights import randomize_
 from src.models.video_vae_v3 import VAEConfig, VideoAutoencoder, banded
-from src.models.video_vae_v3.banded import BandPlan, estimate_banded_peak_bytes
+from src.models.video_vae_v3.banded import BandPlan
+from src.optimization.vae_banded import estimate_banded_peak_bytes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

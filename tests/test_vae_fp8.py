@@ -28,7 +28,10 @@ from src.models.video_vae_v3.resampling import Upsampler3D, pixel_shuffle_3d
 from src.models.video_vae_v3.resnet import ResnetBlock3D
 from src.models.video_vae_v3.temporal_slicing import CausalMemory
 from src.optimization import vae_fp8
-from src.optimization.vae_optimizer import VAERuntime, normalize_into, optimize_vae
+from src.optimization.vae_executor.conv import lean_conv
+from src.optimization.vae_executor.resampling import lean_upsample
+from src.optimization.vae_executor.resnet import lean_resnet
+from src.optimization.vae_optimizer import VAERuntime, normalize_into, optimize_vae, runtime_of
 from src.pipeline.settings import SettingsError, VAESpec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -135,7 +138,7 @@ def test_resnet_block_equals_the_fake_quantized_block(models, index):
     x = torch.randn(1, channels, 5, 10, 14, generator=generator) * 2 + 0.5
     expected = reference(x)
     memory = CausalMemory()
-    pieces = [quantized.forward_lean(piece, memory, models[1].runtime) for piece in x.split(1, dim=2)]
+    pieces = [lean_resnet(quantized, piece, memory, runtime_of(models[1])) for piece in x.split(1, dim=2)]
     assert rel_err(torch.cat(pieces, dim=2), expected) <= EXACT
 
 
@@ -158,11 +161,12 @@ def test_group_norm_fed_and_upsampler_convolutions_are_quantized():
     fed = {conv for conv, _ in _fed_by_group_norm(model)}
     upsampling = {upsampler.conv for upsampler in _upsamplers(model)}
     assert len(fed) == 2 + 2 * len(_resnets(model)) and len(upsampling) == 3
-    assert set(model.runtime.fp8.convs) == fed | upsampling
+    runtime = runtime_of(model)
+    assert set(runtime.fp8.convs) == fed | upsampling
     for conv in upsampling:  # scaled per call, not by a GroupNorm
-        assert model.runtime.input_multiplier(conv) is None and model.runtime.fp8.convs[conv].bound is not None
+        assert runtime.input_multiplier(conv) is None and runtime.fp8.convs[conv].bound is not None
     for conv in (model.decoder.conv_in, model.encoder.conv_in):
-        assert model.runtime.input_multiplier(conv) is None and conv not in model.runtime.fp8.convs
+        assert runtime.input_multiplier(conv) is None and conv not in runtime.fp8.convs
 
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["bands", "gemm"])
@@ -181,8 +185,8 @@ def test_upsampler_equals_the_fake_quantized_upsampler(index, gemm):
     with torch.no_grad():
         expected = _fake_quantized_upsampler(reference, x)
         memory = CausalMemory()
-        runtime = model.runtime
-        pieces = [upsampler.forward_lean(piece.contiguous(memory_format=runtime.memory_format), memory, runtime)
+        runtime = runtime_of(model)
+        pieces = [lean_upsample(upsampler, piece.contiguous(memory_format=runtime.memory_format), memory, runtime)
                   for piece in x.split(1, dim=2)]
     assert rel_err(torch.cat(pieces, dim=2), expected) <= EXACT
 
@@ -226,7 +230,7 @@ def test_conv_out_equals_the_fake_quantized_one(models, coder):
     x = torch.randn(1, channels, 5, 10, 14, generator=torch.Generator().manual_seed(2)) * 2 + 0.5
     expected = reference.conv_out(torch.nn.functional.silu(reference.conv_norm_out(x)))
     memory = CausalMemory()
-    pieces = [quantized.conv_out.forward_lean(piece, memory, models[1].runtime, norm=quantized.conv_norm_out)
+    pieces = [lean_conv(quantized.conv_out, piece, memory, runtime_of(models[1]), norm=quantized.conv_norm_out)
               for piece in x.split(1, dim=2)]
     assert rel_err(torch.cat(pieces, dim=2), expected) <= EXACT
 
@@ -287,12 +291,12 @@ def test_a_failing_kernel_falls_back_once(monkeypatch, caplog):
 
     fake = SimpleNamespace(usable_tiles=lambda *args: [object()], conv3d_causal=broken)
     monkeypatch.setattr(vae_fp8.importlib, "import_module", lambda *args: fake)
-    model.runtime.fp8.kernel_failure = None  # pretend the kernel can run here
+    runtime_of(model).fp8.kernel_failure = None  # pretend the kernel can run here
     with caplog.at_level(logging.WARNING):
         out = model.decode(_latent(2))
     assert calls == [1] and rel_err(out, expected) <= 1e-6
     assert [r for r in caplog.records if "fp8 VAE convolutions" in r.getMessage()].__len__() == 1
-    assert "failed" in model.runtime.fp8.route
+    assert "failed" in runtime_of(model).fp8.route
 
 
 def test_route_says_why_the_kernel_is_not_used():

@@ -106,15 +106,15 @@ def test_frame_group_norm_uses_per_frame_statistics():
 def test_mid_block_attention_calls_shared_attention(monkeypatch):
     shapes = []
 
-    def recording_attention(q, k, v):
-        shapes.append(tuple(q.shape))
+    def recording_attention(q, k, v, backend=None):
+        shapes.append((tuple(q.shape), backend))
         return F.scaled_dot_product_attention(q, k, v)
 
     monkeypatch.setattr(mid_block, "attention", recording_attention)
     attention = mid_block.MidBlockAttention(8, 4)
     x = torch.randn(2, 8, 3, 4, 5)
     out = attention(x)
-    assert shapes == [(6, 1, 20, 8)]
+    assert shapes == [((6, 1, 20, 8), None)]  # the plain block: the process-wide backend
     # Independent check: softmax(q kᵀ/√C) v per frame over its H·W positions, plus the input.
     tokens = attention.group_norm(x).permute(0, 2, 3, 4, 1).reshape(6, 20, 8)
     q, k, v = attention.to_q(tokens), attention.to_k(tokens), attention.to_v(tokens)

@@ -19,8 +19,10 @@ from src.benchmark.random_weights import randomize_
 from src.models.load import load_vae
 from src.models.video_vae_v3 import VAEConfig, VideoAutoencoder
 from src.models.video_vae_v3.resampling import pixel_shuffle_3d
-from src.models.video_vae_v3.temporal_slicing import CausalMemory, Stage, run_streamed
+from src.models.video_vae_v3.temporal_slicing import CausalMemory
 from src.optimization import vae_optimizer
+from src.optimization.vae_executor.coder import lean_decode
+from src.optimization.vae_executor.streaming import Stage, run_streamed
 from src.optimization.vae_optimizer import (
     DEFAULT_PIECE_BYTES,
     TileSizeError,
@@ -31,6 +33,7 @@ from src.optimization.vae_optimizer import (
     estimate_peak_bytes,
     normalize_into,
     optimize_vae,
+    runtime_of,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -166,10 +169,10 @@ def test_switching_back_restores_the_plain_path(plain):
     z = _latent(2)
     before = model.decode(z)
     report = optimize_vae(model, piece_bytes=1, channels_last=True)
-    assert model.runtime is not None and report.enabled
+    assert runtime_of(model) is not None and report.enabled
     assert model.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last_3d)
     off = optimize_vae(model, enabled=False)
-    assert model.runtime is None and not off.enabled and "plain" in off.summary()
+    assert runtime_of(model) is None and not off.enabled and "plain" in off.summary()
     assert all(p.is_contiguous() for p in model.parameters())
     # Bit for bit the plain computation again, and the same as an untouched model.
     assert torch.equal(model.decode(z), before)
@@ -180,7 +183,7 @@ def test_optimized_and_plain_models_do_not_interfere(plain, optimized):
     z = _latent(3, seed=9)
     alone = plain.decode(z)
     optimized["frames"].decode(z)
-    assert plain.runtime is None
+    assert runtime_of(plain) is None
     assert torch.equal(plain.decode(z), alone)
 
 
@@ -496,7 +499,7 @@ def test_the_last_chunk_keeps_no_look_back(piece_bytes):
     with torch.no_grad():
         for last in (False, True):
             memory = CausalMemory(last_chunk=last)
-            outputs[last] = model.decoder.forward_lean(z.to(model.dtype), memory, model.runtime)
+            outputs[last] = lean_decode(model.decoder, z.to(model.dtype), memory, runtime_of(model))
             kept[last] = len(memory._frames)
     torch.testing.assert_close(outputs[True], outputs[False])
     assert kept[False] > 0 and kept[True] == 0

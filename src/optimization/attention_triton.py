@@ -1,28 +1,12 @@
 """A Triton flash-attention forward kernel for wide heads (head_dim up to 512): the VAE mid-block's one head.
 
-The VAE's mid-block attends over all H·W positions of a frame with ONE head of width 512: (frames, 1, 32640,
-512) at 1080p.  PyTorch's flash and cuDNN kernels stop at head_dim 256, its memory-efficient kernel is slow
-there, and the two-GEMM path (``matrix_ops._matmul_query_chunks``) spends most of its time writing and
-re-reading float32 score matrices.  This kernel never writes the scores (FlashAttention-2):
-
-- one program per (block of BLOCK_M queries, batch·head, slice of SLICE output columns);
-- it walks the keys in blocks of BLOCK_N: S = Q Kᵀ accumulated in float32 over head_dim in pieces (the
-  query block's pieces are loaded once and stay in shared memory), an online softmax in float32 (running
-  row maximum and sum, in base 2 with log2(e) folded into the scale), P rounded to the input dtype for
-  P V, the output slice accumulated in float32 registers;
-- a 512-wide float32 accumulator does not fit registers at a useful BLOCK_M, so the output columns are
-  split into slices; every slice recomputes S (more FLOPs, still no score memory).
-
-The pieces of head_dim are as wide as possible: Triton's block shapes are powers of two, so a piece is the
-largest power of two dividing head_dim, the whole head for 64/128/256/512 (one tensor-core product per key
-block, waited for once, rather than one wait per 64 columns) and 64-wide pieces for e.g. 192.
-
-Numerics are flash attention's: float32 statistics and accumulation, the result rounded once.  The launch
-configuration is autotuned per (head_dim, dtype) over a short list (:data:`CANDIDATE_TILES`), once per
-machine where Triton can keep the result on disk (3.4+).  CPU tensors
-run under Triton's interpreter (``TRITON_INTERPRET=1``, for tests) with explicit ``tiles``.
-
-This module imports Triton; ``matrix_ops`` imports it only when the ``triton_wide`` backend runs.
+PyTorch's fused SDPA kernels stop at head_dim 256.  This kernel (FlashAttention-2) never writes the scores:
+per block of queries it walks the keys with an online softmax in float32, and splits the wide output into
+column slices that each recompute the scores, because a 512-wide float32 accumulator does not fit registers.
+Numerics are flash attention's (float32 statistics and accumulation, rounded once); launch configurations are
+autotuned per (head_dim, dtype).  CPU tensors run under Triton's interpreter (``TRITON_INTERPRET=1``, for
+tests) with explicit ``tiles``.  This module imports Triton; ``matrix_ops`` imports it only when the
+``triton_wide`` backend runs.  Design notes: docs/performance.md.
 """
 from __future__ import annotations
 

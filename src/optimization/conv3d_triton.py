@@ -1,40 +1,12 @@
 """The VAE's causal 3x3x3 convolution as a Triton implicit GEMM, in bf16/fp16 and in fp8 (e4m3).
 
-The fp8 form is what the VAE's ``fp8_e4m3fn`` quantization runs its GroupNorm-fed and upsampler convolutions on
-(:mod:`.vae_fp8`).
-Measured on an H100 (benchmarks/conv3d_triton.py, docs/performance.md): fp8 with the tensor core's own
-accumulation reaches 940-1310 TFLOP/s, 1.3-1.6x cuDNN's bf16, at 3.8e-2 relative error per convolution (the
-operands' e4m3 rounding); bf16 reaches 510-640 TFLOP/s against cuDNN's 590-800, so the bf16 VAE keeps cuDNN.
-
-cuDNN runs the VAE's 3-D convolutions at ~690 TFLOP/s on an H100 for 256/512 channels but only ~470 TFLOP/s
-for the 128-channel full-resolution layers.  :func:`conv3d_causal` computes exactly
-``F.conv3d(x, weight, bias, stride=1, padding=(0, 1, 1))`` for a channels-last ``x`` (B, C, T+2, H, W) whose
-first two frames are the causal look-back (time is not padded), as one GEMM without an im2col matrix:
-
-* M = the B·T·H·W output pixels, N = the Cout output channels, K = 27·C (27 taps times C channels);
-* A (M, K) is read straight from ``x``: for tap (dt, dh, dw) the rows are the input pixels at
-  (t + dt, h + dh - 1, w + dw - 1), loaded with a mask that gives zero outside the frame (the spatial zero
-  padding); in channels-last memory each row's block of channels is contiguous;
-* B (K, N) is the weight rearranged once by :func:`weight_matrix` into (Cout, 27·C), K contiguous: the
-  layout Hopper's fp8 tensor-core instructions need for B (and as good as any for bf16).
-
-One program computes a BLOCK_M x BLOCK_N output tile.  Its BLOCK_M pixels are either consecutive in
-(B, T, H, W) order (``patch_width`` 0: rows wrap, so no lanes idle when W is not a multiple of BLOCK_M) or
-a patch of ``BLOCK_M / patch_width`` rows x ``patch_width`` columns of one frame.  K is a single loop over
-all (tap, channel block) steps, so Triton's software pipelining (``num_stages``) keeps loads in flight
-across tap boundaries; accumulation is float32 and the output is rounded once.
-
-fp8: :func:`quantize_input_fp8` scales x per tensor and :func:`.vae_fp8.quantize_weight_fp8` the weight per
-output channel (scale = amax / 448, e4m3's largest value); products run in e4m3 and the scales (then the bias)
-are applied to the float32 sums.  Hopper's tensor cores add fp8 products in reduced precision, so by
-default every BLOCK_K step's partial sum is added into a float32 accumulator (``max_num_imprecise_acc``);
-``fp8_fast_accumulation`` leaves the whole K to the tensor core instead.
-
-Autotuning (``tiles=None``, CUDA only) picks among a few tile shapes per (C, Cout, dtypes, accumulation:
-float32 partial sums double the accumulator registers, so they favour other tiles); the kernel is
-compiled per channel count C (a compile-time constant, which makes the K loop's trip count and tap
-arithmetic constant).  CPU tensors run under Triton's interpreter (``TRITON_INTERPRET=1``, for tests) and
-need explicit ``tiles``.
+:func:`conv3d_causal` computes exactly ``F.conv3d(x, weight, bias, stride=1, padding=(0, 1, 1))`` for a
+channels-last ``x`` (B, C, T+2, H, W) whose first two frames are the causal look-back, as one GEMM without an
+im2col matrix: M = the output pixels, N = the output channels, K = 27·C; A is read straight from ``x`` (masked
+loads give the spatial zero padding), B is the weight rearranged once by :func:`weight_matrix`.  The fp8 form
+is what the VAE's ``fp8_e4m3fn`` quantization runs on (:mod:`.vae_fp8`); products in e4m3, scales and bias
+applied to float32 sums.  Tile shapes are autotuned on CUDA; CPU tensors run under Triton's interpreter
+(``TRITON_INTERPRET=1``, for tests) with explicit ``tiles``.  Design and measurements: docs/performance.md.
 """
 from __future__ import annotations
 

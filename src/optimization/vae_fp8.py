@@ -1,36 +1,12 @@
 """fp8 (e4m3) convolutions for the optimized VAE: its ``fp8_e4m3fn`` quantization.
 
-What is quantized: every 3x3x3 convolution whose input is ``SiLU(GroupNorm(.))`` — the two of each resnet
-block and the encoder's and decoder's conv_out, ~70 % of the VAE's FLOPs at 1080p — and the 3x3x3
-convolution of each decoder upsampler, whose input the upsampling GEMM writes (~20 % more of the decode).
-The producer of a quantized convolution's input writes it into the padded input, so quantizing costs no pass
-of its own: the GroupNorm (or the upsampling GEMM's store) writes e4m3 instead of bf16.  conv_in, the
-encoder's downsamplers (fed by a strided copy) and the shortcuts stay in the compute dtype.
-
-Scales of GroupNorm-fed inputs.  A GroupNorm output channel is ``gamma_c·z + beta_c`` with ``z`` normalised, so every input channel
-gets a static scale ``s_c = (|gamma_c|·INPUT_RANGE + |beta_c|) / 448``: a value ``INPUT_RANGE`` standard
-deviations out still fits e4m3 (448 is its largest value; beyond it the GroupNorm saturates), and values
-of about one deviation land near 448 / INPUT_RANGE, far above e4m3's smallest normal number.  The GroupNorm
-stores ``SiLU(.) / s_c``; ``s_c`` is folded into the weights, which are then quantized per output channel:
-``Wq = e4m3(W·s_c / w_o)``, ``w_o = amax_o(W·s_c) / 448``.  A convolution is ``w_o · Σ Wq·xq``.  Each
-operand's rounding errs by up to 2^-4 relative, so a convolution's output differs from bf16's by ~4e-2
-relative (measured: docs/performance.md); the look-back frames kept between pieces and the padded inputs
-take half the memory.
-
-Scales of upsampler inputs.  The upsampler's 1x1 conv output ``y_o = Σ_c W_oc·x_c + b_o`` has no static
-range: ``x`` is the decoder's residual stream.  Each call therefore takes one scale for its whole padded input
-(the new frames and the look-back, which the upsampler recomputes from its kept inputs in the same call),
-from a bound that holds for every pixel: ``|y_o| <= Σ_c |W_oc|·m_c + |b_o|`` with ``m_c`` the largest ``|x_c|``
-among the inputs, ``s = max_o bound_o / 448 · SHUFFLE_HEADROOM``.  The bound is loose (by ~10x for random
-signs), which costs nothing: e4m3 is floating point, and a value 10x below its largest keeps the same relative
-precision.  It is two reductions over the upsampler's input (4-8x smaller than the convolution's) and a
-matrix-vector product; the convolution multiplies its sums by ``s`` (a per-call input scale) and its
-weights are quantized per output channel as above, without a folded input scale.
-
-Compute.  With Triton on a GPU that has fp8 tensor cores (compute capability 8.9+), the implicit-GEMM
-kernel of :mod:`.conv3d_triton` multiplies the e4m3 operands (1.3-1.6x cuDNN's bf16 on an H100).  Elsewhere
-(CPU, older GPUs, no Triton, ``SEEDVR2_VAE_TRITON=0``, or after a kernel failure: one log line) the same e4m3
-values are widened to the compute dtype and convolved by PyTorch: the same numbers, without the speed.
+Quantized: every 3x3x3 convolution whose input is ``SiLU(GroupNorm(.))`` (the resnets' and conv_out) and each
+decoder upsampler's 3x3x3 convolution.  The producer of such an input (the GroupNorm, the upsampling GEMM's
+store) writes e4m3 into the padded input, so quantizing costs no pass of its own.  GroupNorm-fed inputs take
+a static per-channel scale folded into the weights (:func:`prepare`); upsampler inputs a per-call scale from
+a bound on the 1x1 conv's outputs (:class:`ShuffleBound`); weights are quantized per output channel.  The
+products run on fp8 tensor cores through :mod:`.conv3d_triton` where it can, else widened by PyTorch (the
+same numbers).  Not exact; the definitions and measurements are in docs/performance.md.
 """
 from __future__ import annotations
 

@@ -1,67 +1,12 @@
 """Fast, memory-lean execution of the causal video VAE: the plain path's math, behind a per-model switch.
 
-At 1080p the VAE is ~85 % of the FLOPs of a run.  Its 3x3x3 convolutions reach 470-670 TFLOP/s on an H100
-in bf16; what makes the plain path 2.5-3x slower than its convolutions, and keeps ~11 full-size activations
-alive, is the work between them: the per-frame GroupNorm loop, SiLU, torch.cat for the causal padding,
-clones, pixel-shuffle copies and layout conversions.  ``optimize_vae(model)`` gives one model a
-:class:`VAERuntime`; its encode/decode then take the ``forward_lean`` methods that sit next to the plain
-``forward`` of every VAE block, which call the kernel entry points of the runtime:
-
-* **Depth-first streaming** (``temporal_slicing.run_streamed``): each causal chunk is split, stage by stage,
-  into pieces of as many frames as keep the stage's widest activation under ``piece_bytes``, and every piece
-  runs through the rest of the encoder or decoder before the next one starts.  Every convolution is causal
-  and keeps its look-back in the CausalMemory (whether it continues is decided per convolution), so pieces
-  are exact.  At low resolution whole chunks stay together; at full resolution pieces shrink to 1-2 frames.
-  Deviation from the brief (sub-chunk the decoder's full-resolution levels, or split convolutions into row
-  bands): one mechanism for every level, the encoder included, without level-specific code or halos.
-  Pieces trade memory for copies: each convolution call copies its 2 look-back frames in and 2 out, so
-  1-frame pieces cost ~0.25 s more per 33-frame 1080p decode on an H100 than 2-frame ones and save ~3 GB;
-  the default (``DEFAULT_PIECE_BYTES``) gives 2-frame pieces at 1080p.
-* **Causal padding without torch.cat**: a convolution allocates its padded input (look-back + new frames)
-  once; the look-back is copied in and the producer writes the new frames straight into it: GroupNorm+SiLU
-  (:meth:`VAERuntime.normalize`), the upsampler's 1x1 conv + pixel shuffle in row bands
-  (:meth:`VAERuntime.upscale_shuffle_into`: the 4x/8x-channel tensor never exists whole) or a copy.
-  Residuals are added in place.  The upsamplers keep their look-back as the 4-8x smaller pre-upscale
-  frames and recompute it (a 1x1 conv), which lowers the decoder's memory floor by 15 %.
-* **GroupNorm per frame** with float32 statistics, as F.group_norm computes each frame, in two exact stages
-  (row statistics, then their combination; :func:`frame_group_stats`).  On CUDA, hand-written Triton
-  kernels (:mod:`.vae_triton`) do it for all frames of a piece in three launches: statistics of
-  [pixels x channels] tiles (two passes in registers), their combination per (frame, group) by the law
-  of total variance, and one pointwise pass that writes the padded input directly; sizes and strides
-  are runtime arguments, so they compile once per dtype and channel count instead of once per
-  resolution.  Without Triton, with ``SEEDVR2_VAE_TRITON=0`` or after a Triton failure (one log line),
-  the GroupNorm is compiled per frame into a reduction and one pointwise pass (torch.compile, static
-  shapes, fullgraph; :class:`CompiledKernel`: ~55 s of compiling for the first run of a resolution),
-  itself falling back to the eager version with one log line if compiling fails.  Convolutions whose
-  output feeds a GroupNorm run without their bias, which rides along with the next pass over that
-  output instead (on CUDA PyTorch adds a convolution's bias in a broadcast pass of its own, 0.3 s of a
-  1080p decode): a resnet's first conv's with its second GroupNorm, its second conv's, its shortcut's
-  and the block input's (left out by the conv_in or resampler before it) with the residual sum (one
-  Triton or compiled pass, all frames at once for Triton), the upsampler's 1x1 conv's with its
-  pixel-shuffling copy.
-* **channels_last_3d on CUDA** (weights converted here, activations allocated so), cuDNN's fastest layout
-  for these convolutions.  Channel counts that are not multiples of 8 are zero-padded there, because
-  cuDNN's NDHWC tensor-core kernels want multiples of 8: the 3-channel decoder output to 8, the 3-channel
-  encoder input to 16 (measured faster); zero weights against zero inputs leave every sum unchanged.
-* **The PyTorch 2.9 conv3d regression** (cuDNN skipped for half-precision 3-D convolutions with cuDNN 9.8 to
-  9.14, leaving a slow, memory-hungry fallback) is detected from the versions
-  (:func:`cudnn_bypass_decision`); only then do 3-D convolutions go to ``torch.cudnn_convolution``.
-* ``torch.backends.cudnn.benchmark`` only with ``SEEDVR2_CUDNN_BENCHMARK=1`` (then on during encode/decode,
-  restored after): autotuning costs the first run of a resolution ~45 s for 1-3 % faster convolutions.
-
-Memory floor.  Causal chunking keeps each causal convolution's last input frames (2 for stride 1) until
-the next chunk: at 1088x1920 in bf16 about 8.7 GB in the encoder and 18 GB in the decoder (15 GB here),
-whatever the clip length.  The brief's 8 GB target for a whole phase is therefore out of reach of any exact
-chunked evaluation at that size; this path bounds what comes on top of the floor to one piece's working
-set at full resolution (:func:`estimate_peak_bytes`: 17 GB encode, 26 GB decode as upper bounds for 33
-frames, against 31 / 49 GB measured for the plain path).  Spatial tiling is the way below the floor, and
-:func:`choose_tile_size` picks the largest tile that fits.
-
-The optimized path runs eagerly apart from its own GroupNorm and residual kernels: compiling the VAE with
-``torch_compile.compile_modules`` affects the plain path's ``Encoder3D``/``Decoder3D.forward`` only.
-The plain path is untouched: a model without a runtime runs exactly the code it ran before, and
-``optimize_vae(model, enabled=False)`` restores it (weights back to contiguous layout).  Nothing here is
-process-wide except the GroupNorm and residual kernels (code, no model state).
+``optimize_vae(model)`` attaches a :class:`~.vae_executor.VAEExecutor` over a :class:`VAERuntime` (layout,
+kernels, piece size); the model's encode/decode then run their causal chunks through it: the same result,
+faster and in less memory.  The runtime holds the kernel entry points the executor calls: per-frame
+GroupNorm(+SiLU) written into padded convolution inputs, the residual sum, channel padding for cuDNN's
+channels-last kernels, the upsampler's 1x1 conv + pixel shuffle, the convolution route around PyTorch
+2.9's conv3d regression.  :func:`estimate_peak_bytes` and :func:`choose_tile_size` bound the memory of the
+streamed path and pick the tile size for "auto" tiling.  Design notes and measurements: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -78,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import vae_fp8, vae_upsample
+from .matrix_ops import AUTO
 from .switches import env_switch
+from .vae_executor import VAEExecutor
 
 if TYPE_CHECKING:
     from ..models.video_vae_v3 import VAEConfig, VideoAutoencoder
@@ -370,6 +317,9 @@ class VAERuntime:
     # The GroupNorm-fed and upsampler convolutions in e4m3 (the VAE's fp8_e4m3fn quantization), None for the
     # compute dtype.
     fp8: Optional[vae_fp8.Fp8Convolutions] = None
+    # The mid-block attention's backend: "auto" picks, on CUDA, the Triton flash-attention kernel for the
+    # 512-wide head, which SDPA's fused kernels do not take (see matrix_ops).
+    attention_backend: str = AUTO
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -661,9 +611,9 @@ def optimize_vae(
     fp8 = vae_fp8.check_mode(quantization)
     device, dtype = model.device, model.dtype
     dtype_name = str(dtype).removeprefix("torch.")
-    previous = getattr(model, "runtime", None)
+    previous = runtime_of(model)
     if not enabled:
-        model.runtime = None
+        model.executor = None
         model.to(memory_format=torch.contiguous_format)
         return VAEOptimizationReport(False, str(device), dtype_name)
 
@@ -690,7 +640,7 @@ def optimize_vae(
         runtime.fp8 = previous.fp8 if same else vae_fp8.Fp8Convolutions.for_model(
             model, triton_wanted=runtime.triton_kernels)
     model.to(memory_format=runtime.memory_format)
-    model.runtime = runtime
+    model.executor = VAEExecutor(runtime)
     report = VAEOptimizationReport(
         enabled=True,
         device=str(device),
@@ -709,6 +659,11 @@ def optimize_vae(
     )
     logger.info(report.summary())
     return report
+
+
+def runtime_of(model: object) -> Optional[VAERuntime]:
+    """The :class:`VAERuntime` ``optimize_vae`` gave ``model`` (None: the plain path, or not a VAE)."""
+    return getattr(getattr(model, "executor", None), "runtime", None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,25 +1,13 @@
-"""Hand-written Triton kernels for the optimized VAE: per-frame GroupNorm(+SiLU), residual sum, and two copies.
+"""Hand-written Triton kernels for the optimized VAE: per-frame GroupNorm(+SiLU), residual sum, and three copies.
 
-The torch.compile versions of these two passes (:class:`.vae_optimizer.CompiledKernel`) are fast once
-compiled, but only with static shapes: every (channels, height, width) compiles on its own, ~17 graphs and
-~55 s of Inductor time for the first run of each resolution, and they run frame by frame from Python.  These
-kernels take the pixel count, frame count and strides as runtime arguments, so they compile once per dtype
-and channel count (times Triton's own specialisation of integer arguments divisible by 16: a few variants
-at most), and every launch covers all frames of a piece.
-
-Both work on the CUDA layout of the optimized path (channels_last_3d): every frame of a (B, C, T, H, W)
-tensor is a contiguous (H·W, C) matrix; (batch, frame) pairs may sit at any strides, so ``out`` can be the
-new frames of a padded convolution input.  :func:`normalize_into` and :func:`add_residual` compute what
-their namesakes in vae_optimizer compute, in float32 up to summation order, rounded once to the output's
-dtype (the eager kernels round ``x + shift`` and ``out + residual`` to a half-precision dtype on the way).
-The GroupNorm can also store its last frames a second time, as a causal convolution's look-back (``tail``).
-
-:func:`copy_rows` and :func:`copy_pixels` are plain copies between channels-last tensors laid out differently
-(a window of a padded buffer; pixels next to a bias column), which PyTorch's strided copy kernel runs at a
-fraction of memory speed.  :func:`store_e4m3_rows` is a casting copy of rows into e4m3 (the upsampling GEMM's
-staged output into an fp8 convolution's input), ~3x faster than PyTorch's strided cast there.
-
-This module imports Triton; vae_optimizer imports it only when it is about to use the kernels.
+They work on the optimized path's channels-last layout (every frame of a (B, C, T, H, W) tensor a contiguous
+(H·W, C) matrix, frames at any strides, so ``out`` can be the new frames of a padded convolution input) and
+take sizes and strides as arguments, so they compile once per dtype and channel count and one launch covers
+all frames of a piece.  :func:`normalize_into` and :func:`add_residual` compute what their namesakes in
+vae_optimizer compute, in float32 up to summation order, rounded once to the output's dtype (the GroupNorm can
+also store its last frames a second time, a convolution's look-back); :func:`copy_rows`, :func:`copy_pixels`
+and :func:`store_e4m3_rows` are copies between differently laid out tensors that PyTorch's strided kernels
+run slowly.  This module imports Triton; vae_optimizer imports it only when it is about to use the kernels.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from ..models.video_vae_v3.banded import BandPlan, estimate_banded_peak_bytes
+from ..models.video_vae_v3.banded import BandPlan
+from ..optimization.vae_banded import estimate_banded_peak_bytes
 
 log = logging.getLogger("seedvr2")
 

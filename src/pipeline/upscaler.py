@@ -440,7 +440,7 @@ class _Runner:
         if self.memory is not None:
             phase = self.memory.encode if direction == "encode" else self.memory.decode
             return max(0, phase.peak - _parameter_bytes(model))
-        runtime = getattr(model, "runtime", None)
+        runtime = vae_optimizer.runtime_of(model)
         if runtime is None:
             return 0
         height, width = geometry.padded
@@ -742,7 +742,7 @@ class _Runner:
         """Smaller tilings to try after an out-of-memory error, largest first."""
         sizes = list(OOM_TILE_SIZES)
         model = self.vae.model
-        runtime = getattr(model, "runtime", None)
+        runtime = vae_optimizer.runtime_of(model)
         if runtime is not None and model.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(model.device)
             try:
@@ -780,7 +780,7 @@ class _Runner:
             self.vae = self.manager.vae(spec)
             _optimize(self.vae, spec)
         model = self.vae.model
-        runtime = getattr(model, "runtime", None)
+        runtime = vae_optimizer.runtime_of(model)
         height, width = geometry.padded
         frames = max(batch.padded_length for batch in batches)
         if settings.vram_budget:

@@ -6,8 +6,7 @@ float32 tensors, on ``output_device`` (default: the parameters' device).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, ContextManager, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -17,16 +16,17 @@ from .decoder import Decoder3D
 from .encoder import Encoder3D
 from .errors import VAEInputError
 from .banded import BandPlan, run_banded
-from .temporal_slicing import CausalMemory, run_sliced
+from .temporal_slicing import CausalMemory, ChunkFn, run_sliced
 from .tiling import check_tiling
-
-if TYPE_CHECKING:
-    from ...optimization.vae_optimizer import VAERuntime
 
 LOGVAR_RANGE = (-30.0, 20.0)
 DEFAULT_TILE_OVERLAP = 128
 
 Device = Union[torch.device, str, None]
+# ``executor(model, direction, chunk, memory, band_plan)``: one causal chunk ("encode" or "decode") computed
+# in place of the plain forward.
+ChunkExecutor = Callable[["VideoAutoencoder", str, torch.Tensor, Optional[CausalMemory], Optional[BandPlan]],
+                         torch.Tensor]
 
 
 class VideoAutoencoder(nn.Module):
@@ -38,8 +38,9 @@ class VideoAutoencoder(nn.Module):
     (``tile_size`` in video pixels, or a full ``band_plan``) bounds memory further with the same result: the
     frame runs layer by layer in exact row bands of about ``tile_size²`` pixels (:mod:`.banded`).
 
-    ``optimization.vae_optimizer.optimize_vae`` gives a model a ``runtime``; encode and decode then take the
-    optimized path (the blocks' ``forward_lean``): the same result, faster and in less memory.
+    ``executor``: None runs every causal chunk through the plain encoder/decoder (banded when tiled); set
+    (by ``optimization.vae_optimizer.optimize_vae``), it computes them instead: the same result, faster and
+    in less memory.
     """
 
     def __init__(self, config: Optional[VAEConfig] = None) -> None:
@@ -47,7 +48,7 @@ class VideoAutoencoder(nn.Module):
         self.config = config if config is not None else VAEConfig.released()
         self.encoder = Encoder3D(self.config)
         self.decoder = Decoder3D(self.config)
-        self.runtime: Optional[VAERuntime] = None
+        self.executor: Optional[ChunkExecutor] = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -77,10 +78,8 @@ class VideoAutoencoder(nn.Module):
         out_device = torch.device(output_device) if output_device is not None else self.device
 
         plan = self._band_plan(video, tile_size, tile_overlap, band_plan)
-        run_chunk = self._encode_chunk if plan is None else (
-            lambda chunk, memory: run_banded(self, "encode", chunk, memory, plan))
-        with self._kernel_settings():
-            moments = run_sliced(run_chunk, video, step=step, out_frames=latent_frames, out_device=out_device)
+        run_chunk = self._chunk_runner("encode", plan)
+        moments = run_sliced(run_chunk, video, step=step, out_frames=latent_frames, out_device=out_device)
         mean, logvar = moments.split(config.latent_channels, dim=1)
         return mean, logvar.clamp_(*LOGVAR_RANGE)
 
@@ -106,26 +105,26 @@ class VideoAutoencoder(nn.Module):
         out_device = torch.device(output_device) if output_device is not None else self.device
 
         plan = self._band_plan(z, tile_size, tile_overlap, band_plan, scale=config.spatial_downsample_factor)
-        run_chunk = self._decode_chunk if plan is None else (
-            lambda chunk, memory: run_banded(self, "decode", chunk, memory, plan))
-        with self._kernel_settings():
-            return run_sliced(run_chunk, z, step=step, out_frames=video_frames, out_device=out_device,
-                              out_dtype=output_dtype)
+        run_chunk = self._chunk_runner("decode", plan)
+        return run_sliced(run_chunk, z, step=step, out_frames=video_frames, out_device=out_device,
+                          out_dtype=output_dtype)
 
-    def _kernel_settings(self) -> ContextManager[None]:
-        return self.runtime.kernel_settings() if self.runtime is not None else nullcontext()
+    def _chunk_runner(self, direction: str, plan: Optional[BandPlan]) -> ChunkFn:
+        """How each causal chunk is computed: by the executor when one is set, else banded (with a plan) or
+        by the plain encoder/decoder."""
+        executor = self.executor
+        if executor is not None:
+            return lambda chunk, memory: executor(self, direction, chunk, memory, plan)
+        if plan is not None:
+            # Bands are moved to the device one at a time: the chunk stays where it is.
+            return lambda chunk, memory: run_banded(self, direction, chunk, memory, plan)
+        return self._encode_chunk if direction == "encode" else self._decode_chunk
 
     def _encode_chunk(self, chunk: torch.Tensor, memory: Optional[CausalMemory]) -> torch.Tensor:
-        chunk = chunk.to(device=self.device, dtype=self.dtype)
-        if self.runtime is not None:
-            return self.encoder.forward_lean(chunk, memory, self.runtime)
-        return self.encoder(chunk, memory)
+        return self.encoder(chunk.to(device=self.device, dtype=self.dtype), memory)
 
     def _decode_chunk(self, chunk: torch.Tensor, memory: Optional[CausalMemory]) -> torch.Tensor:
-        chunk = chunk.to(device=self.device, dtype=self.dtype)
-        if self.runtime is not None:
-            return self.decoder.forward_lean(chunk, memory, self.runtime)
-        return self.decoder(chunk, memory)
+        return self.decoder(chunk.to(device=self.device, dtype=self.dtype), memory)
 
     def _band_plan(self, source: torch.Tensor, tile_size: Optional[int], tile_overlap: int,
                    band_plan: Optional[BandPlan], scale: int = 1) -> Optional[BandPlan]:

@@ -1,28 +1,15 @@
 """Exact banded execution: encode or decode a frame in row bands with exactly the untiled result.
 
-What a band needs from outside itself is (a) its neighbours' rows, one halo row per 3x3 convolution, and (b)
-the statistics of every GroupNorm over the whole frame.  Both are only available layer by layer, so a causal
-chunk runs through the network one layer at a time, each layer band by band:
-
-* every activation of the chunk (B, C, T, H, W) lives in a :class:`Store`, on the compute device when it is
-  small and in (pinned) host memory when it is larger than ``BandPlan.resident_bytes``; a band's rows are
-  contiguous in it (layout B, H, T, W, C), so moving a band is one copy;
-* a convolution reads, per band of output rows, its input rows plus the halo (the real neighbours; zeros
-  only at the frame's edges), its causal look-back rows (kept, like the input, per layer in a Store), runs
-  on the compute device and writes the band's output rows;
-* while writing, the per-(batch, group, frame) count, mean and M2 of the output are accumulated (Chan's
-  parallel combination), so the next GroupNorm normalises every band with the whole frame's statistics
-  without another pass;
-* the mid-block attention runs per frame over all h·w latent tokens (the bottleneck is small), in chunks of
-  queries (exact: every query row is independent).
-
-Nothing is blended and no band sees less than the untiled network, so the output equals the untiled one up
-to float summation order.  The model's layers run as they are (plain ``nn.Conv3d``/``Linear`` calls), or
-through the optimized runtime's convolution when the model has one.
+A band needs its neighbours' rows (one halo row per 3x3 convolution) and the statistics of every GroupNorm
+over the whole frame, so a causal chunk runs through the network layer by layer, each layer band by band:
+activations live in a :class:`Store` (on the device, or in host memory above ``BandPlan.resident_bytes``),
+every convolution accumulates its output's GroupNorm statistics while writing it (:class:`GroupStats`), and
+the mid-block attention runs per frame, its queries in chunks.  Nothing is blended.  The layers run as plain
+``nn.Conv3d``/``Linear`` calls; ``optimization.vae_banded`` subclasses :class:`BandedRunner` to run them with
+the optimized path's kernels.  The design: docs/architecture.md, "Exact spatial tiling".
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
@@ -42,10 +29,6 @@ if TYPE_CHECKING:
     from .autoencoder import VideoAutoencoder
     from .decoder import Decoder3D
     from .encoder import Encoder3D
-
-logger = logging.getLogger(__name__)
-
-_FP8_NOTED: set[int] = set()
 
 # Attention scores of one query chunk (queries x keys float32 values) stay below this many elements.
 ATTENTION_CHUNK_ELEMENTS = 1 << 26
@@ -182,15 +165,17 @@ class RowSource:
 class BandedRunner:
     """Runs one causal chunk of the encoder or decoder layer by layer in row bands (see the module doc)."""
 
+    # The layout the convolutions want: padded bands are born in it.
+    memory_format = torch.contiguous_format
+    # The attention backend of the mid-block (None: the block's own ``attention_backend``).
+    attention_backend: Optional[str] = None
+
     def __init__(self, model: "VideoAutoencoder", plan: BandPlan) -> None:
         self.model, self.plan = model, plan
-        self.runtime = model.runtime
         self.device, self.dtype = model.device, model.dtype
         self.groups = model.config.norm_num_groups
         self.stat_dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.host_writes = False
-        # The layout the convolutions want (channels-last on the optimized GPU path): padded bands are born in it.
-        self.memory_format = self.runtime.memory_format if self.runtime is not None else torch.contiguous_format
 
     # ----------------------------------------------------------------------------------------- memory
     def store(self, shape: tuple[int, ...]) -> Store:
@@ -208,10 +193,7 @@ class BandedRunner:
 
     # ----------------------------------------------------------------------------------------- layers
     def conv(self, module: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-        if self.runtime is not None:
-            if self.runtime.channels_last:
-                x = x.contiguous(memory_format=self.runtime.memory_format)
-            return self.runtime.conv3d(x, module)
+        """``module``'s plain convolution of ``x`` (a band, padded in time already for a causal one)."""
         return nn.Conv3d.forward(module, x)
 
     def convolve(
@@ -305,7 +287,7 @@ class BandedRunner:
         for frame in range(t):
             x = act.store.physical[:, :, frame:frame + 1].to(self.device, non_blocking=True).permute(0, 4, 2, 1, 3)
             normalized = _affine(x, scale[:, :, frame:frame + 1], shift[:, :, frame:frame + 1], silu=False)
-            y = block.attend(x, normalized.to(x.dtype), query_chunk=chunk, runtime=self.runtime)
+            y = block.attend(x, normalized.to(x.dtype), query_chunk=chunk, backend=self.attention_backend)
             del normalized
             frame_stats.append(GroupStats(self.groups, self.stat_dtype))
             frame_stats[-1].add(y)
@@ -350,21 +332,22 @@ class BandedRunner:
         act = self.attention(block.attentions[0], act)
         return self.resnet(block.resnets[1], act, memory)
 
+    def run(self, direction: str, chunk: torch.Tensor, memory: Optional[CausalMemory]) -> torch.Tensor:
+        """One causal chunk of the model's encoder or decoder, banded; a (B, C, T, H, W) tensor (a view of
+        its store, on the compute device or in host memory)."""
+        memory = memory if memory is not None else CausalMemory(last_chunk=True)
+        if direction == "encode":
+            act = self.encode(self.model.encoder, chunk, memory)
+        else:
+            act = self.decode(self.model.decoder, chunk, memory)
+        self.finish()
+        return act.store.tensor
+
 
 def run_banded(model: "VideoAutoencoder", direction: str, chunk: torch.Tensor, memory: Optional[CausalMemory],
                plan: BandPlan) -> torch.Tensor:
-    """One causal chunk of ``model``'s encoder or decoder, banded; a (B, C, T, H, W) tensor (a view of
-    its store, on the compute device or in host memory)."""
-    runner = BandedRunner(model, plan)
-    if model.runtime is not None and model.runtime.fp8 is not None and id(model) not in _FP8_NOTED:
-        _FP8_NOTED.add(id(model))
-        logger.info("VAE banded execution runs its convolutions in %s, not fp8 (the fp8 scales are per call)",
-                    model.dtype)
-    memory = memory if memory is not None else CausalMemory(last_chunk=True)
-    coder = model.encoder if direction == "encode" else model.decoder
-    act = runner.encode(coder, chunk, memory) if direction == "encode" else runner.decode(coder, chunk, memory)
-    runner.finish()
-    return act.store.tensor
+    """One causal chunk of ``model``'s encoder or decoder, banded by the plain :class:`BandedRunner`."""
+    return BandedRunner(model, plan).run(direction, chunk, memory)
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -445,135 +428,3 @@ class _ShuffledRows(RowSource):
         if self.drop:
             y = torch.cat([y[:, :, :1], y[:, :, 2:]], dim=2)
         return y[:, :, :, top - 2 * source_top:bottom - 2 * source_top]
-
-
-# --------------------------------------------------------------------------------------------- memory model
-
-
-def chunk_frames(config, direction: str, frames: int) -> list[int]:
-    """Input frames of each causal chunk of a clip of ``frames`` video frames (``encode``) or latent frames
-    (``decode``), as ``VideoAutoencoder`` slices it; the first chunk is the largest."""
-    step = config.slicing_sample_min_size if direction == "encode" else (
-        config.slicing_sample_min_size // config.temporal_downsample_factor)
-    bounds = [min(1 + step, frames)]
-    while sum(bounds) < frames:
-        bounds.append(min(step, frames - sum(bounds)))
-    return bounds
-
-
-def estimate_banded_peak_bytes(config, direction: str, height: int, width: int, *, frames: int,
-                               dtype: torch.dtype, plan: BandPlan, channels_last: bool = False,
-                               result_element: int = 4) -> int:
-    """Upper bound on the compute device's peak bytes of a banded encode/decode of one clip (weights not
-    counted; the clip's input and result on the device counted): ``height`` x ``width`` video pixels,
-    ``frames`` video frames.
-
-    Derived from the architecture layer by layer, as :class:`BandedRunner` runs it (first causal chunk,
-    the largest): (1) the activations and causal look-back that stay on the device (those of at most
-    ``plan.resident_bytes``; everything when None), (2) the largest band working set (a convolution's padded
-    band input, its new rows, their float32 normalisation, its output rows with residual and float32
-    statistics copy; an upsampler's 1x1-conv and shuffle temporaries) or the per-frame attention (tokens,
-    k, v, query chunk and its scores), (3) the clip's input and its result, ``result_element`` bytes a value
-    (4: float32; the compute dtype's size for a decode in the model's dtype; 0 when it goes to host memory).
-    """
-    e = torch.empty((), dtype=dtype).element_size()
-    widths, levels = config.block_out_channels, config.num_levels
-    groups_factor = 4  # float32 copies
-    resident = plan.resident_bytes
-    look_back_total = 0
-    live_peak = 0
-    work_peak = 0
-    last_chunk = frames == 1  # a single frame is one chunk, its last: nothing is kept
-
-    def on_device(size: int) -> int:
-        return size if resident is None or size <= resident else 0
-
-    def conv(cin: int, cout: int, t_in: int, h_in: int, w_in: int, *, causal: bool = True, kt: int = 3,
-             st: int = 1, kh: int = 3, sh: int = 1, ph: int = 1, normalized: bool = True, residual: int = 0,
-             shuffle: int = 0, live: int = 0) -> tuple[int, int, int]:
-        """Account one banded convolution; returns its output (t, h, w)."""
-        nonlocal look_back_total, live_peak, work_peak
-        look = kt - 1 if causal else 0
-        total = look + t_in
-        t_out = (total - kt) // st + 1
-        h_out = (h_in + 2 * ph - kh) // sh + 1
-        w_out = (w_in + 2 * ph - kh) // sh + 1
-        rows = min(h_out, plan.rows(w_out))
-        rows_in = min(h_in, (rows - 1) * sh + kh)
-        band_in = rows_in * w_in * cin
-        # Producing the new rows (a normalisation in float32, or the upsampler's 1x1 conv to 4·tf channels at
-        # half size and its shuffled copy), then the padded band input with its new rows.
-        produce = band_in * t_in * (e + (groups_factor if normalized else 0))
-        if shuffle:
-            source = (rows_in // 2 + 1) * (w_in // 2) * cin * -(-t_in // shuffle)
-            produce = max(produce, source * e * (1 + 2 * 4 * shuffle))
-        work = max(produce, band_in * (total * e * (2 if channels_last else 1) + t_in * e))
-        kept = 0
-        if causal and not last_chunk:
-            kept = (total - t_out * st) * cin * h_in * w_in * e
-            work += (total - t_out * st) * band_in * e  # the band's look-back rows, made dense for the store
-        out_band = rows * w_out * t_out * cout
-        work += out_band * (3 * e + groups_factor) + (rows * w_out * t_out * residual * e if residual else 0)
-        activation = t_out * cout * h_out * w_out * e
-        work_peak = max(work_peak, work + on_device(kept) * 2)
-        live_peak = max(live_peak, live + on_device(activation) + look_back_total)
-        look_back_total += on_device(kept)
-        return t_out, h_out, w_out
-
-    def resnet(cin: int, cout: int, t: int, h: int, w: int) -> None:
-        x = on_device(t * cin * h * w * e)
-        conv(cin, cout, t, h, w, live=x)
-        conv(cout, cout, t, h, w, live=x + on_device(t * cout * h * w * e), residual=cout)
-
-    def attention(c: int, t: int, h: int, w: int) -> None:
-        nonlocal work_peak, live_peak
-        tokens = h * w
-        chunk = max(1, min(tokens, ATTENTION_CHUNK_ELEMENTS // tokens))
-        frame = tokens * c
-        work = frame * (e * 6 + groups_factor) + chunk * tokens * groups_factor * 2 + chunk * c * e * 3
-        activation = on_device(t * c * h * w * e)
-        work_peak = max(work_peak, work + activation * 2)
-        live_peak = max(live_peak, 2 * activation + look_back_total)
-
-    if direction == "encode":
-        first = chunk_frames(config, direction, frames)[0]
-        t, h, w = conv(config.in_channels, widths[0], first, height, width, normalized=False)
-        for level, channels in enumerate(widths):
-            cin = widths[max(level - 1, 0)]
-            for index in range(config.layers_per_block):
-                resnet(cin if index == 0 else channels, channels, t, h, w)
-            if level < levels - 1:
-                temporal = level >= levels - 1 - config.temporal_scale_num
-                t, h, w = conv(channels, channels, t, h + 1, w + 1, causal=temporal, kt=3 if temporal else 1,
-                               st=2 if temporal else 1, sh=2, ph=0, normalized=False)
-        c = widths[-1]
-        resnet(c, c, t, h, w)
-        attention(c, t, h, w)
-        resnet(c, c, t, h, w)
-        conv(c, 2 * config.latent_channels, t, h, w)
-        io = frames * config.in_channels * height * width * 4  # the pipeline's batch, float32 on the device
-        latent_frames = (frames - 1) // config.temporal_downsample_factor + 1
-        io += latent_frames * 2 * config.latent_channels * h * w * result_element
-    else:
-        reversed_widths = widths[::-1]
-        latent_frames = (frames - 1) // config.temporal_downsample_factor + 1
-        first_latent = chunk_frames(config, direction, latent_frames)[0]
-        factor = 2 ** (levels - 1)
-        h, w = height // factor, width // factor
-        c = reversed_widths[0]
-        t, h, w = conv(config.latent_channels, c, first_latent, h, w, normalized=False)
-        resnet(c, c, t, h, w)
-        attention(c, t, h, w)
-        resnet(c, c, t, h, w)
-        for index, channels in enumerate(reversed_widths):
-            cin = reversed_widths[max(index - 1, 0)]
-            for layer in range(config.layers_per_block + 1):
-                resnet(cin if layer == 0 else channels, channels, t, h, w)
-            if index < levels - 1:
-                time_factor = 2 if index < config.temporal_scale_num else 1
-                t_in = t * time_factor - (1 if time_factor == 2 else 0)
-                t, h, w = conv(channels, channels, t_in, 2 * h, 2 * w, normalized=False, shuffle=time_factor)
-        conv(widths[0], config.out_channels, t, h, w)
-        io = latent_frames * config.latent_channels * (height // factor) * (width // factor) * 4
-        io += frames * config.out_channels * height * width * result_element
-    return int(max(live_peak, look_back_total) + work_peak + io)

@@ -39,7 +39,7 @@ class VAEConfig:
     temporal_scale_num: int = 2
     in_channels: int = 3
     out_channels: int = 3
-    # Frames per encode chunk after the first one (the released runtime's causal slicing split size).
+    # Frames per encode chunk after the first one (the released implementation's causal slicing split size).
     slicing_sample_min_size: int = 4
 
     def __post_init__(self) -> None:

@@ -1,8 +1,7 @@
 """Decoder: latent (B, latent, t, h, w) -> video (B, 3, 4(t-1) + 1, 8h, 8w), values not clamped."""
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +15,7 @@ from .level import ResnetLevel
 from .mid_block import MidBlock3D
 from .resampling import Upsampler3D
 from .resnet import NORM_EPS
-from .temporal_slicing import CausalMemory, Stage, run_streamed
-
-if TYPE_CHECKING:
-    from ...optimization.vae_optimizer import VAERuntime
+from .temporal_slicing import CausalMemory
 
 
 class DecoderLevel(ResnetLevel):
@@ -72,16 +68,3 @@ class Decoder3D(nn.Module):
             x = level(x, memory)
         x = F.silu(self.conv_norm_out(x), inplace=True)  # releases the widest full-resolution activation
         return self.conv_out(x, memory)
-
-    def forward_lean(self, z: torch.Tensor, memory: Optional[CausalMemory], runtime: "VAERuntime") -> torch.Tensor:
-        """``forward``'s result, streamed through the network in pieces of frames (``run_streamed``).  Each
-        convolution that feeds a GroupNorm leaves its bias to the next block (a pass over its output saved)."""
-        stages = [Stage(partial(self.conv_in.forward_lean, runtime=runtime, with_bias=False), self.conv_in.lean_growth)]
-        stages += self.mid_block.lean_stages(runtime, input_bias=self.conv_in.bias)
-        bias = None
-        for level in self.up_blocks:
-            stages += level.lean_stages(runtime, input_bias=bias)
-            bias = level.deferred_bias
-        stages.append(Stage(partial(self.conv_out.forward_lean, runtime=runtime, norm=self.conv_norm_out,
-                                    input_bias=bias)))
-        return run_streamed(stages, z, memory if memory is not None else CausalMemory(last_chunk=True), runtime.piece_bytes)

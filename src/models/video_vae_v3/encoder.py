@@ -1,8 +1,7 @@
 """Encoder: video (B, 3, T, H, W) -> posterior moments (B, 2·latent, (T-1)/4 + 1, H/8, W/8)."""
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +15,7 @@ from .level import ResnetLevel
 from .mid_block import MidBlock3D
 from .resampling import Downsampler3D
 from .resnet import NORM_EPS
-from .temporal_slicing import CausalMemory, Stage, run_streamed
-
-if TYPE_CHECKING:
-    from ...optimization.vae_optimizer import VAERuntime
+from .temporal_slicing import CausalMemory
 
 
 class EncoderLevel(ResnetLevel):
@@ -71,15 +67,3 @@ class Encoder3D(nn.Module):
         x = self.mid_block(x, memory)
         x = F.silu(self.conv_norm_out(x), inplace=True)
         return self.conv_out(x, memory)
-
-    def forward_lean(self, video: torch.Tensor, memory: Optional[CausalMemory], runtime: "VAERuntime") -> torch.Tensor:
-        """``forward``'s result, streamed through the network in pieces of frames (``run_streamed``).  Each
-        convolution that feeds a GroupNorm leaves its bias to the next block (a pass over its output saved)."""
-        stages = [Stage(partial(self.conv_in.forward_lean, runtime=runtime, with_bias=False), self.conv_in.lean_growth)]
-        bias = self.conv_in.bias
-        for level in self.down_blocks:
-            stages += level.lean_stages(runtime, input_bias=bias)
-            bias = level.deferred_bias
-        stages += self.mid_block.lean_stages(runtime, input_bias=bias)
-        stages.append(Stage(partial(self.conv_out.forward_lean, runtime=runtime, norm=self.conv_norm_out)))
-        return run_streamed(stages, video, memory if memory is not None else CausalMemory(last_chunk=True), runtime.piece_bytes)

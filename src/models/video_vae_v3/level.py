@@ -1,18 +1,14 @@
 """One level of the encoder or decoder: resnets at one width, then at most one resampler."""
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ...pipeline.progress import checkpoint
 from .resnet import ResnetBlock3D
-from .temporal_slicing import CausalMemory, Stage
-
-if TYPE_CHECKING:
-    from ...optimization.vae_optimizer import VAERuntime
+from .temporal_slicing import CausalMemory
 
 
 class ResnetLevel(nn.Module):
@@ -37,20 +33,3 @@ class ResnetLevel(nn.Module):
         for resampler in self.resamplers:
             x = resampler(x, memory)
         return x
-
-    def lean_stages(self, runtime: "VAERuntime", input_bias: Optional[torch.Tensor] = None) -> list[Stage]:
-        """The optimized path's steps, for streaming.  The first resnet adds ``input_bias`` (left out by the
-        block before); the resampling convolution leaves its bias to the block after (``deferred_bias``)."""
-        stages = [
-            Stage(partial(resnet.forward_lean, runtime=runtime, input_bias=input_bias if i == 0 else None),
-                  resnet.lean_growth)
-            for i, resnet in enumerate(self.resnets)
-        ]
-        stages += [Stage(partial(block.forward_lean, runtime=runtime, with_bias=False), block.lean_growth)
-                   for block in self.resamplers]
-        return stages
-
-    @property
-    def deferred_bias(self) -> Optional[torch.Tensor]:
-        """The bias the lean stages leave out of their output, for the next block to add."""
-        return self.resamplers[0].conv.bias if len(self.resamplers) else None
