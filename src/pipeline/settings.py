@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..distributed import PARALLEL_MODES
+from ..optimization.compile_settings import CompileSettings  # noqa: F401  (part of the specs' interface)
 
 COLOR_CORRECTIONS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none")
 TILE_DEBUG_MODES = ("false", "encode", "decode")
@@ -19,18 +20,6 @@ VAE_QUANTIZATIONS = ("disabled", "fp8_e4m3fn")
 
 class SettingsError(ValueError):
     """A user-facing setting is invalid; the message says which and what to do."""
-
-
-@dataclass(frozen=True)
-class CompileSettings:
-    """torch.compile options (the incumbent's SeedVR2TorchCompileSettings node)."""
-
-    backend: str = "inductor"
-    mode: str = "default"
-    fullgraph: bool = False
-    dynamic: bool = False
-    dynamo_cache_size_limit: int = 64
-    dynamo_recompile_limit: int = 128
 
 
 @dataclass(frozen=True)
