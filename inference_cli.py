@@ -18,11 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 # Only light modules before the arguments are parsed: --help must not wait for torch.
-from src.distributed import PARALLEL_MODES
 from src.models import registry
-from src.optimization.modes import ATTENTION_MODES, QUANTIZATION_MODES
+from src.options import ATTENTION_MODES, COLOR_CORRECTIONS, PARALLEL_MODES, QUANTIZATION_MODES, VAE_QUANTIZATIONS
 from src.pipeline import timing
-from src.pipeline.settings import COLOR_CORRECTIONS, VAE_QUANTIZATIONS
 
 log = logging.getLogger("seedvr2")
 

@@ -28,6 +28,7 @@ from src.benchmark import wall
 from src.benchmark.flops import dit_flops, vae_flops
 from src.benchmark.random_weights import random_dit, random_vae
 from src.optimization import matrix_ops
+from src.options import VAE_QUANTIZATIONS
 from src.pipeline.batching import padded_length
 from src.pipeline.frames import target_size
 from src.pipeline.model_manager import ManagedModel, ModelManager, compute_dtype
@@ -53,7 +54,7 @@ def parse_args(argv=None):
                         "entry points in fresh processes: what users wait for)")
     p.add_argument("--attention", default="auto", help="attention_mode of the optimized run")
     p.add_argument("--quantization", default="disabled", help="quantization of the optimized run")
-    p.add_argument("--vae-quantization", default="disabled", choices=["disabled", "fp8_e4m3fn"],
+    p.add_argument("--vae-quantization", default="disabled", choices=VAE_QUANTIZATIONS,
                    help="VAE quantization of the profile section's run")
     p.add_argument("--compile", action="store_true", help="torch.compile in the optimized run")
     p.add_argument("--variants", default="plain,optimized",

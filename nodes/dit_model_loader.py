@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..src.models.load import validate_dit
 from ..src.models.registry import DEFAULT_DIT
-from ..src.optimization.modes import QUANTIZATION_MODES
+from ..src.options import ATTENTION_MODES, QUANTIZATION_MODES
 from ..src.pipeline.devices import (
     compute_device_choices, offload_device_choices, resolve_device,
 )
@@ -19,10 +19,6 @@ from ..src.pipeline.settings import CompileSettings, DiTSpec, SettingsError
 from .model_folders import dit_choices, fetch_model
 from .validation import loader_validation, require_model
 
-ATTENTION_MODES = (
-    "auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn_2", "sageattn_3", "sageattn",
-    "sageattn_3_fp4", "sageattn_3_fp8", "flash_attn", "xformers", "flex",
-)
 
 
 def legacy_quantization(quantization) -> str:

@@ -10,8 +10,8 @@ from ..src.models.registry import DEFAULT_VAE
 from ..src.pipeline.devices import (
     compute_device_choices, offload_device_choices, resolve_device,
 )
-from ..src.pipeline.settings import VAE_QUANTIZATIONS, CompileSettings, SettingsError, VAESpec
-from ..src.pipeline.tile_debug import TILE_DEBUG_MODES
+from ..src.options import TILE_DEBUG_MODES, VAE_QUANTIZATIONS
+from ..src.pipeline.settings import CompileSettings, SettingsError, VAESpec
 from .model_folders import fetch_model, vae_choices
 from .validation import loader_validation, require_model
 

@@ -43,7 +43,7 @@ def test_blur_is_the_dilated_binomial_convolution(radius):
     assert torch.allclose(C._blur(x, radius), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", C.COLOR_CORRECTION_METHODS)
+@pytest.mark.parametrize("method", C.METHODS)
 def test_every_method_leaves_matching_colours_alone(method):
     frames = _smooth_rgb() * 2 - 1
     out = C.color_correct(frames, frames, method)

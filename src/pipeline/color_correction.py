@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from ..options import check_implemented
 from .progress import checkpoint
-from .settings import COLOR_CORRECTIONS as COLOR_CORRECTION_METHODS
+
+# The methods the upscaler offers, in the earlier node pack's order, new ones last (saved workflows keep
+# their values).  A literal, read without importing this module (src.options); "none" keeps the colours.
+METHODS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none")
 
 # Wavelet colour fix (golden README §7.2): 3x3 binomial low-pass, dilated by these radii.
 _WAVELET_RADII = (1, 2, 4, 8, 16)
@@ -46,11 +50,9 @@ _LAB_DELTA = 6.0 / 29.0
 
 def color_correct(content: torch.Tensor, style: torch.Tensor, method: str) -> torch.Tensor:
     """Colour-correct ``content`` towards ``style`` (both ``(N, 3, H, W)`` in [−1, 1]) with ``method``,
-    one of :data:`COLOR_CORRECTION_METHODS`."""
-    if method not in COLOR_CORRECTION_METHODS:
-        raise ValueError(
-            f"unknown colour correction {method!r}; choose one of {', '.join(COLOR_CORRECTION_METHODS)}."
-        )
+    one of :data:`METHODS`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown colour correction {method!r}; choose one of {', '.join(METHODS)}.")
     if content.ndim != 4 or content.shape[1] != 3 or content.shape[0] == 0:
         raise ValueError(f"content must be RGB frames (N, 3, H, W) with N >= 1, got shape {tuple(content.shape)}.")
     if style.shape != content.shape:
@@ -62,14 +64,7 @@ def color_correct(content: torch.Tensor, style: torch.Tensor, method: str) -> to
         return content
     dtype = content.dtype
     content, style = content.float(), style.float()
-    corrected = {
-        "wavelet": wavelet_color_fix,
-        "lab": lab_color_fix,
-        "hsv": hsv_color_fix,
-        "wavelet_adaptive": wavelet_adaptive_color_fix,
-        "adain": adain_color_fix,
-    }[method](content, style)
-    return corrected.to(dtype)
+    return _FIXES[method](content, style).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,3 +295,13 @@ def wavelet_adaptive_color_fix(content: torch.Tensor, style: torch.Tensor) -> to
     still_oversaturated = _saturation(wavelet) - style_sat > 0.5 * _OVERSATURATION_MARGIN
     weight = weight * still_oversaturated
     return wavelet * (1.0 - weight) + hsv * weight
+
+
+_FIXES = {
+    "lab": lab_color_fix,
+    "wavelet": wavelet_color_fix,
+    "wavelet_adaptive": wavelet_adaptive_color_fix,
+    "hsv": hsv_color_fix,
+    "adain": adain_color_fix,
+}
+check_implemented(__name__, METHODS, ("none", *_FIXES))

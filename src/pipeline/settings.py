@@ -8,14 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..distributed import PARALLEL_MODES
 from ..optimization.compile_settings import CompileSettings  # noqa: F401  (part of the specs' interface)
+from ..options import COLOR_CORRECTIONS, PARALLEL_MODES, TILE_DEBUG_MODES, VAE_QUANTIZATIONS
 
-COLOR_CORRECTIONS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none")
-TILE_DEBUG_MODES = ("false", "encode", "decode")
 SEED_LIMIT = 2**64  # ComfyUI's seeds go to 2^64 − 1, which is also the range of torch.manual_seed
-# The VAE loader's quantization modes (optimization.vae_fp8.MODES, repeated here so settings import no torch).
-VAE_QUANTIZATIONS = ("disabled", "fp8_e4m3fn")
 
 
 class SettingsError(ValueError):
