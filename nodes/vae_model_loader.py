@@ -5,6 +5,7 @@ workflows load unchanged; ``enable_optimizations`` and ``quantization`` are new 
 """
 from __future__ import annotations
 
+from ..src.models.file_types import checked_from_header
 from ..src.models.load import validate_vae
 from ..src.models.registry import DEFAULT_VAE
 from ..src.pipeline.devices import (
@@ -129,7 +130,7 @@ class SeedVR2LoadVAEModel:
         offload_to = resolve_device(offload_device, offload=True)
         require_model(model, "vae")
         path = fetch_model(model)
-        if path.suffix.lower() in (".safetensors", ".gguf"):  # header-only: refuse a broken file here, not at the run
+        if checked_from_header(path):  # refuse a broken file here, not at the run
             validate_vae(path)
         spec = VAESpec(
             model=str(path),
