@@ -102,6 +102,7 @@ ADDED = {
 ADDED_CHOICES = {
     ("SeedVR2LoadDiTModel", "attention_mode"): ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math",
                                                "sdpa_chunked", "matmul_chunked", "triton_wide"],
+    ("SeedVR2VideoUpscaler", "color_correction"): ["luma"],
 }
 RETURN_TYPES = {"SeedVR2VideoUpscaler": ("IMAGE",), "SeedVR2LoadDiTModel": ("SEEDVR2_DIT",),
                 "SeedVR2LoadVAEModel": ("SEEDVR2_VAE",), "SeedVR2TorchCompileSettings": ("TORCH_COMPILE_ARGS",)}

@@ -19,7 +19,7 @@ from .progress import checkpoint
 
 # The methods the upscaler offers, in the earlier node pack's order, new ones last (saved workflows keep
 # their values).  A literal, read without importing this module (src.options); "none" keeps the colours.
-METHODS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none")
+METHODS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none", "luma")
 
 # Wavelet colour fix (golden README §7.2): 3x3 binomial low-pass, dilated by these radii.
 _WAVELET_RADII = (1, 2, 4, 8, 16)
@@ -29,6 +29,7 @@ _LAB_LUMINANCE_WEIGHT = 0.8          # share of the content's own L* kept by the
 _HUE_BINS = 12                       # 30° hue sectors for hsv saturation matching
 _MIN_PIXELS_PER_HUE_BIN = 100        # fewer pixels give an unreliable saturation histogram
 _ADAIN_EPS = 1e-5
+_LUMA_WEIGHTS = (0.2126, 0.7152, 0.0722)  # BT.709 luma of gamma-encoded R′G′B′; they sum to 1
 _OVERSATURATION_MARGIN = 0.15        # wavelet_adaptive: saturation excess that triggers hsv blending
 _BLEND_SHARPNESS = 5.0
 
@@ -121,6 +122,28 @@ def adain_color_fix(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
     c_std = (content.var(dims, keepdim=True, unbiased=False) + _ADAIN_EPS).sqrt()
     s_std = (style.var(dims, keepdim=True, unbiased=False) + _ADAIN_EPS).sqrt()
     return (content - c_mean) / c_std * s_std + s_mean
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """BT.709 luma Y′ ``(N, 1, H, W)`` of RGB frames, summed channel by channel (no 3-channel temporary)."""
+    red, green, blue = _LUMA_WEIGHTS
+    return x[:, 0:1] * red + x[:, 1:2] * green + x[:, 2:3] * blue
+
+
+def luma_color_fix(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """AdaIN on the luma alone: per frame, the content's Y′ gets the style's mean and std; its chroma stays.
+
+    For outputs whose colours are right but whose brightness or contrast drifted (the other methods also pull
+    the model's saturation back to the blurrier input's).  Adding the same amount to R′, G′ and B′ changes Y′
+    by that amount (the weights sum to 1) and keeps B′ − Y′ and R′ − Y′, the chroma, so the correction is
+    that shift per pixel.  No clamp, like adain.
+    """
+    dims = (2, 3)
+    c_luma, s_luma = _luma(content), _luma(style)
+    c_mean, s_mean = c_luma.mean(dims, keepdim=True), s_luma.mean(dims, keepdim=True)
+    c_std = (c_luma.var(dims, keepdim=True, unbiased=False) + _ADAIN_EPS).sqrt()
+    s_std = (s_luma.var(dims, keepdim=True, unbiased=False) + _ADAIN_EPS).sqrt()
+    return content + ((c_luma - c_mean) / c_std * s_std + s_mean - c_luma)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,5 +326,6 @@ _FIXES = {
     "wavelet_adaptive": wavelet_adaptive_color_fix,
     "hsv": hsv_color_fix,
     "adain": adain_color_fix,
+    "luma": luma_color_fix,
 }
 check_implemented(__name__, METHODS, ("none", *_FIXES))
