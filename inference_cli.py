@@ -19,17 +19,16 @@ from dataclasses import replace
 from pathlib import Path
 
 # Only light modules before the arguments are parsed: --help must not wait for torch.
-from src.distributed import PARALLEL_MODES
 from src.models import registry
-from src.optimization.modes import ATTENTION_MODES, QUANTIZATION_MODES
+from src.options import ATTENTION_MODES, COLOR_CORRECTIONS, PARALLEL_MODES, QUANTIZATION_MODES, VAE_QUANTIZATIONS
 from src.pipeline import timing
-from src.pipeline.settings import COLOR_CORRECTIONS, VAE_QUANTIZATIONS
 
 log = logging.getLogger("seedvr2")
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 DEFAULT_MODEL_DIR = "models/SEEDVR2"
 VIDEO_OUTPUT_SUFFIXES = (".mp4", ".mov", ".mkv")
+OUTPUT_FORMATS = ("auto", "mp4", "png")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -94,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output", help="where to write: a .mp4/.mov/.mkv file gets a video, a .png file one image, "
                                      "anything else a folder of numbered PNG frames (default: next to the input, "
                                      "named <input>_seedvr2)")
-    io.add_argument("--output_format", choices=("auto", "mp4", "png"), default="auto", metavar="FORMAT",
+    io.add_argument("--output_format", choices=OUTPUT_FORMATS, default="auto", metavar="FORMAT",
                     help="auto: from --output's suffix, else mp4 for a video and PNG for images; "
-                         + _one_of(("auto", "mp4", "png")))
+                         + _one_of(OUTPUT_FORMATS))
     io.add_argument("--skip_first_frames", type=int, default=0, metavar="N", help="input frames to skip at the start")
     io.add_argument("--load_cap", type=int, default=0, metavar="N", help="process at most N frames (0 = all)")
     io.add_argument("--chunk_size", type=_chunk_size, default="auto", metavar="N",

@@ -30,6 +30,7 @@ from src.benchmark.random_weights import random_dit, random_vae
 from src.benchmark.results import device_name, write_json
 from src.benchmark.timer import cuda_time, event_time, peak_gb, reset_peak, sync
 from src.optimization import matrix_ops
+from src.options import VAE_QUANTIZATIONS
 from src.pipeline.model_manager import compute_dtype
 from src.pipeline.progress import Progress
 from src.pipeline.settings import CompileSettings, DiTSpec, UpscaleSettings, VAESpec
@@ -53,7 +54,7 @@ def parse_args(argv=None):
                         "entry points in fresh processes: what users wait for)")
     p.add_argument("--attention", default="auto", help="attention_mode of the optimized run")
     p.add_argument("--quantization", default="disabled", help="quantization of the optimized run")
-    p.add_argument("--vae-quantization", default="disabled", choices=["disabled", "fp8_e4m3fn"],
+    p.add_argument("--vae-quantization", default="disabled", choices=VAE_QUANTIZATIONS,
                    help="VAE quantization of the profile section's run")
     p.add_argument("--compile", action="store_true", help="torch.compile in the optimized run")
     p.add_argument("--variants", default="plain,optimized",

@@ -7,11 +7,10 @@ loads nothing: it makes sure the file is there (downloading a released one) and 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..src.models.file_types import checked_from_header, is_gguf
 from ..src.models.load import validate_dit
 from ..src.models.registry import DEFAULT_DIT
-from ..src.optimization.modes import QUANTIZATION_MODES
+from ..src.options import ATTENTION_MODES, QUANTIZATION_MODES
 from ..src.pipeline.devices import (
     compute_device_choices, offload_device_choices, resolve_device,
 )
@@ -19,10 +18,6 @@ from ..src.pipeline.settings import CompileSettings, DiTSpec, SettingsError
 from .model_folders import dit_choices, fetch_model
 from .validation import loader_validation, require_model
 
-ATTENTION_MODES = (
-    "auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn_2", "sageattn_3", "sageattn",
-    "sageattn_3_fp4", "sageattn_3_fp8", "flash_attn", "xformers", "flex",
-)
 
 
 def legacy_quantization(quantization) -> str:
@@ -41,15 +36,15 @@ def quantization_problem(quantization) -> str | None:
 
 def choose_quantization(model: str, quantization: str) -> str:
     """The quantization mode to use: a .gguf file is always "gguf"; "gguf" needs a .gguf file."""
-    is_gguf = Path(model).suffix.lower() == ".gguf"
-    if is_gguf and quantization not in ("disabled", "gguf"):
+    gguf_file = is_gguf(model)
+    if gguf_file and quantization not in ("disabled", "gguf"):
         raise SettingsError(
             f"{model} is a GGUF file, which is already quantized; set quantization to 'disabled' or 'gguf', "
             f"or pick a .safetensors model to use {quantization!r}."
         )
-    if quantization == "gguf" and not is_gguf:
+    if quantization == "gguf" and not gguf_file:
         raise SettingsError(f"quantization 'gguf' needs a .gguf model file; {model} is not one.")
-    return "gguf" if is_gguf else quantization
+    return "gguf" if gguf_file else quantization
 
 
 class SeedVR2LoadDiTModel:
@@ -161,7 +156,7 @@ class SeedVR2LoadDiTModel:
             blocks_to_swap, swap_io_components = 0, False  # swapping to the device it runs on changes nothing
         require_model(model, "dit")
         path = fetch_model(model)
-        if path.suffix.lower() in (".safetensors", ".gguf"):  # header-only: refuse a broken file here, not at the run
+        if checked_from_header(path):  # refuse a broken file here, not at the run
             validate_dit(path)
         spec = DiTSpec(
             model=str(path),

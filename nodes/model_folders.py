@@ -18,7 +18,8 @@ from ..src.models.download import ensure_model
 from ..src.models.locate import (
     DEFAULT_MODEL_DIR, describe_folders, find_model_file, list_model_files, model_choices, model_name_problem,
 )
-from ..src.models.registry import MODEL_EXTENSIONS, known_model
+from ..src.models.file_types import MODEL_EXTENSIONS, checked_from_header, has_model_extension
+from ..src.models.registry import known_model
 
 FOLDER_KEY = "seedvr2"
 # ComfyUI's standard folders that may hold SeedVR2 files, per kind ("unet" is the old name of
@@ -86,7 +87,7 @@ def model_files() -> dict[str, Path]:
     for key in _folder_keys():
         for name in folder_paths.get_filename_list(key):
             path = folder_paths.get_full_path(key, name) if name not in files else None
-            if path is not None and Path(name).suffix.lower() in MODEL_EXTENSIONS:
+            if path is not None and has_model_extension(name):
                 files[name] = Path(path)
     return files
 
@@ -102,7 +103,7 @@ def standard_files(kind: str) -> dict[str, Path]:
         except (KeyError, AttributeError, TypeError):
             continue
         for name in names:
-            if name in files or Path(name).suffix.lower() not in MODEL_EXTENSIONS:
+            if name in files or not has_model_extension(name):
                 continue
             path = folder_paths.get_full_path(key, name)
             if path is not None and seedvr2_kind(path) == kind:
@@ -127,7 +128,7 @@ def _seedvr2_kind(path: str, size: int, mtime_ns: int) -> str:
     from ..src.models.checkpoint import CheckpointError
     from ..src.models.load import inspect_dit, inspect_vae
 
-    if Path(path).suffix.lower() in (".pth", ".pt"):
+    if not checked_from_header(path):
         return "unknown"  # a pickle must be loaded whole to be judged: too costly for a listing
     for kind, inspect in (("dit", inspect_dit), ("vae", inspect_vae)):
         try:

@@ -1,10 +1,7 @@
 """SeedVR2TorchCompileSettings: torch.compile options for the DiT and VAE loaders."""
 from __future__ import annotations
 
-from ..src.pipeline.settings import CompileSettings
-
-BACKENDS = ("inductor", "cudagraphs")
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+from ..src.optimization.compile_settings import COMPILE_BACKENDS, COMPILE_MODES, CompileSettings
 
 
 class SeedVR2TorchCompileSettings:
@@ -22,12 +19,12 @@ class SeedVR2TorchCompileSettings:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "backend": (list(BACKENDS), {
+                "backend": (list(COMPILE_BACKENDS), {
                     "default": "inductor",
                     "tooltip": "inductor generates fused kernels (needs Triton on GPU); cudagraphs only "
                                "replays CUDA graphs.",
                 }),
-                "mode": (list(MODES), {
+                "mode": (list(COMPILE_MODES), {
                     "default": "default",
                     "tooltip": "max-autotune tries more kernel variants: slower first run, sometimes faster after.",
                 }),

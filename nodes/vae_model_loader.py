@@ -5,13 +5,14 @@ workflows load unchanged; ``enable_optimizations`` and ``quantization`` are new 
 """
 from __future__ import annotations
 
+from ..src.models.file_types import checked_from_header
 from ..src.models.load import validate_vae
 from ..src.models.registry import DEFAULT_VAE
 from ..src.pipeline.devices import (
     compute_device_choices, offload_device_choices, resolve_device,
 )
-from ..src.pipeline.settings import VAE_QUANTIZATIONS, CompileSettings, SettingsError, VAESpec
-from ..src.pipeline.tile_debug import TILE_DEBUG_MODES
+from ..src.options import TILE_DEBUG_MODES, VAE_QUANTIZATIONS
+from ..src.pipeline.settings import CompileSettings, SettingsError, VAESpec
 from .model_folders import fetch_model, vae_choices
 from .validation import loader_validation, require_model
 
@@ -129,7 +130,7 @@ class SeedVR2LoadVAEModel:
         offload_to = resolve_device(offload_device, offload=True)
         require_model(model, "vae")
         path = fetch_model(model)
-        if path.suffix.lower() in (".safetensors", ".gguf"):  # header-only: refuse a broken file here, not at the run
+        if checked_from_header(path):  # refuse a broken file here, not at the run
             validate_vae(path)
         spec = VAESpec(
             model=str(path),

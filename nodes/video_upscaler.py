@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..src.pipeline.devices import device_name_problem, offload_device_choices, resolve_device
-from ..src.pipeline.settings import COLOR_CORRECTIONS, DiTSpec, UpscaleSettings, VAESpec
+from ..src.options import COLOR_CORRECTIONS
+from ..src.pipeline.settings import DiTSpec, UpscaleSettings, VAESpec
 from .progress import ComfyProgress
 from .validation import validation_result
 
@@ -76,8 +77,8 @@ class SeedVR2VideoUpscaler:
                 }),
                 "color_correction": (list(COLOR_CORRECTIONS), {
                     "default": "lab",
-                    "tooltip": "Match the colours of the output to the input: lab (default, robust), wavelet, "
-                               "wavelet_adaptive, hsv, adain, or none.",
+                    "tooltip": "Match the colours of the output to the input; lab (the default) is robust, "
+                               "none keeps the model's colours. One of: " + ", ".join(COLOR_CORRECTIONS) + ".",
                 }),
             },
             "optional": {

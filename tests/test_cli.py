@@ -16,9 +16,8 @@ from PIL import Image
 import inference_cli
 from conftest import golden_path
 from src.models import registry
-from src.optimization.modes import ATTENTION_MODES, QUANTIZATION_MODES
+from src.options import ATTENTION_MODES, COLOR_CORRECTIONS, QUANTIZATION_MODES, VAE_QUANTIZATIONS
 from src.pipeline import media
-from src.pipeline.settings import COLOR_CORRECTIONS, VAE_QUANTIZATIONS
 
 
 def _write_mp4(path, frames=6, width=48, height=32, rate=8):

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save
 
 from conftest import golden_path
-from src.models import download, locate, registry
+from src.models import download, file_types, locate, registry
 from src.models.download import ModelFileError, ensure_model
 from src.models.registry import ModelInfo
 
@@ -73,7 +73,7 @@ def test_registry_entries_are_complete_and_unique():
     assert len(names) == len(set(names)) == 11
     for info in registry.KNOWN_MODELS:
         assert re.fullmatch(r"[0-9a-f]{64}", info.sha256), info
-        assert info.kind in ("dit", "vae") and registry.has_model_extension(info.filename)
+        assert info.kind in ("dit", "vae") and file_types.has_model_extension(info.filename)
         assert (info.size in ("3b", "7b")) == (info.kind == "dit")
         assert info.size in info.filename or info.kind == "vae"
         assert info.sharp == ("sharp" in info.filename)

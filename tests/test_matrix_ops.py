@@ -61,10 +61,10 @@ def fallback_records(caplog):
 
 
 def test_the_torch_free_list_of_modes_is_exactly_what_is_registered():
-    """The CLI offers modes.ATTENTION_MODES without importing torch; it must match the registry."""
-    from src.optimization import modes
+    """The CLI offers options.ATTENTION_MODES (read without importing torch); it must match the registry."""
+    from src import options
 
-    assert backend_names() == modes.ATTENTION_MODES
+    assert backend_names() == options.ATTENTION_MODES == matrix_ops.ATTENTION_MODES
 
 
 def test_every_backend_name_resolves_on_cpu():

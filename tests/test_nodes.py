@@ -98,6 +98,12 @@ ADDED = {
         ("quantization", ["disabled", "fp8_e4m3fn"], "disabled", None, False),
     ],
 }
+# Choices our combos offer after all of the incumbent's (which keep its order, so its saved values map).
+ADDED_CHOICES = {
+    ("SeedVR2LoadDiTModel", "attention_mode"): ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math",
+                                               "sdpa_chunked", "matmul_chunked", "triton_wide"],
+    ("SeedVR2VideoUpscaler", "color_correction"): ["luma"],
+}
 RETURN_TYPES = {"SeedVR2VideoUpscaler": ("IMAGE",), "SeedVR2LoadDiTModel": ("SEEDVR2_DIT",),
                 "SeedVR2LoadVAEModel": ("SEEDVR2_VAE",), "SeedVR2TorchCompileSettings": ("TORCH_COMPILE_ARGS",)}
 
@@ -244,6 +250,8 @@ def test_inputs_match_the_incumbent_then_our_additions(name, cpu_only):
             released = [i.filename for i in pack.src.models.registry.KNOWN_MODELS
                         if i.kind == want_type[:3].lower()]
             assert kind[: len(released)] == released, input_name
+        elif isinstance(want_type, list):
+            assert kind == want_type + ADDED_CHOICES.get((name, input_name), []), input_name
         else:
             assert kind == want_type, input_name
         if want_default is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import colorsys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ def test_blur_is_the_dilated_binomial_convolution(radius):
     assert torch.allclose(C._blur(x, radius), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", C.COLOR_CORRECTION_METHODS)
+@pytest.mark.parametrize("method", C.METHODS)
 def test_every_method_leaves_matching_colours_alone(method):
     frames = _smooth_rgb() * 2 - 1
     out = C.color_correct(frames, frames, method)
@@ -72,6 +73,54 @@ def test_adain_gives_style_statistics_per_frame_and_channel():
     out = C.color_correct(content, style, "adain")
     assert torch.allclose(out.mean(dim=(2, 3)), style.mean(dim=(2, 3)), atol=1e-5)
     assert torch.allclose(out.std(dim=(2, 3)), style.std(dim=(2, 3)), rtol=1e-3)
+
+
+# BT.709 Y′PbPr from R′G′B′ (ITU-R BT.709-6, items 3.2-3.3): Y′ = 0.2126 R′ + 0.7152 G′ + 0.0722 B′,
+# Pb = (B′ − Y′) / 1.8556, Pr = (R′ − Y′) / 1.5748.
+_KR, _KB = 0.2126, 0.0722
+_TO_YPBPR = np.array([
+    [_KR, 1 - _KR - _KB, _KB],
+    [-_KR / 1.8556, -(1 - _KR - _KB) / 1.8556, (1 - _KB) / 1.8556],
+    [(1 - _KR) / 1.5748, -(1 - _KR - _KB) / 1.5748, -_KB / 1.5748],
+])
+
+
+def _ypbpr(frames: torch.Tensor) -> np.ndarray:
+    return np.einsum("ij,njhw->nihw", _TO_YPBPR, frames.double().numpy())
+
+
+def test_luma_is_adain_on_the_luma_in_ypbpr_with_the_chroma_kept():
+    """Expectation built independently in float64: to Y′PbPr, standardise Y′ per frame and give it the style's
+    mean and std (with adain's eps), keep Pb and Pr, and back through the inverse matrix."""
+    content = _smooth_rgb(3) * 1.6 - 0.7
+    content[1] = content[1] * 0.3 - 0.2   # a dim, flat frame: the statistics are per frame
+    style = _smooth_rgb(3) * 2 - 1
+    content_ypbpr, style_y = _ypbpr(content), _ypbpr(style)[:, 0]
+    y = content_ypbpr[:, 0]
+    eps = 1e-5
+    c_mean, c_std = y.mean(axis=(1, 2), keepdims=True), np.sqrt(y.var(axis=(1, 2), keepdims=True) + eps)
+    s_mean = style_y.mean(axis=(1, 2), keepdims=True)
+    s_std = np.sqrt(style_y.var(axis=(1, 2), keepdims=True) + eps)
+    expected_ypbpr = content_ypbpr.copy()
+    expected_ypbpr[:, 0] = (y - c_mean) / c_std * s_std + s_mean
+    expected = np.einsum("ij,njhw->nihw", np.linalg.inv(_TO_YPBPR), expected_ypbpr)
+
+    out = C.color_correct(content, style, "luma")
+    assert out.dtype == content.dtype and out.shape == content.shape
+    assert np.abs(out.double().numpy() - expected).max() < 1e-5
+    out_ypbpr = _ypbpr(out)
+    assert np.abs(out_ypbpr[:, 1:] - content_ypbpr[:, 1:]).max() < 1e-5   # the model's chroma
+    assert np.allclose(out_ypbpr[:, 0].mean(axis=(1, 2)), style_y.mean(axis=(1, 2)), atol=1e-5)
+    # The style's std, up to adain's eps (it counts on the dim frame, whose Y′ has a std of about 0.07).
+    assert np.allclose(out_ypbpr[:, 0].std(axis=(1, 2)), style_y.std(axis=(1, 2)), rtol=2e-3)
+
+
+def test_luma_corrects_each_frame_on_its_own():
+    content, style = _smooth_rgb(4) * 2 - 1, _smooth_rgb(4) * 1.2 - 0.5
+    together = C.color_correct(content, style, "luma")
+    for n in range(4):
+        alone = C.color_correct(content[n : n + 1], style[n : n + 1], "luma")
+        assert torch.allclose(together[n : n + 1], alone, atol=1e-6)
 
 
 def test_lab_round_trip_and_reference_values():

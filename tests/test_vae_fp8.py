@@ -341,6 +341,6 @@ def test_triton_route_equals_the_widened_route_on_the_gpu(channels, out_channels
 
 
 def test_the_settings_offer_exactly_the_modes_the_vae_takes():
-    from src.pipeline.settings import VAE_QUANTIZATIONS
+    from src.options import VAE_QUANTIZATIONS
 
     assert VAE_QUANTIZATIONS == vae_fp8.MODES

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from . import formats, quant_formats
+from .file_types import GGUF, SAFETENSORS, file_format, is_gguf
 from .quant_formats import LayerQuant, TensorMeta
 
 SAFETENSORS_DTYPES = {
@@ -36,7 +37,6 @@ if hasattr(torch, "float8_e8m0fnu"):  # MXFP8 block scales
 # Safetensors metadata key that may carry constructor arguments that are not visible in the tensors
 # (the DiT's per-layer windows); written by our own tools, honoured when present.
 CONFIG_METADATA_KEY = "seedvr2.config"
-SUPPORTED_SUFFIXES = (".safetensors", ".gguf", ".pth", ".pt")
 
 
 class CheckpointError(ValueError):
@@ -99,11 +99,12 @@ def _strip_prefix(key: str) -> str:
     return formats.strip_key_prefix(key)
 
 
-def _check_suffix(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
+def _checked_format(path: Path) -> str:
+    """The file's format (:mod:`.file_types`), after checking that it is a non-empty file."""
+    found = file_format(path)
+    if found is None:
         raise CheckpointError(
-            f"{path}: unsupported weight file type {suffix or '(none)'!r}. Use a .safetensors file "
+            f"{path}: unsupported weight file type {path.suffix.lower() or '(none)'!r}. Use a .safetensors file "
             f"(recommended), a .gguf file, or a plain-tensor .pth/.pt file."
         )
     if path.is_dir():
@@ -114,7 +115,7 @@ def _check_suffix(path: Path) -> str:
         raise CheckpointError(f"{path}: file not found.")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (an interrupted download?). Delete it and download it again.")
-    return suffix
+    return found
 
 
 # --------------------------------------------------------------------------------------------- safetensors
@@ -246,10 +247,10 @@ class _TensorDictFile:
 
 
 def _open(path: Path):
-    suffix = _check_suffix(path)
-    if suffix == ".safetensors":
+    found = _checked_format(path)
+    if found == SAFETENSORS:
         return _SafetensorsFile(path)
-    if suffix == ".gguf":
+    if found == GGUF:
         from .gguf_reader import load_gguf_state_dict
 
         return _TensorDictFile(path, load_gguf_state_dict(path))
@@ -368,7 +369,7 @@ def check_dtypes(index: CheckpointIndex, expected: Mapping[str, torch.Tensor]) -
 
 def _packed_gguf(index: CheckpointIndex, key: str) -> bool:
     """A GGUF quantized weight is listed as uint8 blocks."""
-    return index.path.suffix.lower() == ".gguf" and index.tensors[key].dtype == torch.uint8
+    return is_gguf(index.path) and index.tensors[key].dtype == torch.uint8
 
 
 def materialize(

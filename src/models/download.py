@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
 
+from .file_types import checked_from_header
 from .locate import describe_folders, find_model_file, model_name_problem
 from .registry import ModelInfo, known_model, place_yourself_hint, placed_model
 
@@ -192,7 +193,7 @@ def _structural_problem(path: Path) -> str | None:
     """Why an existing file cannot be a complete weight file, or None (header-only; no hashing)."""
     if path.stat().st_size == 0:
         return f"{path} is empty (an interrupted download?)."
-    if path.suffix.lower() in (".safetensors", ".gguf"):  # both readers check every tensor's bytes
+    if checked_from_header(path):
         from .checkpoint import CheckpointError, read_index  # imports torch: only when a file is there
 
         try:

@@ -13,6 +13,7 @@ from .checkpoint import (
     CONFIG_METADATA_KEY, CheckpointError, CheckpointIndex, check_dtypes, check_strict, float_dtype_rule, read_extras,
     read_index, require_kind,
 )
+from .file_types import SAFETENSORS, file_format, is_gguf
 from .quant_formats import QuantFormatError, QuantizedWeight, check_against_model
 from .dit import NaDiT, NaDiTConfig
 from .video_vae_v3 import VAEConfig, VideoAutoencoder
@@ -26,7 +27,7 @@ STAGED_LOAD_ENV = "SEEDVR2_STAGED_LOAD"  # 0: read tensors one at a time through
 def staged(path, device) -> bool:
     """Whether ``path`` goes to ``device`` through the chunked pinned reader: safetensors files bound for a GPU.
     For the CPU, safetensors' memory map is already zero-copy where the dtype is kept."""
-    return (Path(path).suffix.lower() == ".safetensors" and torch.device(device).type == "cuda"
+    return (file_format(path) == SAFETENSORS and torch.device(device).type == "cuda"
             and os.environ.get(STAGED_LOAD_ENV, "1") != "0")
 
 
@@ -151,7 +152,7 @@ def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, qu
     or a quantization mode); returns the rule saying which tensors must keep the file's dtype."""
     from ..optimization import fp4_quantization
 
-    if index.path.suffix.lower() == ".gguf":
+    if is_gguf(index.path):
         from ..optimization import gguf
 
         report = gguf.prepare_model_for_gguf(model, gguf.load_gguf_state_dict(index.path), compute_dtype=dtype)
@@ -174,7 +175,7 @@ def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, qu
     if report.layers:
         # An fp8 file read with quantization "disabled" keeps its fp8 storage: how the file is stored, not a
         # quantization the user asked for, so it is only told when debugging.
-        asked = quantization != "disabled" or index.path.suffix.lower() == ".gguf"
+        asked = quantization != "disabled" or is_gguf(index.path)
         log.log(logging.INFO if asked else logging.DEBUG, "SeedVR2: %s", report.summary())
     return lambda key, tensor: key in report
 

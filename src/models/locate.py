@@ -17,7 +17,8 @@ import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Mapping, Sequence
 
-from .registry import KNOWN_MODELS, has_model_extension, known_dit_models, known_vae_models
+from .file_types import GGUF, SAFETENSORS, file_format, has_model_extension
+from .registry import KNOWN_MODELS, known_dit_models, known_vae_models
 
 DEFAULT_MODEL_DIR = Path("models") / "SEEDVR2"
 
@@ -103,13 +104,13 @@ def file_kind(path: str | os.PathLike) -> str:
 def _file_kind(path: str, size: int, mtime_ns: int) -> str:
     from .checkpoint import CheckpointError, read_index  # imports torch: the CLI finds files without it
 
-    suffix = Path(path).suffix.lower()
-    if suffix == ".safetensors":
+    found = file_format(path)
+    if found == SAFETENSORS:
         try:
             return read_index(path).kind
         except CheckpointError:
             return "unknown"
-    if suffix == ".gguf":
+    if found == GGUF:
         return "dit"
     return "vae" if "vae" in Path(path).name.lower() else "unknown"
 

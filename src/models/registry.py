@@ -7,9 +7,7 @@ still be used; they are found in the model folders (see :mod:`.locate`) but neve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import PurePath
 
-MODEL_EXTENSIONS = (".safetensors", ".gguf", ".pth", ".pt")
 DEFAULT_DIT = "seedvr2_ema_3b_fp8_e4m3fn.safetensors"
 DEFAULT_VAE = "ema_vae_fp16.safetensors"
 
@@ -109,8 +107,3 @@ def known_dit_models() -> list[str]:
 def known_vae_models() -> list[str]:
     """File names of the released VAE weights."""
     return [info.filename for info in KNOWN_MODELS if info.kind == "vae"]
-
-
-def has_model_extension(name: str) -> bool:
-    """Whether ``name`` ends with one of the weight-file extensions we can load."""
-    return PurePath(name).suffix.lower() in MODEL_EXTENSIONS

@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..options import check_implemented
 from . import fused_kernels
-from .modes import QUANTIZATION_MODES
 
 log = logging.getLogger("seedvr2")
 
@@ -79,12 +79,17 @@ FP4_MAX = 6.0          # largest e2m1
 NVFP4_BLOCK = 16       # inputs sharing one e4m3 scale
 _AMAX_FLOOR = 1e-12    # keeps the scales of all-zero rows and blocks finite
 
+# The DiT loader's quantization modes, in the order the node and the command line offer them; "gguf" means
+# the weights come quantized from a .gguf file (:mod:`.gguf`).  A literal, read without importing this
+# module (src.options).
+QUANTIZATION_MODES = ("disabled", "fp8_e4m3fn", "fp4_experimental", "fp4_scaled", "fp4_scaled_fast", "gguf")
 # Per quantization mode: how NVFP4Linear scales its activations ("none": they stay in the compute dtype).
 _FP4_ACTIVATION_SCALING = {
     "fp4_experimental": "none",
     "fp4_scaled": "tensor_and_block",
     "fp4_scaled_fast": "block",
 }
+check_implemented(__name__, QUANTIZATION_MODES, ("disabled", "fp8_e4m3fn", "gguf", *_FP4_ACTIVATION_SCALING))
 
 
 class QuantizationError(ValueError):

@@ -28,10 +28,21 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..options import check_implemented
+
 logger = logging.getLogger(__name__)
 
 PLAIN = "sdpa"
 AUTO = "auto"
+# Every name attention_backend() accepts, in the order the node and the command line offer them: "auto" and
+# the earlier node pack's names in its order (flash_attn = flash_attn_2, sageattn = sageattn_2, sageattn_3_fp4
+# = sageattn_3), then ours.  A literal, read without importing this module (src.options); each name other
+# than "auto" is registered below.
+ATTENTION_MODES = (
+    "auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn_2", "sageattn_3", "sageattn", "sageattn_3_fp4",
+    "sageattn_3_fp8", "flash_attn", "xformers", "flex",
+    "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "sdpa_chunked", "matmul_chunked", "triton_wide",
+)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # sdpa_chunked / matmul_chunked: queries per slice are chosen so one slice's score matrix holds about this
@@ -276,11 +287,12 @@ def _register_builtin_backends() -> None:
 
 
 _register_builtin_backends()
+check_implemented(__name__, ATTENTION_MODES, (AUTO, *_BACKENDS))
 
 
 def backend_names() -> tuple[str, ...]:
-    """Every selectable backend name, "auto" first (for the UI)."""
-    return (AUTO, *_BACKENDS)
+    """Every selectable backend name in the UI's order: :data:`ATTENTION_MODES`, then any registered later."""
+    return (*ATTENTION_MODES, *(name for name in _BACKENDS if name not in ATTENTION_MODES))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,10 +509,8 @@ def available_backends(device: torch.device | str | None = None, dtype: torch.dt
                        head_dim: int = 128) -> dict[str, str | None]:
     """Every backend name mapped to None if it runs such inputs here, else the reason it does not."""
     device = torch.device(device) if device is not None else _default_device()
-    reasons: dict[str, str | None] = {AUTO: None}
-    for name, backend in _BACKENDS.items():
-        reasons[name] = _unavailable_reason(backend, device, dtype, head_dim)
-    return reasons
+    return {name: None if name == AUTO else _unavailable_reason(_BACKENDS[name], device, dtype, head_dim)
+            for name in backend_names()}
 
 
 def verify_backend(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

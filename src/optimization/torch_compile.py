@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..pipeline.settings import CompileSettings
 from ..models.dit import graph_breaks
 from . import matrix_ops
+from .compile_settings import CompileSettings
 from .switches import env_switch
 
 logger = logging.getLogger(__name__)

@@ -31,8 +31,10 @@ MIN_SCALE = 1e-12
 SHUFFLE_HEADROOM = 1.02
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first with fp8 tensor cores
 MIN_INTERLEAVED_CHANNELS = 8  # outputs with fewer channels are written channel-planar
-MODE = "fp8_e4m3fn"
-MODES = ("disabled", MODE)
+# The VAE loader's quantization modes: exact, or fp8 convolutions.  A literal, read without importing this
+# module (src.options).
+MODES = ("disabled", "fp8_e4m3fn")
+MODE = MODES[1]
 
 
 class VAEQuantizationError(ValueError):

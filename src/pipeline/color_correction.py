@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from ..options import check_implemented
 from .progress import checkpoint
-from .settings import COLOR_CORRECTIONS as COLOR_CORRECTION_METHODS
+
+# The methods the upscaler offers, in the earlier node pack's order, new ones last (saved workflows keep
+# their values).  A literal, read without importing this module (src.options); "none" keeps the colours.
+METHODS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none", "luma")
 
 # Wavelet colour fix (golden README §7.2): 3x3 binomial low-pass, dilated by these radii.
 _WAVELET_RADII = (1, 2, 4, 8, 16)
@@ -25,6 +29,7 @@ _LAB_LUMINANCE_WEIGHT = 0.8          # share of the content's own L* kept by the
 _HUE_BINS = 12                       # 30° hue sectors for hsv saturation matching
 _MIN_PIXELS_PER_HUE_BIN = 100        # fewer pixels give an unreliable saturation histogram
 _ADAIN_EPS = 1e-5
+_LUMA_WEIGHTS = (0.2126, 0.7152, 0.0722)  # BT.709 luma of gamma-encoded R′G′B′; they sum to 1
 _OVERSATURATION_MARGIN = 0.15        # wavelet_adaptive: saturation excess that triggers hsv blending
 _BLEND_SHARPNESS = 5.0
 
@@ -46,11 +51,9 @@ _LAB_DELTA = 6.0 / 29.0
 
 def color_correct(content: torch.Tensor, style: torch.Tensor, method: str) -> torch.Tensor:
     """Colour-correct ``content`` towards ``style`` (both ``(N, 3, H, W)`` in [−1, 1]) with ``method``,
-    one of :data:`COLOR_CORRECTION_METHODS`."""
-    if method not in COLOR_CORRECTION_METHODS:
-        raise ValueError(
-            f"unknown colour correction {method!r}; choose one of {', '.join(COLOR_CORRECTION_METHODS)}."
-        )
+    one of :data:`METHODS`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown colour correction {method!r}; choose one of {', '.join(METHODS)}.")
     if content.ndim != 4 or content.shape[1] != 3 or content.shape[0] == 0:
         raise ValueError(f"content must be RGB frames (N, 3, H, W) with N >= 1, got shape {tuple(content.shape)}.")
     if style.shape != content.shape:
@@ -62,14 +65,7 @@ def color_correct(content: torch.Tensor, style: torch.Tensor, method: str) -> to
         return content
     dtype = content.dtype
     content, style = content.float(), style.float()
-    corrected = {
-        "wavelet": wavelet_color_fix,
-        "lab": lab_color_fix,
-        "hsv": hsv_color_fix,
-        "wavelet_adaptive": wavelet_adaptive_color_fix,
-        "adain": adain_color_fix,
-    }[method](content, style)
-    return corrected.to(dtype)
+    return _FIXES[method](content, style).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,6 +122,28 @@ def adain_color_fix(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
     c_std = (content.var(dims, keepdim=True, unbiased=False) + _ADAIN_EPS).sqrt()
     s_std = (style.var(dims, keepdim=True, unbiased=False) + _ADAIN_EPS).sqrt()
     return (content - c_mean) / c_std * s_std + s_mean
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """BT.709 luma Y′ ``(N, 1, H, W)`` of RGB frames, summed channel by channel (no 3-channel temporary)."""
+    red, green, blue = _LUMA_WEIGHTS
+    return x[:, 0:1] * red + x[:, 1:2] * green + x[:, 2:3] * blue
+
+
+def luma_color_fix(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """AdaIN on the luma alone: per frame, the content's Y′ gets the style's mean and std; its chroma stays.
+
+    For outputs whose colours are right but whose brightness or contrast drifted (the other methods also pull
+    the model's saturation back to the blurrier input's).  Adding the same amount to R′, G′ and B′ changes Y′
+    by that amount (the weights sum to 1) and keeps B′ − Y′ and R′ − Y′, the chroma, so the correction is
+    that shift per pixel.  No clamp, like adain.
+    """
+    dims = (2, 3)
+    c_luma, s_luma = _luma(content), _luma(style)
+    c_mean, s_mean = c_luma.mean(dims, keepdim=True), s_luma.mean(dims, keepdim=True)
+    c_std = (c_luma.var(dims, keepdim=True, unbiased=False) + _ADAIN_EPS).sqrt()
+    s_std = (s_luma.var(dims, keepdim=True, unbiased=False) + _ADAIN_EPS).sqrt()
+    return content + ((c_luma - c_mean) / c_std * s_std + s_mean - c_luma)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,3 +318,14 @@ def wavelet_adaptive_color_fix(content: torch.Tensor, style: torch.Tensor) -> to
     still_oversaturated = _saturation(wavelet) - style_sat > 0.5 * _OVERSATURATION_MARGIN
     weight = weight * still_oversaturated
     return wavelet * (1.0 - weight) + hsv * weight
+
+
+_FIXES = {
+    "lab": lab_color_fix,
+    "wavelet": wavelet_color_fix,
+    "wavelet_adaptive": wavelet_adaptive_color_fix,
+    "hsv": hsv_color_fix,
+    "adain": adain_color_fix,
+    "luma": luma_color_fix,
+}
+check_implemented(__name__, METHODS, ("none", *_FIXES))

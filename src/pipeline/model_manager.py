@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.file_types import SAFETENSORS, file_format, is_gguf
 from ..models.load import load_dit, load_vae
 from ..optimization import stable_memory
 from . import timing
@@ -242,7 +243,7 @@ class ModelManager:
         device = torch.device(resolve_device(spec.device))
         dtype = compute_dtype(device)
         path = self._resolve_path(spec.model)
-        quantization = "gguf" if str(path).lower().endswith(".gguf") else spec.quantization
+        quantization = "gguf" if is_gguf(path) else spec.quantization
         key = ("dit", _file_key(path), str(device), dtype, quantization, spec.blocks_to_swap,
                spec.swap_io_components, spec.offload_device)
         cached = self._take(key, spec)
@@ -269,7 +270,7 @@ class ModelManager:
         or loads to the offload device (BlockSwap), None when unknown (not a safetensors file)."""
         device = torch.device(resolve_device(spec.device))
         path = self._resolve_path(spec.model)
-        if str(path).lower().endswith(".gguf") or not str(path).lower().endswith(".safetensors"):
+        if file_format(path) != SAFETENSORS:
             return None
         dtype = compute_dtype(device)
         key = ("dit", _file_key(path), str(device), dtype, spec.quantization, spec.blocks_to_swap,

@@ -8,29 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..distributed import PARALLEL_MODES
+from ..optimization.compile_settings import CompileSettings  # noqa: F401  (part of the specs' interface)
+from ..options import COLOR_CORRECTIONS, PARALLEL_MODES, TILE_DEBUG_MODES, VAE_QUANTIZATIONS
 
-COLOR_CORRECTIONS = ("lab", "wavelet", "wavelet_adaptive", "hsv", "adain", "none")
-TILE_DEBUG_MODES = ("false", "encode", "decode")
 SEED_LIMIT = 2**64  # ComfyUI's seeds go to 2^64 − 1, which is also the range of torch.manual_seed
-# The VAE loader's quantization modes (optimization.vae_fp8.MODES, repeated here so settings import no torch).
-VAE_QUANTIZATIONS = ("disabled", "fp8_e4m3fn")
 
 
 class SettingsError(ValueError):
     """A user-facing setting is invalid; the message says which and what to do."""
-
-
-@dataclass(frozen=True)
-class CompileSettings:
-    """torch.compile options (the incumbent's SeedVR2TorchCompileSettings node)."""
-
-    backend: str = "inductor"
-    mode: str = "default"
-    fullgraph: bool = False
-    dynamic: bool = False
-    dynamo_cache_size_limit: int = 64
-    dynamo_recompile_limit: int = 128
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,13 @@ import torch
 
 from ..models.video_vae_v3.banded import BandPlan
 from ..models.video_vae_v3.tiling import check_tiling
-from .settings import TILE_DEBUG_MODES  # noqa: F401  (the loader's choices; checked by VAESpec)
+from ..options import check_implemented
+
+# The loader's choices: off, or the direction whose bands are drawn.  A literal, read without importing this
+# module (src.options); VAESpec checks the loader's value against it.
+TILE_DEBUG_MODES = ("false", "encode", "decode")
 _COLORS = {"encode": (1.0, -1.0, -1.0), "decode": (-1.0, -1.0, 1.0)}  # model range [-1, 1]
+check_implemented(__name__, TILE_DEBUG_MODES, ("false", *_COLORS))
 LINE_WIDTH = 2
 
 
