@@ -3,6 +3,7 @@ example workflows (census §8) mapped onto our inputs the way the UI does, valid
 the specs the loaders build, the upscaler's hand-off to the pipeline, and the progress adapter."""
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -210,11 +211,15 @@ def models(tmp_path, monkeypatch):
     return tmp_path
 
 
+# Cached like the real one: Dynamo, when a test first imports it, reads ``is_available.__wrapped__``.
+_NO_MPS = functools.lru_cache(maxsize=None)(lambda: False)
+
+
 @pytest.fixture
 def cpu_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", _NO_MPS)
     devices._warned.clear()
 
 
@@ -222,7 +227,7 @@ def cpu_only(monkeypatch):
 def two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", _NO_MPS)
     devices._warned.clear()
 
 
