@@ -741,3 +741,10 @@ def test_the_three_nodes_upscale_with_released_precisions(precision_models, sing
     other = _float32_run(images, "7b" if arch == "3b" else "3b")
     assert rel_err(other, golden) > 4 * PRECISION_TOLERANCE[torch.float8_e4m3fn], \
         "the tolerances must tell another model from a rounded one"
+
+
+def test_a_value_that_is_not_a_device_name_is_a_validation_message(cpu_only):
+    """A workflow whose widget values are out of step with the inputs can put a number into a device input."""
+    message = nodes["SeedVR2VideoUpscaler"].VALIDATE_INPUTS(0)
+    assert isinstance(message, str) and "offload_device" in message and "0 is not a device name" in message
+    assert "device: True is not a device name" in nodes["SeedVR2LoadVAEModel"].VALIDATE_INPUTS(True, "cpu")

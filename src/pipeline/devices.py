@@ -45,6 +45,8 @@ def device_name_problem(name: str | None, *, offload: bool = False) -> str | Non
     if name is None:
         return None  # the input is linked; its value is checked when the node runs
     allowed = "none, cpu, cuda:N or mps" if offload else "auto, cpu, cuda:N or mps"
+    if not isinstance(name, str):  # e.g. a workflow whose widget values are out of step with the inputs
+        return f"{name!r} is not a device name; use {allowed} (found here: {', '.join(available_devices())})."
     valid = _DEVICE_NAME.match(name) is not None and name != ("auto" if offload else "none")
     return None if valid else f"{name!r} is not a device; use {allowed} (found here: {', '.join(available_devices())})."
 
