@@ -25,7 +25,7 @@ from comfy_dirs import (
     progress_throttle_s, stray_tracebacks,
 )
 from conftest import GOLDEN_DIR, REPO_ROOT, import_pack
-from ui_workflow import image_upscale_workflow, video_upscale_workflow
+from ui_workflow import image_upscale_workflow, opened_in_the_web_ui, video_upscale_workflow
 
 NODES = ["SeedVR2VideoUpscaler", "SeedVR2LoadDiTModel", "SeedVR2LoadVAEModel", "SeedVR2TorchCompileSettings"]
 INTERRUPT_TITLE = "SeedVR2 interrupt target"
@@ -179,7 +179,7 @@ def build_workflows(folder: Path, classes: dict) -> list[tuple[str, Path]]:
     files = []
     for key, workflow in workflows:
         path = folder / f"{key}.json"
-        path.write_text(json.dumps(workflow))
+        path.write_text(json.dumps(opened_in_the_web_ui(workflow, classes)))
         files.append((key, path))
     return files
 

@@ -21,7 +21,7 @@ import torch
 from comfy_dirs import COMFY_RUN, COMFYUI_DIRS, ONLY_THIS_PACK, SKIP_REASON, ids, load_comfy_run, stray_tracebacks
 from conftest import GOLDEN_DIR, REPO_ROOT, import_pack
 from test_comfyui_e2e import write_image, write_video
-from ui_workflow import image_upscale_workflow, video_upscale_workflow
+from ui_workflow import image_upscale_workflow, opened_in_the_web_ui, video_upscale_workflow
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIRS, reason=SKIP_REASON)
 
@@ -104,7 +104,7 @@ class Session:
 
     def run(self, name: str, workflow: dict) -> dict:
         path = self.root / f"{name}.json"
-        path.write_text(json.dumps(workflow))
+        path.write_text(json.dumps(opened_in_the_web_ui(workflow, import_pack().NODE_CLASS_MAPPINGS)))
         return self.run_module.run_workflow(self.server, self.ws, self.client_id, str(path), self.object_info,
                                             self.args, str(self.root))
 

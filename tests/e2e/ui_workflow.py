@@ -168,3 +168,36 @@ def video_upscale_workflow(node_classes: dict, video: str, dit_values: list, vae
     wf.connect(parts_id, 2, create_id, "fps")
     wf.connect(create_id, 0, save_id, "video")
     return wf.to_json()
+
+
+def _widget_slots(node_class) -> list:
+    """The default value of every widgets_values slot the web UI gives one of our nodes, in order: one per
+    widget input, plus the seed's "control after generate" slot right after it."""
+    slots = []
+    spec = node_class.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, (kind, *rest) in spec.get(section, {}).items():
+            options = rest[0] if rest else {}
+            if isinstance(kind, list):
+                slots.append(options.get("default", kind[0] if kind else None))
+            elif kind in WIDGET_TYPES and not options.get("forceInput"):
+                slots.append(options.get("default"))
+                if kind == "INT" and options.get("control_after_generate", name in ("seed", "noise_seed")):
+                    slots.append("fixed")
+    return slots
+
+
+def opened_in_the_web_ui(workflow: dict, node_classes: dict) -> dict:
+    """``workflow`` as the web UI holds it after opening the file: widgets_values are assigned to the widgets
+    by position, so widgets a saved workflow has no value for (inputs added after it was saved, always at the
+    end) keep their defaults.  A stand-in for that step: comfy_run.py's API conversion cannot tell a missing
+    trailing value from the seed's control slot by counting, so it is given the values the UI would queue."""
+    for node in workflow["nodes"]:
+        node_class = node_classes.get(node["type"])
+        values = node.get("widgets_values")
+        if node_class is None or not isinstance(values, list):
+            continue
+        slots = _widget_slots(node_class)
+        if len(values) < len(slots):
+            node["widgets_values"] = values + slots[len(values):]
+    return workflow
