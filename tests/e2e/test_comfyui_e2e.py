@@ -429,8 +429,10 @@ def test_unknown_device_name_is_rejected_at_validation(comfy):
     (errors,) = [node["errors"] for node in run["node_errors"].values()]
     details = [e["details"] for e in errors if e["type"] == "custom_validation_failed"]
     assert details and all("device: 'tpu' is not a device" in d for d in details), errors
-    # ComfyUI attaches the answer to each input VALIDATE_INPUTS takes: the two device inputs, never the model.
-    assert {e["extra_info"]["input_name"] for e in errors} <= {"device", "offload_device"}, errors
+    # ComfyUI attaches the answer to each input VALIDATE_INPUTS takes: the two device inputs and, on the DiT
+    # loader, quantization (taken so that a PR #625 workflow's trailing toggle there is not refused); never the
+    # model.  The message itself names the input it is about.
+    assert {e["extra_info"]["input_name"] for e in errors} <= {"device", "offload_device", "quantization"}, errors
 
 
 def test_zero_frames_is_a_clear_error(comfy):
