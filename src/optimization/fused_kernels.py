@@ -127,7 +127,7 @@ def _custom_operator(name: str, implementation: Callable[..., Any], shapes: Call
     if not hasattr(torch.library, "custom_op"):
         return None
     if hasattr(torch.ops.seedvr2, name):
-        return getattr(torch.ops.seedvr2, name)
+        return getattr(torch.ops.seedvr2, name).default   # the overload, as a custom_op call traces
     operator = torch.library.custom_op(f"seedvr2::{name}", mutates_args=())(implementation)
     operator.register_fake(shapes)
     return operator
