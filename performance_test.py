@@ -143,7 +143,7 @@ def build_models(args, device):
     if args.model in ("3b", "7b"):
         dit = random_dit(args.model, device, dtype)
     else:
-        from src.models.load import load_dit
+        from src.optimization.quantized_load import load_dit
 
         dit = load_dit(args.model, device=device, dtype=dtype, quantization=args.quantization)
     if args.vae is None:
@@ -176,9 +176,8 @@ def section_attention(args, device, dit_config) -> dict:
         q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
         flops = 4 * shape[0] * shape[1] * shape[2] ** 2 * shape[3]
         reference = None
-        with matrix_ops.attention_backend(matrix_ops.PLAIN):
-            reference = matrix_ops.attention(q, k, v).float()
-            plain = cuda_time(lambda: matrix_ops.attention(q, k, v), device, repeat=5)
+        reference = matrix_ops.attention(q, k, v, backend=matrix_ops.PLAIN).float()
+        plain = cuda_time(lambda: matrix_ops.attention(q, k, v, backend=matrix_ops.PLAIN), device, repeat=5)
         rows = {"shape": list(shape), "plain_s": plain}
         if label == "dit_windows":
             # What the incumbent does: one SDPA call per window in a Python loop.
@@ -191,9 +190,8 @@ def section_attention(args, device, dit_config) -> dict:
                 rows[name] = {"available": False, "reason": reason}
                 continue
             try:
-                with matrix_ops.attention_backend(name):
-                    out = matrix_ops.attention(q, k, v).float()
-                    seconds = cuda_time(lambda: matrix_ops.attention(q, k, v), device, repeat=5)
+                out = matrix_ops.attention(q, k, v, backend=name).float()
+                seconds = cuda_time(lambda: matrix_ops.attention(q, k, v, backend=name), device, repeat=5)
             except Exception as exc:  # report and continue: the benchmark surveys every backend
                 rows[name] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"[:200]}
                 continue
@@ -473,19 +471,24 @@ def section_profile(args, device, dit, vae) -> dict:
 
 def section_compile(args, device, dit) -> dict:
     """Cold compile time of the DiT's repeated block at the job's token count."""
-    from src.optimization import torch_compile
+    from src.optimization import dit_chunking, dit_fused_modules, torch_compile
 
     inputs = dit_inputs(job_geometry(args.input_size, args.resolution, args.test_frames), dit.config, device)
-    with matrix_ops.attention_backend(args.attention):
-        eager = cuda_time(lambda: dit(*inputs), device, repeat=3)
-        torch_compile.compile_repeated_blocks(dit, CompileSettings())
-        sync(device)
-        start = time.perf_counter()
-        dit(*inputs)
-        sync(device)
-        first = time.perf_counter() - start
-        compiled = cuda_time(lambda: dit(*inputs), device, repeat=3)
+    # Earlier sections' pipeline runs leave their choices on the model; this one times the plain modules.
+    dit_fused_modules.detach_fused_kernels(dit)
+    dit_chunking.use_token_chunks(dit, None)
+    previous = dit.blocks[0].attn.attention_backend   # later sections run the DiT with their own choice
+    matrix_ops.use_backend(dit, args.attention)
+    eager = cuda_time(lambda: dit(*inputs), device, repeat=3)
+    torch_compile.compile_repeated_blocks(dit, CompileSettings())
+    sync(device)
+    start = time.perf_counter()
+    dit(*inputs)
+    sync(device)
+    first = time.perf_counter() - start
+    compiled = cuda_time(lambda: dit(*inputs), device, repeat=3)
     torch_compile.uncompile(dit)
+    matrix_ops.use_backend(dit, previous)
     return {"eager_s": eager, "first_call_s": first, "compiled_s": compiled,
             "compile_overhead_s": first - compiled, "speedup": eager / compiled}
 
@@ -504,9 +507,9 @@ def section_precision(args, device) -> dict:
         dit16 = dit32.to(torch.bfloat16)
         del dit32
         reset_peak(device)
-        with matrix_ops.attention_backend("sdpa"):
-            seconds = cuda_time(lambda: dit16(*inputs), device, repeat=3)
-            out = dit16(*inputs)
+        matrix_ops.use_backend(dit16, matrix_ops.PLAIN)
+        seconds = cuda_time(lambda: dit16(*inputs), device, repeat=3)
+        out = dit16(*inputs)
     result["dit"] = {"latent": list(geometry.latent), "rel_l2": ((out - ref).norm() / ref.norm()).item(),
                      "bf16_seconds": seconds, "bf16_peak_gb": peak_gb(device)}
     del dit16, ref, out

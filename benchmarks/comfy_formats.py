@@ -27,8 +27,8 @@ from src.benchmark.job import dit_inputs, job_geometry
 from src.benchmark.random_weights import random_dit
 from src.benchmark.results import write_json
 from src.benchmark.timer import cuda_time
-from src.models.load import load_dit
-from src.optimization import comfy_quant, fused_kernels, matrix_ops
+from src.optimization.quantized_load import load_dit
+from src.optimization import comfy_quant, dit_fused_modules, matrix_ops
 from tools import comfy_quantize as tool
 
 ROWS = ("fp16", "fp8_e4m3fn", "fp8_e4m3fn+fp8mm", "int8_convrot", "int8_convrot+int8mm", "mxfp8", "nvfp4")
@@ -89,7 +89,9 @@ def _row(args, row, state, layers, emb, workdir, device, geometry, reference, re
     inputs = dit_inputs(geometry, dit.config, device)
     txt = dit.file_conditioning["positive"].to(device, torch.float32)
     call_args = (inputs[0], txt, inputs[2], torch.tensor([[txt.shape[0]]]), inputs[4])
-    with torch.no_grad(), matrix_ops.attention_backend("auto"), fused_kernels.fused(True):
+    matrix_ops.use_backend(dit, "auto")
+    dit_fused_modules.attach_fused_kernels(dit)
+    with torch.no_grad():
         step_s = cuda_time(lambda: dit(*call_args), device, repeat=5)
         out = dit(*call_args).float()
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30

@@ -112,25 +112,9 @@ def _deterministic():
     yield
 
 
-FRESH_CHILD_ENV = "SEEDVR2_TEST_FRESH_CHILD"
-
-
-def ran_in_fresh_process(test_file: str, test_name: str) -> bool:
-    """Run one test in a child pytest process and return True (the caller returns), or False inside that child.
-
-    For tests of process-wide state that earlier tests in the same process can change: Dynamo's caches and
-    the ``torch.library`` operators the fused kernels register (registered by whichever copy of the modules,
-    ``src`` or the pack as ComfyUI imports it, came first).
-    """
-    if os.environ.get(FRESH_CHILD_ENV) == "1":
-        return False
-    import subprocess
-
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{test_file}::{test_name}"],
-        cwd=REPO_ROOT, env={**os.environ, FRESH_CHILD_ENV: "1"}, capture_output=True, text=True, timeout=600,
-    )
-    report = child.stdout[-4000:] + child.stderr[-2000:]
-    assert child.returncode == 0 and " passed" in child.stdout, report
-    return True
-
+def module_copies(module) -> list:
+    """``module`` and, once the pack is imported as ComfyUI imports it (:func:`import_pack`), its second copy
+    ``seedvr2_pack.<name>``: state that one copy registers process-wide (torch.library operators) runs the code
+    of whichever copy came first, so a test that stands in for that code patches both."""
+    twin = sys.modules.get(f"seedvr2_pack.{module.__name__}")
+    return [module] if twin is None or twin is module else [module, twin]

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from conftest import golden_cases, golden_path, load_golden, rel_err
 from src.models.checkpoint import CheckpointError, read_index
 from src.models.load import inspect_dit, inspect_vae, load_dit, load_vae
+from src.optimization import quantized_load
 
 DIT_CASE = "image"  # the smallest golden DiT case
 
@@ -207,7 +208,7 @@ def test_fp8_file_keeps_fp8_storage_and_matches(tmp_path):
     fp8 = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 and k.startswith("blocks.") else v) for k, v in state.items()}
     path = tmp_path / "seedvr2_ema_3b_fp8_e4m3fn.safetensors"
     save_file(fp8, str(path))
-    model = load_dit(path)
+    model = quantized_load.load_dit(path)   # the loader with the layers that keep fp8 storage
     stored = {p.dtype for n, p in model.named_parameters() if n.startswith("blocks.") and n.endswith("proj_qkv.vid.weight")}
     assert stored == {torch.float8_e4m3fn}
     upcast = {k: v.float() for k, v in fp8.items()}
@@ -216,6 +217,31 @@ def test_fp8_file_keeps_fp8_storage_and_matches(tmp_path):
     out, _ = _dit_output(model)
     ref, _ = _dit_output(load_dit(reference_path))
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_the_plain_loader_upcasts_fp8_and_refuses_packed_files(tmp_path):
+    # Without a prepare_layers hook the model keeps its nn.Linear layers: fp8 weights become the load dtype,
+    # and a file whose layers only exist packed is refused by name instead of loading wrongly.
+    state = load_golden("dit3b_weights.safetensors")
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 and k.startswith("blocks.") else v) for k, v in state.items()}
+    path = tmp_path / "fp8.safetensors"
+    save_file(fp8, str(path))
+    model = load_dit(path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    out, _ = _dit_output(model)
+    ref, _ = _dit_output(quantized_load.load_dit(path))
+    assert rel_err(out, ref) <= 1e-5
+    gguf = pytest.importorskip("gguf")
+    packed = tmp_path / "packed.gguf"
+    writer = gguf.GGUFWriter(str(packed), "seedvr2")
+    for key, value in state.items():
+        writer.add_tensor(key, value.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="packed.gguf is a GGUF file: load it with layers"):
+        load_dit(packed)
 
 
 def test_gguf_file_loads_through_the_loader(tmp_path):
@@ -236,6 +262,6 @@ def test_gguf_file_loads_through_the_loader(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    model = load_dit(path, quantization="gguf")
+    model = quantized_load.load_dit(path, quantization="gguf")
     out, ref = _dit_output(model)
     assert rel_err(out, ref) < 3e-2  # Q8_0 rounding only

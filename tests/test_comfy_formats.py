@@ -19,7 +19,7 @@ from conftest import golden_cases, load_golden, rel_err
 from src.models import quant_formats as qf
 from src.models.checkpoint import CheckpointError, read_index
 from src.models.dit import NaDiT
-from src.models.load import load_dit
+from src.optimization.quantized_load import load_dit
 from src.optimization import comfy_quant
 from src.pipeline import text_embeddings as te
 from tools import comfy_quantize as tool

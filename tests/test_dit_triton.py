@@ -6,7 +6,7 @@ pytest process of this file.  Float32 must equal the plain PyTorch path up to su
 bfloat16 must be the float32 result rounded once (within one bf16 step).  Inputs cover odd row counts,
 strided rows, both rope layouts (all rows rotated / text rows beyond the table), channels beyond the rotated
 pairs, a head_dim that is not a power of two, and two samples with different modulation.  The whole tiny
-3B and 7B DiTs under ``fused(True)`` must equal their plain forward and the golden outputs.  The fallback
+3B and 7B DiTs with the fused modules attached must equal their plain forward and the golden outputs.  The fallback
 after a failing import is tested without Triton.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import golden_cases, golden_json, load_golden, ran_in_fresh_process, rel_err
+from conftest import golden_cases, golden_json, load_golden, module_copies, rel_err
 from triton_interpreter import DEVICE, choose_interpreter, compute_as_the_gpu, kernel_module, run_in_fresh_interpreter
 
 from src.models.dit import NaDiT, NaDiTConfig
@@ -25,6 +25,7 @@ from src.models.dit.modulation import SCALE, SHIFT, Modulation
 from src.models.dit.normalization import rms_norm
 from src.models.dit.rope import apply_rotary
 from src.optimization import fused_kernels
+from src.optimization.dit_fused_modules import attach_fused_kernels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -264,6 +265,10 @@ def kernels_take_these_tensors(monkeypatch):
     failure state, counting the launches per kernel."""
     monkeypatch.setattr(fused_kernels, "KERNEL_DEVICES", ("cuda", DEVICE))
     module = fused_kernels._load_dit_triton()
+    # Every copy of fused_kernels launches this module's kernels: the custom operators run the launchers of
+    # the copy that registered them.
+    for copy in module_copies(fused_kernels):
+        monkeypatch.setattr(copy, "_load_dit_triton", lambda: module)
     launches = {}
     for name, label in (("qkv_norm_rope", "qkv"), ("modulated_rms_norm", "norm"), ("gated_residual", "gated"),
                         ("silu_mul", "swiglu")):
@@ -299,8 +304,9 @@ def test_tiny_dit_through_the_kernels_equals_plain_and_golden(kernels, kernels_t
     arguments = (case["vid"], case["txt"], case["vid_shape"].cpu(), case["txt_shape"].cpu(), case["timestep"])
     with torch.no_grad():
         plain = model(*arguments)
-        assert not kernels_take_these_tensors  # outside fused(True): no kernel
-        with caplog.at_level(logging.WARNING, logger="seedvr2"), fused_kernels.fused(True):
+        assert not kernels_take_these_tensors  # plain modules: no kernel
+        attach_fused_kernels(model)
+        with caplog.at_level(logging.WARNING, logger="seedvr2"):
             fused = model(*arguments)
     assert not [record for record in caplog.records if record.name == "seedvr2"]
     # Every block: one qkv launch per layer, four modulated norms and gated residuals (3B last block: two
@@ -320,8 +326,6 @@ def test_tiny_dit_through_the_kernels_equals_plain_and_golden(kernels, kernels_t
 
 
 def test_compiled_tiny_dit_calls_every_kernel_as_an_operator(kernels, kernels_take_these_tensors):
-    if ran_in_fresh_process(__file__, "test_compiled_tiny_dit_calls_every_kernel_as_an_operator"):  # process-wide
-        return
     # torch.compile traces the blocks with the kernels as opaque custom operators (backend "eager": Dynamo's
     # graphs run as traced, no Inductor); the result is the plain model's, and every kernel ran.
     config = NaDiTConfig.from_kwargs(golden_json("dit3b_config.json")["kwargs"])
@@ -340,8 +344,8 @@ def test_compiled_tiny_dit_calls_every_kernel_as_an_operator(kernels, kernels_ta
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         plain = model(*arguments)
-        with fused_kernels.fused(True):
-            fused = compiled(*arguments)
+        attach_fused_kernels(model)
+        fused = compiled(*arguments)
     torch._dynamo.reset()
     assert rel_err(fused, plain) <= EXACT
     kernels_run = {"qkv_norm_rope", "modulated_rms_norm", "gated_residual", "silu_mul"}
@@ -364,7 +368,8 @@ def test_failing_import_warns_once_and_falls_back(monkeypatch, caplog):
     x = torch.randn(5, 8)
     with torch.no_grad():
         expected = mlp.proj_out(F.silu(mlp.proj_in_gate(x)) * mlp.proj_in(x))
-        with caplog.at_level(logging.WARNING, logger="seedvr2"), fused_kernels.fused(True):
+        attach_fused_kernels(mlp)
+        with caplog.at_level(logging.WARNING, logger="seedvr2"):
             results = [mlp(x), mlp(x)]
     for result in results:
         assert torch.equal(result, expected)

@@ -10,13 +10,12 @@ from torch import nn
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
+from src.models.gguf_codecs import DEQUANTIZERS, dequantize  # noqa: E402
 from src.optimization.gguf import (  # noqa: E402
-    DEQUANTIZERS,
     DequantizedWeightCache,
     GGUFError,
     GGUFLinear,
     GGUFWeight,
-    dequantize,
     load_gguf_state_dict,
     prepare_model_for_gguf,
 )

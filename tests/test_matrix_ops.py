@@ -289,3 +289,20 @@ def test_a_backend_named_in_the_call_wins_over_the_selection():
     assert rel(out, reference_attention(q, k, v)) <= 1e-5
     with pytest.raises(UnknownAttentionBackendError):
         attention(q, k, v, backend="no_such_backend")
+
+
+def test_use_backend_sets_the_backend_of_every_attention_module_of_a_model():
+    # A per-model choice: each attention module passes its own attention_backend; nothing process-wide changes.
+    from src.models.dit import NaDiT, NaDiTConfig
+    from conftest import golden_json
+
+    config = NaDiTConfig.from_kwargs(golden_json("dit3b_config.json")["kwargs"])
+    model, other = NaDiT(config), NaDiT(config)
+    assert {block.attn.attention_backend for block in model.blocks} == {matrix_ops.PLAIN}
+    assert matrix_ops.use_backend(model, "sdpa_math") == config.num_layers
+    assert {block.attn.attention_backend for block in model.blocks} == {"sdpa_math"}
+    assert {block.attn.attention_backend for block in other.blocks} == {matrix_ops.PLAIN}
+    assert current_backend() == matrix_ops.PLAIN
+    with pytest.raises(UnknownAttentionBackendError):
+        matrix_ops.use_backend(model, "flash4")
+    assert {block.attn.attention_backend for block in model.blocks} == {"sdpa_math"}

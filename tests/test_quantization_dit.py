@@ -79,7 +79,7 @@ def test_the_quantization_summary_is_logged_once_and_only_shown_when_asked_for(g
     quantization they did not ask for (it used to print "quantization disabled: 36 fp8 weight-only" twice)."""
     from safetensors.torch import save_file
 
-    from src.models.load import load_dit
+    from src.optimization.quantized_load import load_dit
 
     _config, weights, _case = golden
     path = tmp_path / "dit_fp8.safetensors"

@@ -2,8 +2,8 @@
 
 Files are read with the PyPI ``gguf`` package.  Keys may carry ComfyUI-GGUF's ``model.diffusion_model.``
 prefix; a tensor the converter flattened for block alignment has its real shape in the metadata entry
-``comfy.gguf.orig_shape.<name>``.  Quantized tensors stay as raw ggml blocks; the dequantization kernels and
-the Linear layer that runs them are in :mod:`src.optimization.gguf`.
+``comfy.gguf.orig_shape.<name>``.  Quantized tensors stay as raw ggml blocks; the dequantization kernels are
+in :mod:`.gguf_codecs`, the Linear layer that runs them in :mod:`src.optimization.gguf`.
 
 Everything a file claims is checked here, before any layer is built: tensor data inside the file and of the
 size its type and shape need, shapes positive, types supported.  A damaged file is refused at load with
@@ -43,7 +43,7 @@ def plain_types() -> dict:
 
 
 def _dequantizable() -> tuple:
-    from ..optimization.gguf import DEQUANTIZERS
+    from .gguf_codecs import DEQUANTIZERS
 
     return tuple(DEQUANTIZERS)
 
@@ -81,7 +81,7 @@ class GGUFWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor's values in ``dtype``, computed on the weight's device."""
-        from ..optimization.gguf import dequantize
+        from .gguf_codecs import dequantize
 
         return dequantize(self.data, self.qtype, tuple(self.shape), dtype)
 

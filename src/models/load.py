@@ -1,10 +1,10 @@
 """Build the DiT or the VAE from a weight file: detect the architecture, build on ``meta``, load strictly."""
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -17,8 +17,6 @@ from .file_types import SAFETENSORS, file_format, is_gguf
 from .quant_formats import QuantFormatError, QuantizedWeight, check_against_model
 from .dit import NaDiT, NaDiTConfig
 from .video_vae_v3 import VAEConfig, VideoAutoencoder
-
-log = logging.getLogger("seedvr2")
 
 WINDOW_HINT_KEYS = ("window", "window_method")
 STAGED_LOAD_ENV = "SEEDVR2_STAGED_LOAD"  # 0: read tensors one at a time through safetensors (to compare)
@@ -88,24 +86,32 @@ def validate_vae(path: str | os.PathLike) -> CheckpointIndex:
     return index
 
 
+# (meta model, file index, dtype, device) -> which tensors keep the file's dtype (key, tensor) -> bool
+PrepareLayers = Callable[[NaDiT, CheckpointIndex, torch.dtype, torch.device], Callable[[str, object], bool]]
+
+
 def load_dit(
     path: str | os.PathLike,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    quantization: str = "disabled",
+    prepare_layers: PrepareLayers | None = None,
 ) -> NaDiT:
     """Load a DiT checkpoint strictly; floating weights are stored in ``dtype``.
 
-    float8 weights stay in float8 when ``quantization`` asks for fp8 compute or storage; otherwise they are
-    upcast to ``dtype``.
+    ``prepare_layers`` swaps layers of the ``meta`` model (e.g. quantized Linears) before any weight is
+    read, and says which tensors keep the file's dtype; without it the model keeps its ``nn.Linear`` layers
+    (float8 weights are upcast to ``dtype``) and packed quantized files are refused.
     """
     index, config = inspect_dit(path)
     with torch.device("meta"):
         model = NaDiT(config)
     rope = model.rope_frequency_buffers()
     _check_file(index, model, optional=set(rope))
-    keep_packed = _prepare_quantized_layers(model, index, quantization, dtype, torch.device(device))
+    if prepare_layers is None:
+        keep_packed = _plain_layers(index)
+    else:
+        keep_packed = prepare_layers(model, index, dtype, torch.device(device))
     materialize(model, index.path, device=device, dtype_for=_dtype_rule(dtype, keep_packed), overrides=rope,
                 plain_tensors=not index.quantized)
     model.file_conditioning = _conditioning(index)
@@ -146,38 +152,15 @@ def _conditioning(index: CheckpointIndex) -> dict[str, torch.Tensor] | None:
     return {name: extras[name] for name in ("positive", "negative") if name in extras} or None
 
 
-def _prepare_quantized_layers(model: torch.nn.Module, index: CheckpointIndex, quantization: str,
-                              dtype: torch.dtype, device: torch.device):
-    """Swap Linear layers for quantized ones on the meta model before loading (GGUF files, fp8 weights,
-    or a quantization mode); returns the rule saying which tensors must keep the file's dtype."""
-    from ..optimization import fp4_quantization
-
-    if is_gguf(index.path):
-        from ..optimization import gguf
-
-        report = gguf.prepare_model_for_gguf(model, gguf.load_gguf_state_dict(index.path), compute_dtype=dtype)
-    elif index.quantized:
-        from ..optimization import comfy_quant
-
-        try:
-            report = comfy_quant.prepare_model_for_comfy_quant(
-                model, index.quantized, quantization, dtype, device, file_name=index.path.name)
-        except QuantFormatError as exc:
-            raise CheckpointError(f"{index.path.name}: {exc}") from None
-    else:
-        fp8_file = any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in index.tensors.values())
-        if quantization in ("disabled", "gguf") and not fp8_file:
-            return lambda key, tensor: False
-        mode = "disabled" if quantization == "gguf" else quantization
-        report = fp4_quantization.prepare_model_for_weights(
-            model, {k: v.dtype for k, v in index.tensors.items()}, mode, dtype, device=device
-        )
-    if report.layers:
-        # An fp8 file read with quantization "disabled" keeps its fp8 storage: how the file is stored, not a
-        # quantization the user asked for, so it is only told when debugging.
-        asked = quantization != "disabled" or is_gguf(index.path)
-        log.log(logging.INFO if asked else logging.DEBUG, "SeedVR2: %s", report.summary())
-    return lambda key, tensor: key in report
+def _plain_layers(index: CheckpointIndex) -> Callable[[str, object], bool]:
+    """The tensors-to-keep rule of a model with its own ``nn.Linear`` layers: none kept; floating weights
+    (fp8 ones included) become the load dtype.  Packed layers (GGUF, ComfyUI quantized) have no plain form."""
+    if is_gguf(index.path) or index.quantized:
+        kind = "GGUF" if is_gguf(index.path) else "quantized"
+        raise CheckpointError(
+            f"{index.path.name} is a {kind} file: load it with layers that read its packed weights "
+            f"(prepare_layers, e.g. optimization.quantized_load.load_dit).")
+    return lambda key, tensor: False
 
 
 def load_vae(

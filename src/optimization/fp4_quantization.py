@@ -19,8 +19,7 @@ Modes (GGUF files are handled by :mod:`.gguf`):
   block scales; each layer is one block-scaled ``torch._scaled_mm`` (CUDA, compute capability >= 10.0).
 * ``fp4_scaled_fast``: as ``fp4_scaled``, but activations get block scales only (tensor scale 1), one
   reduction over the activation less per call.  The e4m3 block scales must then cover the activations'
-  absolute range on their own: a block whose largest magnitude is below 6·2⁻¹⁰ ≈ 0.006 flushes to zero
-  (last column of the table below).
+  absolute range on their own: a block whose largest magnitude is below 6·2⁻¹⁰ ≈ 0.006 flushes to zero.
 
 NVFP4: every 16 consecutive inputs of a row share one float8_e4m3fn scale and the tensor has one float32
 scale; the values are e2m1 (0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6), two per byte, the even-indexed value in
@@ -30,24 +29,7 @@ Where a mode's matmul is unavailable, FP8 layers upcast their weight per call (w
 dequantize theirs, and ``fp4_scaled*`` become ``fp8_e4m3fn`` at quantization time (:func:`resolve_mode`);
 each fallback is logged once per process.
 
-Relative L2 error of a random MLP (256 -> 1024 -> 256, GELU-tanh, no biases, weights N(0, 1/fan_in),
-512 tokens of N(0, 1) inputs times 1, 0.01 or 0.001) against float32, measured on the CPU.  ``fp8 w8a8``
-is the same ``_scaled_mm`` code path (the CPU kernel accumulates in float32); the NVFP4 w4a4 rows
-multiply the dequantized quantized operands in float32, which is what FP4 tensor cores compute up to
-accumulation order.  GPU numbers are measured on the target hardware separately.
-
-============================================  ======  ======  =======
-path                                          x 1     x 0.01  x 0.001
-============================================  ======  ======  =======
-bfloat16 weights and compute                  4.3e-3  4.0e-3  3.9e-3
-fp8 plain cast, weight-only (fp8 files)       4.1e-2  3.9e-2  3.9e-2
-fp8 per-channel, weight-only                  3.8e-2  3.7e-2  3.7e-2
-fp8 w8a8 per-token (``fp8_e4m3fn``)           5.4e-2  5.2e-2  5.3e-2
-fp8 w8a8 per-tensor (tensor-wise fallback)    5.5e-2  5.3e-2  5.3e-2
-nvfp4 weight-only (``fp4_experimental``)      1.4e-1  1.4e-1  1.4e-1
-nvfp4 w4a4 (``fp4_scaled``)                   2.0e-1  1.9e-1  1.9e-1
-nvfp4 w4a4 block-only (``fp4_scaled_fast``)   2.0e-1  2.3e-1  1.0
-============================================  ======  ======  =======
+Measured errors of each mode: docs/performance.md ("Notes moved from module docstrings").
 """
 from __future__ import annotations
 

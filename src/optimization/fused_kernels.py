@@ -1,18 +1,19 @@
 """Fused elementwise kernels for the DiT's hot spots: q/k RMSNorm + rope, modulated RMSNorm, gated residual,
 SwiGLU.
 
-The plain model runs each elementwise step as its own PyTorch op, which at 1080p means several passes
-over 0.4-1.5 GB tensors per step.  Here the hand-written Triton kernels of :mod:`.dit_triton` do each chain
-in one pass.  Every entry point returns the fused result, or None when the caller should run its plain
-code: the kernels run only inside ``fused(True)`` (the pipeline's optimization switch), on CUDA tensors of a
-supported dtype with Triton installed, without autograd, and unless ``SEEDVR2_DIT_TRITON`` is
-0/false/no/off.  A kernel that fails to import, compile or launch logs one line and leaves its work to the
-plain path for good.
+The plain model runs each elementwise step as its own PyTorch op, which at high resolution means several
+passes over large tensors per step.  Here the hand-written Triton kernels of :mod:`.dit_triton` do each chain
+in one pass.  They are called by the fused DiT modules of :mod:`.dit_fused_modules` (swapped into a model by
+``attach_fused_kernels``).  Every entry point returns the fused result, or None when the caller should run
+its plain code: the kernels run on CUDA tensors of a supported dtype with Triton installed, without
+autograd, and unless ``SEEDVR2_DIT_TRITON`` is 0/false/no/off.  A kernel that fails to import, compile or
+launch logs one line and leaves its work to the plain path for good.
 
 Inside a torch.compile'd block each kernel is an opaque custom operator (``torch.ops.seedvr2.dit_*``, with a
 shape function for tracing): the launchers' Python is not traceable, and Inductor fuses the plain ops around
 them as before.  Without the operators a compiled block would trace the plain code, whose fusions are slower
-(the 3B's compiled DiT phase took 0.83 s against 0.78 s eager with the kernels, on an H100).
+(docs/performance.md).  The operators are registered once per process: a second copy of this module (the
+pack imported under another package name) reuses them.
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ import functools
 import importlib
 import importlib.util
 import logging
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -33,25 +33,19 @@ TRITON_KERNELS_ENV = "SEEDVR2_DIT_TRITON"
 # Devices whose tensors the kernels take; tests add "cpu" to run them under Triton's interpreter.
 KERNEL_DEVICES = ("cuda",)
 
-_enabled = False
-_module: Any = None  # dit_triton, imported on entering fused(True), so compiled code never imports it
+_module: Any = None  # dit_triton, imported by prepare_kernels() so that compiled code never imports it
 
 
-@contextmanager
-def fused(enabled: bool = True) -> Iterator[None]:
-    """Use the fused kernels inside this block (where they apply, see the module docstring)."""
-    global _enabled, _module
-    previous = _enabled, _module
-    _enabled = enabled
-    if enabled and _module is None and triton_kernels_wanted() and triton_installed() and _kernel_device_present():
+def prepare_kernels() -> bool:
+    """Import the kernel module now where the kernels can run here (tracing never imports it); returns
+    whether it is loaded.  Called when the fused modules are attached to a model."""
+    global _module
+    if _module is None and triton_kernels_wanted() and triton_installed() and _kernel_device_present():
         try:
             _module = _load_dit_triton()
         except Exception:  # reported by the first eager call, which imports it again
             _module = None
-    try:
-        yield
-    finally:
-        _enabled, _module = previous
+    return _module is not None
 
 
 def _kernel_device_present() -> bool:
@@ -78,10 +72,10 @@ def _load_dit_triton():
 def _wanted(*tensors: torch.Tensor) -> bool:
     """Whether the fused path applies to a call on ``tensors`` (the first one's device decides)."""
     return (
-        _enabled and tensors[0].device.type in KERNEL_DEVICES
+        tensors[0].device.type in KERNEL_DEVICES
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))  # no backward for kernels
         and triton_kernels_wanted()
-        # While compiling, the module fused(True) imported stands for Triton (the probe is not traced).
+        # While compiling, the module prepare_kernels() imported stands for Triton (the probe is not traced).
         and (_module is not None if torch.compiler.is_compiling() else triton_installed())
     )
 
@@ -125,9 +119,15 @@ class _TritonKernel:
 
 def _custom_operator(name: str, implementation: Callable[..., Any], shapes: Callable[..., Any]) -> Any:
     """``implementation`` as the opaque operator ``seedvr2::<name>`` with ``shapes`` as its fake, or None on a
-    torch without ``torch.library.custom_op`` (before 2.4): compiled blocks then trace the plain code."""
+    torch without ``torch.library.custom_op`` (before 2.4): compiled blocks then trace the plain code.
+
+    Registered once per process: torch.library is process-wide, while this module may be imported twice
+    (``src.optimization`` and the pack under ComfyUI's package name).  A later copy reuses the operator,
+    whose implementation is the same code, instead of replacing the one earlier compiled graphs call."""
     if not hasattr(torch.library, "custom_op"):
         return None
+    if hasattr(torch.ops.seedvr2, name):
+        return getattr(torch.ops.seedvr2, name).default   # the overload, as a custom_op call traces
     operator = torch.library.custom_op(f"seedvr2::{name}", mutates_args=())(implementation)
     operator.register_fake(shapes)
     return operator

@@ -4,12 +4,14 @@ Every attention in the models calls :func:`attention` with equal-length sequence
 as ``(batch, heads, seq, head_dim)``.  The plain path is PyTorch's scaled-dot-product attention; faster
 backends plug in behind the same signature, so the model code never changes when a backend is added.
 
-The pipeline picks a backend with ``with attention_backend(name):`` around model calls.  A request is
-resolved once per (name, device, dtype, head_dim): an availability probe (device type, compute
-capability, dtype, head_dim limit, the import, then any limits of the kernel itself) decides whether the
-backend can run those inputs, and the answer is remembered, so the hot path is one dictionary lookup.  A
-backend that is missing, or that raises at run time, falls back once along its ``fallback`` chain (to the
-plain path unless it names another), with one log line naming what was asked, what is used and why.
+A model's attention modules name their backend in an ``attention_backend`` attribute (set for a whole
+model by :func:`use_backend`) and pass it as ``backend=``; ``with attention_backend(name):`` sets the
+default of calls that pass none.  A request is resolved once per (name, device, dtype, head_dim): an
+availability probe (device type, compute capability, dtype, head_dim limit, the import, then any limits
+of the kernel itself) decides whether the backend can run those inputs, and the answer is remembered, so
+the hot path is one dictionary lookup.  A backend that is missing, or that raises at run time, falls back
+once along its ``fallback`` chain (to the plain path unless it names another), with one log line naming
+what was asked, what is used and why.
 
 ``auto`` picks by hardware and shape (:func:`_auto_choice`).  For heads wider than SDPA's fused kernels take
 (the VAE's 512) on CUDA in half precision, that is the Triton flash-attention kernel of
@@ -432,6 +434,16 @@ def attention_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _selected.name = previous
+
+
+def use_backend(model: torch.nn.Module, name: str) -> int:
+    """Set ``attention_backend = name`` on every module under ``model`` that has that attribute (the modules
+    that call :func:`attention` with it); returns how many."""
+    _check_name(name)
+    modules = [module for module in model.modules() if isinstance(vars(module).get("attention_backend"), str)]
+    for module in modules:
+        module.attention_backend = name
+    return len(modules)
 
 
 def current_backend() -> str:

@@ -31,7 +31,7 @@ import torch
 
 from ..models.file_types import SAFETENSORS, file_format, is_gguf
 from ..models.load import load_dit, load_vae
-from ..optimization import stable_memory
+from ..optimization import quantized_load, stable_memory
 from . import timing
 from .devices import resolve_device
 from .finite import check_weights
@@ -252,7 +252,8 @@ class ModelManager:
         load_device = _load_device(device, spec.offload_device, spec.blocks_to_swap > 0)
         log.info("SeedVR2: loading DiT %s to %s (%s)", path.name, load_device, str(dtype).replace("torch.", ""))
         with timing.span("load_dit", sync=load_device, file=path.name):
-            model = load_dit(path, device=load_device, dtype=dtype, quantization=quantization)
+            model = load_dit(path, device=load_device, dtype=dtype,
+                             prepare_layers=quantized_load.quantized_layers(quantization))
             check_weights(model, path)  # NaN/Inf weights would give all-NaN (black) frames
         offload_device = _offload(spec.offload_device)
         managed = ManagedModel("dit", key, model, device, offload_device, dtype, spec.cache_model,

@@ -27,7 +27,7 @@ import torch
 
 from ..distributed import clip_parallel
 from ..models.video_vae_v3.banded import BandPlan
-from ..optimization import dit_chunking, fused_kernels, matrix_ops, stable_memory, vae_optimizer
+from ..optimization import dit_chunking, dit_fused_modules, matrix_ops, stable_memory, vae_optimizer
 from ..optimization.switches import env_switch
 from . import memory_plan, timing
 from .batching import Batch, blend_overlap, pad_temporal, padded_length, plan_batches, prepend_mirrored
@@ -613,32 +613,29 @@ class _Runner:
         positive, negative = text_embeddings(dit.device, dit.dtype, getattr(dit.model, "file_conditioning", None),
                                              Path(str(dit.info.get("path", "the DiT file"))).name)
         model = dit.model
+        _configure_dit(model, self.dit_spec, None if self.memory is None else self.memory.dit_chunk_rows)
         if parallel.mode == "windows":
             from ..distributed.window_parallel import WindowParallelDiT
             model = WindowParallelDiT(model)
         model_fn = dit_velocity(model, positive, negative)
-        backend = self.dit_spec.attention_mode if self.dit_spec.enable_optimizations else matrix_ops.PLAIN
         results = []
-        chunks = None if self.memory is None else self.memory.dit_chunk_rows
-        with matrix_ops.attention_backend(backend), fused_kernels.fused(self.dit_spec.enable_optimizations), \
-                dit_chunking.token_chunks(chunks):
-            for index, cond in enumerate(conds):
-                progress.check_interrupt()
-                if not parallel.restores(index):
-                    results.append(None)
-                    progress.advance()
-                    continue
-                cond = cond.to(dit.device)
-                draws = self._draws(tuple(cond.shape[:3]))
-                try:
-                    x0 = restore_latent(model_fn, cond, draws, latent_noise_scale=settings.latent_noise_scale)
-                except OUT_OF_MEMORY as exc:
-                    _reraise_unless_out_of_memory(exc)
-                    raise UpscaleError(_oom_advice("upscale (DiT)", self.dit_spec)) from exc
-                self._check(x0, "DiT upscale", batches[index])
-                results.append(x0.to(self._latent_store(dit.device)))
-                conds[index] = None  # free the condition as soon as it is used
+        for index, cond in enumerate(conds):
+            progress.check_interrupt()
+            if not parallel.restores(index):
+                results.append(None)
                 progress.advance()
+                continue
+            cond = cond.to(dit.device)
+            draws = self._draws(tuple(cond.shape[:3]))
+            try:
+                x0 = restore_latent(model_fn, cond, draws, latent_noise_scale=settings.latent_noise_scale)
+            except OUT_OF_MEMORY as exc:
+                _reraise_unless_out_of_memory(exc)
+                raise UpscaleError(_oom_advice("upscale (DiT)", self.dit_spec)) from exc
+            self._check(x0, "DiT upscale", batches[index])
+            results.append(x0.to(self._latent_store(dit.device)))
+            conds[index] = None  # free the condition as soon as it is used
+            progress.advance()
         return results
 
     def _decode_phase(self, latents: list[torch.Tensor | None], extended: torch.Tensor, batches: tuple[Batch, ...],
@@ -881,6 +878,18 @@ def _oom_advice(phase: str, spec) -> str:
     else:
         hints.insert(0, "set blocks_to_swap (with offload_device cpu) or use an fp8/GGUF model")
     return f"Out of GPU memory during {phase}. Try to " + ", or ".join(hints) + ". Your workflow is unchanged."
+
+
+def _configure_dit(model: torch.nn.Module, spec: DiTSpec, chunk_rows: int | None) -> None:
+    """This run's execution choices on the DiT's modules: the attention backend and the fused kernels (plain
+    SDPA and plain modules with ``enable_optimizations`` off) and the memory plan's exact token chunks."""
+    optimized = spec.enable_optimizations
+    matrix_ops.use_backend(model, spec.attention_mode if optimized else matrix_ops.PLAIN)
+    if optimized:
+        dit_fused_modules.attach_fused_kernels(model)
+    else:
+        dit_fused_modules.detach_fused_kernels(model)
+    dit_chunking.use_token_chunks(model, chunk_rows)
 
 
 def _optimize(managed: ManagedModel, spec) -> None:

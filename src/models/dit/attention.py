@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...optimization import dit_chunking, fused_kernels, matrix_ops
+from ...optimization.matrix_ops import PLAIN, attention
 from . import graph_breaks
 from .config import NaDiTConfig
 from .normalization import RMSNorm
@@ -31,16 +31,16 @@ class JointWindowAttention(nn.Module):
         self.norm_q = StreamPair(lambda: RMSNorm(config.head_dim, config.norm_eps), shared)
         self.norm_k = StreamPair(lambda: RMSNorm(config.head_dim, config.norm_eps), shared)
         self.rope = WindowRope(config)
+        # Name of the matrix_ops kernel that computes the attention (any of them gives softmax(q kᵀ/√d) v).
+        self.attention_backend = PLAIN
 
     def _qkv(self, vid: torch.Tensor, txt: torch.Tensor, plan: WindowPlan) -> tuple[torch.Tensor, ...]:
         """q, k, v for the rows of [video; text], each (rows, heads, head_dim); q and k normalised and rotated."""
-        qkv_vid, qkv_txt = self.proj_qkv.video()(vid), self.proj_qkv.text()(txt)
-        fused = fused_kernels.qkv_norm_rope(   # one kernel per stream when the optimization switch is on
-            [(qkv_vid, self.norm_q.video().weight, self.norm_k.video().weight),
-             (qkv_txt, self.norm_q.text().weight, self.norm_k.text().weight)],
-            *self.rope.tables(plan), self.heads, self.norm_q.video().eps)
-        if fused is not None:
-            return fused
+        return self._norm_and_rotate(self.proj_qkv.video()(vid), self.proj_qkv.text()(txt), plan)
+
+    def _norm_and_rotate(self, qkv_vid: torch.Tensor, qkv_txt: torch.Tensor,
+                         plan: WindowPlan) -> tuple[torch.Tensor, ...]:
+        """q, k, v from the two streams' qkv projections: per-stream q/k RMSNorm, then the window rope."""
         shape = (3, self.heads, self.head_dim)
         q_vid, k_vid, v_vid = qkv_vid.unflatten(-1, shape).unbind(1)
         q_txt, k_txt, v_txt = qkv_txt.unflatten(-1, shape).unbind(1)
@@ -76,22 +76,16 @@ class JointWindowAttention(nn.Module):
         text_sum = None if video_queries_only else q.new_zeros((text_rows, inner), dtype=torch.float32)
         for group in plan.groups:
             windows, video_length = group.token_index.shape[0], group.video_length
-            video_rows = group.video_rows.view(windows, video_length)
-            text_rows = None if text_sum is None else group.text_rows.view(windows, -1)
-            # Windows attend independently: dit_chunking may take them a few at a time (exact, smaller gathers).
-            step = dit_chunking.window_chunk(windows, group.token_index.shape[1])
-            for first in range(0, windows, step):
-                index = group.token_index[first:first + step]
-                queries = index[:, :video_length] if video_queries_only else index
-                out = matrix_ops.attention(q[queries].transpose(1, 2), k[index].transpose(1, 2),
-                                           v[index].transpose(1, 2))
-                out = out.transpose(1, 2)                             # (windows, queries, heads, head_dim)
-                # Scattered straight from the strided output: one pass, no contiguous copy first.
-                windowed.view(-1, self.heads, self.head_dim).index_put_(
-                    (video_rows[first:first + step],), out[:, :video_length])
-                if text_rows is not None:
-                    text_sum.index_add_(0, text_rows[first:first + step].reshape(-1),
-                                        out[:, video_length:].reshape(-1, inner).float())
+            index = group.token_index
+            queries = index[:, :video_length] if video_queries_only else index
+            out = attention(q[queries].transpose(1, 2), k[index].transpose(1, 2), v[index].transpose(1, 2),
+                            backend=self.attention_backend)
+            out = out.transpose(1, 2)                                 # (windows, queries, heads, head_dim)
+            # Scattered straight from the strided output: one pass, no contiguous copy first.
+            windowed.view(-1, self.heads, self.head_dim).index_put_(
+                (group.video_rows.view(windows, video_length),), out[:, :video_length])
+            if text_sum is not None:
+                text_sum.index_add_(0, group.text_rows, out[:, video_length:].reshape(-1, inner).float())
         if text_sum is None:
             return windowed, None
         return windowed, self.text_mean(text_sum, plan).to(q.dtype)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...optimization import dit_chunking
 from .attention import JointWindowAttention
 from .config import NaDiTConfig
 from .mlp import make_mlp
@@ -45,19 +44,11 @@ class NaDiTBlock(nn.Module):
         else:
             txt_in = self.ada.text().modulate_normalized(txt, self.eps, attn_time, "attn", txt_lengths)
             vid_attn, txt_attn = self.attn(vid_in, txt_in, plan)
-            txt = dit_chunking.by_rows(  # token chunks only inside dit_chunking.token_chunks (exact)
-                self._text_mlp_update, self.ada.text().add_gated(txt, txt_attn, attn_time, "attn", txt_lengths),
-                mlp_time, txt_lengths)
-        vid = dit_chunking.by_rows(self._video_mlp_update,
-                                   vid_ada.add_gated(vid, vid_attn, attn_time, "attn", vid_lengths),
-                                   mlp_time, vid_lengths)
+            txt = self._mlp_update(self.ada.text().add_gated(txt, txt_attn, attn_time, "attn", txt_lengths),
+                                   mlp_time, txt_lengths, video=False)
+        vid = self._mlp_update(vid_ada.add_gated(vid, vid_attn, attn_time, "attn", vid_lengths),
+                               mlp_time, vid_lengths, video=True)
         return vid, txt
-
-    def _video_mlp_update(self, x: torch.Tensor, mlp_time: torch.Tensor, lengths: tuple[int, ...]) -> torch.Tensor:
-        return self._mlp_update(x, mlp_time, lengths, video=True)
-
-    def _text_mlp_update(self, x: torch.Tensor, mlp_time: torch.Tensor, lengths: tuple[int, ...]) -> torch.Tensor:
-        return self._mlp_update(x, mlp_time, lengths, video=False)
 
     def _mlp_update(self, x: torch.Tensor, mlp_time: torch.Tensor, lengths: tuple[int, ...],
                     video: bool) -> torch.Tensor:

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...optimization import fused_kernels
 from .config import NaDiTConfig
 
 
@@ -20,11 +19,11 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the gated MLP to the last dim."""
-        gate, up = self.proj_in_gate(x), self.proj_in(x)
-        hidden = fused_kernels.silu_mul(gate, up)   # one kernel when the optimization switch is on
-        if hidden is None:
-            hidden = F.silu(gate, inplace=True) * up   # in place: gate is held anyway, no extra copy
-        return self.proj_out(hidden)
+        return self.proj_out(self.gated_activation(self.proj_in_gate(x), self.proj_in(x)))
+
+    def gated_activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``SiLU(gate) ⊙ up`` (overwrites ``gate``: it is a temporary of :meth:`forward`, no extra copy)."""
+        return F.silu(gate, inplace=True) * up
 
 
 class GELUMLP(nn.Module):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...optimization import fused_kernels
 from .normalization import rms_norm
 
 ATTN_SLOT, MLP_SLOT = 0, 1
@@ -40,6 +39,10 @@ class Modulation(nn.Module):
         """(scale, shift), each (B, d): ``sc + <slot>_scale`` and ``sh + <slot>_shift``."""
         return time[..., SCALE] + getattr(self, f"{slot}_scale"), time[..., SHIFT] + getattr(self, f"{slot}_shift")
 
+    def _gate(self, time: torch.Tensor, slot: str) -> torch.Tensor:
+        """(B, d): ``ga + <slot>_gate``."""
+        return time[..., GATE] + getattr(self, f"{slot}_gate")
+
     def modulate(self, x: torch.Tensor, time: torch.Tensor, slot: str, lengths: tuple[int, ...]) -> torch.Tensor:
         """``x·(sc + <slot>_scale) + (sh + <slot>_shift)``; ``time`` (B, d, 3) is the sample's E slice."""
         scale, shift = self._scale_and_shift(time, slot)
@@ -48,17 +51,10 @@ class Modulation(nn.Module):
     def modulate_normalized(self, x: torch.Tensor, eps: float, time: torch.Tensor, slot: str,
                             lengths: tuple[int, ...]) -> torch.Tensor:
         """``modulate(rms_norm(x, eps), time, slot, lengths)``: the block's pre-norm (no weight), modulated."""
-        scale, shift = self._scale_and_shift(time, slot)
-        fused = fused_kernels.modulated_rms_norm(x, eps, scale, shift, lengths)   # one kernel when switched on
-        if fused is not None:
-            return fused
         return self.modulate(rms_norm(x, eps), time, slot, lengths)
 
     def add_gated(self, residual: torch.Tensor, update: torch.Tensor, time: torch.Tensor, slot: str,
                   lengths: tuple[int, ...]) -> torch.Tensor:
         """``residual + update·(ga + <slot>_gate)`` per sample."""
-        gate = time[..., GATE] + getattr(self, f"{slot}_gate")
-        fused = fused_kernels.gated_residual(residual, update, gate, lengths)   # one kernel when switched on
-        if fused is not None:
-            return fused
+        gate = self._gate(time, slot)
         return _per_sample(lambda b, res, upd: torch.addcmul(res, upd, gate[b]), lengths, residual, update)
