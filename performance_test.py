@@ -32,7 +32,7 @@ from src.benchmark.timer import cuda_time, event_time, peak_gb, reset_peak, sync
 from src.optimization import matrix_ops
 from src.options import VAE_QUANTIZATIONS
 from src.pipeline.model_manager import compute_dtype
-from src.pipeline.progress import Progress
+from src.progress import Progress
 from src.pipeline.settings import CompileSettings, DiTSpec, UpscaleSettings, VAESpec
 from src.pipeline.upscaler import upscale
 

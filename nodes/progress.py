@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..src.pipeline.progress import Progress
+from ..src.progress import Progress
 
 try:
     import comfy.model_management as model_management

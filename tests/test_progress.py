@@ -8,7 +8,7 @@ import torch
 from conftest import golden_path
 from src.optimization import stable_memory
 from src.pipeline.model_manager import ModelManager
-from src.pipeline.progress import Progress, checkpoint, part, reporting
+from src.progress import Progress, checkpoint, part, reporting
 from src.pipeline.settings import DiTSpec, UpscaleSettings, VAESpec
 from src.pipeline.upscaler import upscale
 

@@ -5,7 +5,7 @@ import torch
 from conftest import golden_path
 from src.pipeline import upscaler as upscaler_module
 from src.pipeline.model_manager import ModelManager
-from src.pipeline.progress import Progress
+from src.progress import Progress
 from src.pipeline.settings import DiTSpec, SettingsError, UpscaleSettings, VAESpec
 from src.pipeline.upscaler import UpscaleError, upscale, upscale_stream
 

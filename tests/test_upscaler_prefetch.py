@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from src.pipeline import upscaler
-from src.pipeline.progress import Progress
+from src.progress import Progress
 from src.pipeline.settings import DiTSpec, UpscaleSettings, VAESpec
 
 GIB = 1 << 30

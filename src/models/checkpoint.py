@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from . import formats, quant_formats
+from .errors import CheckpointError
 from .file_types import GGUF, SAFETENSORS, file_format, is_gguf
 from .quant_formats import LayerQuant, TensorMeta
 
@@ -37,10 +38,6 @@ if hasattr(torch, "float8_e8m0fnu"):  # MXFP8 block scales
 # Safetensors metadata key that may carry constructor arguments that are not visible in the tensors
 # (the DiT's per-layer windows); written by our own tools, honoured when present.
 CONFIG_METADATA_KEY = "seedvr2.config"
-
-
-class CheckpointError(ValueError):
-    """A weight file cannot be used; the message names the file and says what to do."""
 
 
 @dataclass(frozen=True)

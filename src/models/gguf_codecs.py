@@ -13,9 +13,18 @@ from typing import Callable
 import gguf
 import torch
 
-from .gguf_reader import GGUFError, plain_types
+from .errors import GGUFError
 
 Q = gguf.GGMLQuantizationType
+def plain_types() -> dict:
+    """Unquantized GGUF tensor types and the torch dtype they load as."""
+    Q = gguf.GGMLQuantizationType
+    return {
+        Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16, Q.F64: torch.float64,
+        Q.I8: torch.int8, Q.I16: torch.int16, Q.I32: torch.int32, Q.I64: torch.int64,
+    }
+
+
 PLAIN_TYPES = plain_types()
 
 

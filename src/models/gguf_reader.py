@@ -17,14 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
+from .errors import GGUFError
 
 COMFY_PREFIX = "model.diffusion_model."
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
-
-
-class GGUFError(CheckpointError):
-    """A GGUF file or tensor cannot be used; the message names it and says what to do."""
 
 
 def _gguf():
@@ -35,11 +31,9 @@ def _gguf():
 
 def plain_types() -> dict:
     """Unquantized GGUF tensor types and the torch dtype they load as."""
-    Q = _gguf().GGMLQuantizationType
-    return {
-        Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16, Q.F64: torch.float64,
-        Q.I8: torch.int8, Q.I16: torch.int16, Q.I32: torch.int32, Q.I64: torch.int64,
-    }
+    from .gguf_codecs import plain_types as types  # imports the optional gguf package
+
+    return types()
 
 
 def _dequantizable() -> tuple:

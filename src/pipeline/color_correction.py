@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..options import check_implemented
-from .progress import checkpoint
+from ..progress import checkpoint
 
 # The methods the upscaler offers, in the earlier node pack's order, new ones last (saved workflows keep
 # their values).  A literal, read without importing this module (src.options); "none" keeps the colours.

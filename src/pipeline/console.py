@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from typing import IO, Iterable, Iterator, Sequence
 
-from .progress import Progress
+from ..progress import Progress
 
 log = logging.getLogger("seedvr2")
 

@@ -36,7 +36,7 @@ from .devices import resolve_device
 from .finite import NonFiniteError, check_batch, input_scale
 from .frames import crop, from_model_range, pad_to_multiple, resize_frames, target_size, to_model_range
 from .model_manager import ManagedModel, ModelManager, compute_dtype, default_manager, dit_working_bytes
-from .progress import Progress, checkpoint, reporting
+from ..progress import Progress, checkpoint, reporting
 from .restoration import (
     RandomDraws, VAETiling, condition_latent, decode_latent, dit_velocity, draw_randoms, encode_posterior,
     restore_latent,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import graph_breaks
-from ...pipeline.progress import checkpoint
+from ...progress import checkpoint
 from .block import NaDiTBlock
 from .config import NaDiTConfig
 from .embedding import TimeEmbedding

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...pipeline.progress import checkpoint
+from ...progress import checkpoint
 from .causal_conv import CausalConv3d
 from .mid_block import MidBlockAttention
 from .resampling import Downsampler3D, Upsampler3D, pixel_shuffle_3d

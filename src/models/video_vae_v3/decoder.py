@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...pipeline.progress import checkpoint
+from ...progress import checkpoint
 from .causal_conv import CausalConv3d
 from .config import VAEConfig
 from .frame_norm import FrameGroupNorm

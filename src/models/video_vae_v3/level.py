@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...pipeline.progress import checkpoint
+from ...progress import checkpoint
 from .resnet import ResnetBlock3D
 from .temporal_slicing import CausalMemory
 

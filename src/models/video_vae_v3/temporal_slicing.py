@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ...pipeline.progress import checkpoint, part
+from ...progress import checkpoint, part
 
 
 class CausalMemory:

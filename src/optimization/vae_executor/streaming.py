@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from ...models.video_vae_v3.temporal_slicing import CausalMemory
-from ...pipeline.progress import checkpoint
+from ...progress import checkpoint
 
 
 class Stage(NamedTuple):
