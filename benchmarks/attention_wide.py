@@ -51,8 +51,7 @@ def rel_l2(result: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def matmul_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    with matrix_ops.attention_backend("matmul_chunked"):
-        return matrix_ops.attention(q, k, v)
+    return matrix_ops.attention(q, k, v, backend="matmul_chunked")
 
 
 def sdpa_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -69,8 +69,7 @@ def _float32_reference(q, k, v) -> torch.Tensor:
 
 
 def _matmul_chunked_error(q, k, v, reference) -> float:
-    with matrix_ops.attention_backend("matmul_chunked"):
-        return rel_err(matrix_ops.attention(q, k, v), reference)
+    return rel_err(matrix_ops.attention(q, k, v, backend="matmul_chunked"), reference)
 
 
 # (batch, heads, q_len, k_len, head_dim) and tiles (block_m, block_n, slice, warps, stages)

@@ -13,10 +13,8 @@ from src.optimization.matrix_ops import (
     AttentionBackendUnavailableError,
     UnknownAttentionBackendError,
     attention,
-    attention_backend,
     available_backends,
     backend_names,
-    current_backend,
     prepare_for_compile,
     register_backend,
     resolve_backend,
@@ -80,8 +78,8 @@ def test_every_backend_name_resolves_on_cpu():
                                   "sageattn_3", "sageattn_3_fp4", "sageattn_3_fp8", "flex", "sdpa_cudnn"])
 def test_missing_backend_falls_back_once_with_one_log_line(name, caplog):
     q, k, v = qkv(2, 3, 40, 40, 64)
-    with caplog.at_level(logging.WARNING, logger=LOGGER), attention_backend(name):
-        outputs = [attention(q, k, v) for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        outputs = [attention(q, k, v, backend=name) for _ in range(3)]
     records = fallback_records(caplog)
     assert len(records) == 1
     message = records[0].getMessage()
@@ -95,9 +93,9 @@ def test_uninstalled_package_is_reported_with_an_install_hint(caplog):
     register_backend(AttentionBackend("needs_package", lambda q, k, v: q, devices=("cpu",),
                                       package="seedvr2_no_such_package", install_hint="pip install it"))
     q, k, v = qkv(1, 2, 16, 16, 32)
-    with caplog.at_level(logging.WARNING, logger=LOGGER), attention_backend("needs_package"):
-        out = attention(q, k, v)
-        attention(q, k, v)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        out = attention(q, k, v, backend="needs_package")
+        attention(q, k, v, backend="needs_package")
     assert len(fallback_records(caplog)) == 1
     assert "seedvr2_no_such_package is not installed (pip install it)" in caplog.records[0].getMessage()
     assert available_backends("cpu")["needs_package"] == "seedvr2_no_such_package is not installed (pip install it)"
@@ -113,9 +111,9 @@ def test_backend_failing_at_run_time_falls_back_and_is_remembered(caplog):
 
     register_backend(AttentionBackend("broken", broken_kernel, devices=("cpu",)))
     q, k, v = qkv(2, 2, 24, 24, 32)
-    with caplog.at_level(logging.WARNING, logger=LOGGER), attention_backend("broken"):
-        first = attention(q, k, v)
-        second = attention(q, k, v)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        first = attention(q, k, v, backend="broken")
+        second = attention(q, k, v, backend="broken")
         assert resolve_backend("broken", q) == "sdpa"
     assert len(calls) == 1, "the failing kernel must not be retried for the same inputs"
     records = fallback_records(caplog)
@@ -130,8 +128,8 @@ def test_out_of_memory_is_not_hidden_by_a_fallback():
 
     register_backend(AttentionBackend("hungry", out_of_memory, devices=("cpu",)))
     q, k, v = qkv(1, 1, 8, 8, 16)
-    with attention_backend("hungry"), pytest.raises(torch.cuda.OutOfMemoryError):
-        attention(q, k, v)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        attention(q, k, v, backend="hungry")
 
 
 def test_auto_on_cpu_is_the_plain_path(caplog):
@@ -149,8 +147,7 @@ def test_auto_on_cpu_is_the_plain_path(caplog):
 ])
 def test_attention_matches_float64_softmax(name, shape):
     q, k, v = qkv(*shape)
-    with attention_backend(name):
-        out = attention(q, k, v)
+    out = attention(q, k, v, backend=name)
     assert out.shape == (*shape[:3], shape[4])
     assert rel(out, reference_attention(q, k, v)) <= 1e-5
 
@@ -159,8 +156,7 @@ def test_attention_matches_float64_softmax(name, shape):
 def test_chunked_queries_are_exact_across_chunk_boundaries(monkeypatch, name):
     monkeypatch.setattr(matrix_ops, "CHUNK_SCORE_ELEMENTS", 2 * 1 * 50 * 7)  # 7 query rows per slice
     q, k, v = qkv(2, 1, 45, 50, 512)
-    with attention_backend(name):
-        out = attention(q, k, v)
+    out = attention(q, k, v, backend=name)
     assert rel(out, reference_attention(q, k, v)) <= 1e-5
 
 
@@ -170,8 +166,7 @@ def test_matmul_chunked_keeps_scores_in_float32_for_half_inputs():
     rounding of the inputs and outputs."""
     q, k, v = qkv(2, 1, 64, 80, 512)
     q, k, v = (q * 4).bfloat16(), (k * 4).bfloat16(), v.bfloat16()  # logits with a spread of ~±100
-    with attention_backend("matmul_chunked"):
-        out = attention(q, k, v)
+    out = attention(q, k, v, backend="matmul_chunked")
     assert out.dtype == torch.bfloat16
     reference = reference_attention(q, k, v)
     assert rel(out, reference) <= 1e-2
@@ -181,31 +176,14 @@ def test_matmul_chunked_keeps_scores_in_float32_for_half_inputs():
 
 def test_bfloat16_inputs_stay_within_the_half_precision_tier():
     q, k, v = qkv(2, 4, 64, 64, 128, dtype=torch.bfloat16)
-    with attention_backend("sdpa_flash"):
-        out = attention(q, k, v)
+    out = attention(q, k, v, backend="sdpa_flash")
     assert out.dtype == torch.bfloat16
     assert rel(out, reference_attention(q, k, v)) <= 1e-2
 
 
-def test_selection_is_scoped_and_nested():
-    assert current_backend() == "sdpa"
-    with attention_backend("sdpa_math"):
-        assert current_backend() == "sdpa_math"
-        with attention_backend("auto"):
-            assert current_backend() == "auto"
-        assert current_backend() == "sdpa_math"
-    assert current_backend() == "sdpa"
-
-
-def test_selection_is_restored_after_an_exception():
-    with pytest.raises(KeyError), attention_backend("sdpa_math"):
-        raise KeyError("boom")
-    assert current_backend() == "sdpa"
-
-
 def test_unknown_backend_name_is_a_clear_error():
-    with pytest.raises(UnknownAttentionBackendError, match="choose one of: auto, sdpa"), attention_backend("flash4"):
-        pass
+    with pytest.raises(UnknownAttentionBackendError, match="choose one of: auto, sdpa"):
+        attention(*qkv(1, 1, 4, 4, 8), backend="flash4")
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         resolve_backend("nope", torch.zeros(1, 1, 1, 8))
 
@@ -233,26 +211,30 @@ def test_verify_backend_measures_kernel_error():
         verify_backend("flash_attn_2", "cpu", torch.float16)
 
 
-def test_compiled_caller_follows_the_selected_backend():
-    """Under torch.compile the resolution runs at trace time (no graph break, even on a cold cache) and a
-    new selection recompiles."""
+def test_compiled_caller_follows_its_modules_backend():
+    """Under torch.compile the resolution runs at trace time (no graph break, even on a cold cache), and a
+    module whose ``attention_backend`` changes is recompiled (Dynamo guards on the attribute)."""
     graphs = []
 
     def counting_backend(graph_module, example_inputs):
         graphs.append([str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"])
         return graph_module.forward
 
-    def block(x):
-        q, k, v = (x * s for s in (1.0, 0.5, 2.0))
-        return attention(q, k, v) + 1
+    class Block(torch.nn.Module):
+        attention_backend = "sdpa"
+
+        def forward(self, x):
+            q, k, v = (x * s for s in (1.0, 0.5, 2.0))
+            return attention(q, k, v, backend=self.attention_backend) + 1
 
     prepare_for_compile()
+    block = Block()
     compiled = torch.compile(block, backend=counting_backend, fullgraph=True)
     q, _, _ = qkv(1, 2, 20, 20, 32)
     expected = reference_attention(q, q * 0.5, q * 2.0) + 1
     assert rel(compiled(q), expected) <= 1e-5
-    with attention_backend("sdpa_math"):
-        assert rel(compiled(q), expected) <= 1e-5
+    block.attention_backend = "sdpa_math"
+    assert rel(compiled(q), expected) <= 1e-5
     assert len(graphs) == 2
     assert "sdpa_kernel" not in " ".join(graphs[0]) and "sdpa_kernel" in " ".join(graphs[1])
 
@@ -267,13 +249,12 @@ def test_library_kernels_run_outside_the_compiled_graph():
     register_backend(AttentionBackend("library", library_kernel, devices=("cpu",)))
     prepare_for_compile()
     q, k, v = qkv(1, 2, 12, 12, 16)
-    with attention_backend("library"):
-        out = torch.compile(lambda a, b, c: attention(a, b, c) * 2, backend="eager")(q, k, v)
+    out = torch.compile(lambda a, b, c: attention(a, b, c, backend="library") * 2, backend="eager")(q, k, v)
     assert calls == [False], "a non-traceable kernel must run eagerly, as a graph break"
     assert rel(out, 2 * reference_attention(q, k, v)) <= 1e-5
 
 
-def test_a_backend_named_in_the_call_wins_over_the_selection():
+def test_a_backend_runs_only_for_the_calls_that_name_it():
     calls = []
 
     def recording_kernel(q, k, v):
@@ -282,9 +263,8 @@ def test_a_backend_named_in_the_call_wins_over_the_selection():
 
     register_backend(AttentionBackend("recording", recording_kernel, devices=("cpu",)))
     q, k, v = qkv(1, 2, 8, 8, 16)
-    with attention_backend("sdpa"):
-        out = attention(q, k, v, backend="recording")
-        attention(q, k, v)
+    out = attention(q, k, v, backend="recording")
+    attention(q, k, v)
     assert len(calls) == 1, "only the call that named the backend may run it"
     assert rel(out, reference_attention(q, k, v)) <= 1e-5
     with pytest.raises(UnknownAttentionBackendError):
@@ -302,7 +282,6 @@ def test_use_backend_sets_the_backend_of_every_attention_module_of_a_model():
     assert matrix_ops.use_backend(model, "sdpa_math") == config.num_layers
     assert {block.attn.attention_backend for block in model.blocks} == {"sdpa_math"}
     assert {block.attn.attention_backend for block in other.blocks} == {matrix_ops.PLAIN}
-    assert current_backend() == matrix_ops.PLAIN
     with pytest.raises(UnknownAttentionBackendError):
         matrix_ops.use_backend(model, "flash4")
     assert {block.attn.attention_backend for block in model.blocks} == {"sdpa_math"}

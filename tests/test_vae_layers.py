@@ -114,7 +114,7 @@ def test_mid_block_attention_calls_shared_attention(monkeypatch):
     attention = mid_block.MidBlockAttention(8, 4)
     x = torch.randn(2, 8, 3, 4, 5)
     out = attention(x)
-    assert shapes == [((6, 1, 20, 8), None)]  # the plain block: the process-wide backend
+    assert shapes == [((6, 1, 20, 8), "sdpa")]  # the plain block: the plain path
     # Independent check: softmax(q kᵀ/√C) v per frame over its H·W positions, plus the input.
     tokens = attention.group_norm(x).permute(0, 2, 3, 4, 1).reshape(6, 20, 8)
     q, k, v = attention.to_q(tokens), attention.to_k(tokens), attention.to_v(tokens)

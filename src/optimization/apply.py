@@ -1,13 +1,16 @@
-"""Route the nodes' optimization switches to the optimization package, per loaded model.
+"""The one place where the nodes' and the command line's switches reach the models.
 
-Called once per freshly loaded model.  With ``enable_optimizations`` off nothing but the explicit compile
-settings applies, and the plain reference path (eager PyTorch, SDPA attention) is what executes.
+:func:`optimize_model` runs once per freshly loaded model (the VAE's executor, compilation);
+:func:`configure_dit` at the start of every DiT phase (attention backend, fused kernels, the memory plan's
+token chunks: choices that can differ between runs of one cached model).  Quantization is applied while
+loading (``quantized_load``).  With ``enable_optimizations`` off the plain reference path (eager PyTorch,
+SDPA attention) is what executes.
 """
 from __future__ import annotations
 
 import logging
 
-from . import torch_compile, vae_optimizer
+from . import dit_chunking, dit_fused_modules, matrix_ops, torch_compile, vae_optimizer
 
 log = logging.getLogger("seedvr2")
 
@@ -15,8 +18,7 @@ log = logging.getLogger("seedvr2")
 def optimize_model(managed, spec) -> None:
     """Apply the VAE runtime and the compile settings to a freshly loaded DiT or VAE.
 
-    The DiT's attention backend and fused kernels are chosen per call by the pipeline, and its quantization
-    at load time, so neither needs anything here.
+    The DiT's per-run choices are :func:`configure_dit`'s.
     """
     lean_vae = managed.kind == "vae" and spec.enable_optimizations
     if lean_vae:
@@ -29,3 +31,15 @@ def optimize_model(managed, spec) -> None:
         log.info("SeedVR2: the optimized VAE path compiles its own kernels; the compile settings apply to the DiT.")
     else:
         torch_compile.compile_modules(managed.model, ("encoder", "decoder"), spec.compile)
+
+
+def configure_dit(model, spec, chunk_rows: int | None) -> None:
+    """This run's execution choices on the DiT's modules: the attention backend and the fused kernels (plain
+    SDPA and plain modules with ``enable_optimizations`` off) and the memory plan's exact token chunks."""
+    optimized = spec.enable_optimizations
+    matrix_ops.use_backend(model, spec.attention_mode if optimized else matrix_ops.PLAIN)
+    if optimized:
+        dit_fused_modules.attach_fused_kernels(model)
+    else:
+        dit_fused_modules.detach_fused_kernels(model)
+    dit_chunking.use_token_chunks(model, chunk_rows)

@@ -5,8 +5,8 @@ as ``(batch, heads, seq, head_dim)``.  The plain path is PyTorch's scaled-dot-pr
 backends plug in behind the same signature, so the model code never changes when a backend is added.
 
 A model's attention modules name their backend in an ``attention_backend`` attribute (set for a whole
-model by :func:`use_backend`) and pass it as ``backend=``; ``with attention_backend(name):`` sets the
-default of calls that pass none.  A request is resolved once per (name, device, dtype, head_dim): an
+model by :func:`use_backend`) and pass it as ``backend=``: there is no process-wide selection, so two
+models (or a model and a benchmark) never see each other's choice.  A request is resolved once per (name, device, dtype, head_dim): an
 availability probe (device type, compute capability, dtype, head_dim limit, the import, then any limits
 of the kernel itself) decides whether the backend can run those inputs, and the answer is remembered, so
 the hot path is one dictionary lookup.  A backend that is missing, or that raises at run time, falls back
@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 PLAIN = "sdpa"
 AUTO = "auto"
-# Every name attention_backend() accepts, in the order the node and the command line offer them: "auto" and
+# Every backend name attention() accepts, in the order the node and the command line offer them: "auto" and
 # the earlier node pack's names in its order (flash_attn = flash_attn_2, sageattn = sageattn_2, sageattn_3_fp4
 # = sageattn_3), then ours.  A literal, read without importing this module (src.options); each name other
 # than "auto" is registered below.
@@ -408,32 +407,10 @@ def _resolution(name: str, device: torch.device, dtype: torch.dtype, head_dim: i
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Selection:
-    # A plain process-wide object rather than a ContextVar: torch.compile cannot trace ContextVar.get,
-    # while it guards on this attribute and recompiles when the selection changes.  ComfyUI runs one
-    # prompt at a time, so one selection at a time is all the pipeline needs.
-    name: str = PLAIN
-
-
-_selected = _Selection()
-
-
 def _check_name(name: str) -> None:
     if name != AUTO and name not in _BACKENDS:
         raise UnknownAttentionBackendError(
             f"unknown attention backend {name!r}; choose one of: {', '.join(backend_names())}.")
-
-
-@contextmanager
-def attention_backend(name: str) -> Iterator[None]:
-    """Run the attention calls inside the block with backend ``name`` (restored on exit)."""
-    _check_name(name)
-    previous, _selected.name = _selected.name, name
-    try:
-        yield
-    finally:
-        _selected.name = previous
 
 
 def use_backend(model: torch.nn.Module, name: str) -> int:
@@ -444,11 +421,6 @@ def use_backend(model: torch.nn.Module, name: str) -> int:
     for module in modules:
         module.attention_backend = name
     return len(modules)
-
-
-def current_backend() -> str:
-    """The backend name requested for attention calls right now."""
-    return _selected.name
 
 
 def resolve_backend(name: str, q: torch.Tensor) -> str:
@@ -493,15 +465,13 @@ def prepare_for_compile() -> None:
         _compile_ready = True
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = PLAIN) -> torch.Tensor:
     """softmax(q kᵀ / √head_dim) v for ``(batch, heads, seq, head_dim)`` tensors, no mask, computed by the
-    backend named ``backend`` (None: the one selected by :func:`attention_backend`)."""
+    backend named ``backend`` (default: the plain path)."""
     if q.dim() != 4:
         raise ValueError(f"attention expects (batch, heads, seq, head_dim) tensors, got q of shape {tuple(q.shape)}.")
-    name = _selected.name if backend is None else backend
-    if backend is not None:
-        _check_name(name)
-    key = (name, q.device, q.dtype, q.shape[-1])
+    _check_name(backend)
+    key = (backend, q.device, q.dtype, q.shape[-1])
     chosen = _BACKENDS[_resolution(*key)]
     if chosen.name == PLAIN or (chosen.traceable and torch.compiler.is_compiling()):
         return chosen.run(q, k, v)

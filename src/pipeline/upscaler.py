@@ -27,7 +27,7 @@ import torch
 
 from ..distributed import clip_parallel
 from ..models.video_vae_v3.banded import BandPlan
-from ..optimization import dit_chunking, dit_fused_modules, matrix_ops, stable_memory, vae_optimizer
+from ..optimization import apply, stable_memory, vae_optimizer
 from ..optimization.switches import env_switch
 from . import memory_plan, timing
 from .batching import Batch, blend_overlap, pad_temporal, padded_length, plan_batches, prepend_mirrored
@@ -613,7 +613,7 @@ class _Runner:
         positive, negative = text_embeddings(dit.device, dit.dtype, getattr(dit.model, "file_conditioning", None),
                                              Path(str(dit.info.get("path", "the DiT file"))).name)
         model = dit.model
-        _configure_dit(model, self.dit_spec, None if self.memory is None else self.memory.dit_chunk_rows)
+        apply.configure_dit(model, self.dit_spec, None if self.memory is None else self.memory.dit_chunk_rows)
         if parallel.mode == "windows":
             from ..distributed.window_parallel import WindowParallelDiT
             model = WindowParallelDiT(model)
@@ -880,24 +880,10 @@ def _oom_advice(phase: str, spec) -> str:
     return f"Out of GPU memory during {phase}. Try to " + ", or ".join(hints) + ". Your workflow is unchanged."
 
 
-def _configure_dit(model: torch.nn.Module, spec: DiTSpec, chunk_rows: int | None) -> None:
-    """This run's execution choices on the DiT's modules: the attention backend and the fused kernels (plain
-    SDPA and plain modules with ``enable_optimizations`` off) and the memory plan's exact token chunks."""
-    optimized = spec.enable_optimizations
-    matrix_ops.use_backend(model, spec.attention_mode if optimized else matrix_ops.PLAIN)
-    if optimized:
-        dit_fused_modules.attach_fused_kernels(model)
-    else:
-        dit_fused_modules.detach_fused_kernels(model)
-    dit_chunking.use_token_chunks(model, chunk_rows)
-
-
 def _optimize(managed: ManagedModel, spec) -> None:
     """Apply the optimization package's switches to a freshly loaded model (once per model)."""
     if managed.info.get("optimized") or not (spec.enable_optimizations or spec.compile is not None):
         return
-    from ..optimization import apply
-
     with timing.span(f"optimize_{managed.kind}", sync=managed.device):
         apply.optimize_model(managed, spec)
     managed.info["optimized"] = True

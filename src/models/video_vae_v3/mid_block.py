@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...optimization.matrix_ops import attention
+from ...optimization.matrix_ops import PLAIN, attention
 from .frame_norm import FrameGroupNorm
 from .resnet import NORM_EPS, ResnetBlock3D
 from .temporal_slicing import CausalMemory
@@ -22,8 +22,8 @@ class MidBlockAttention(nn.Module):
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
-        # The attention entry point's backend name; None: the process-wide selection.
-        self.attention_backend: Optional[str] = None
+        # The attention entry point's backend name (the optimized VAE passes its own per call).
+        self.attention_backend: str = PLAIN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attend(x, self.group_norm(x))
