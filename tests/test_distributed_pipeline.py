@@ -43,7 +43,9 @@ def _ranks_upscale(rank: int, world: int, mode: str) -> dict:
 def single_process(tmp_path_factory) -> dict:
     # In a process of its own (a group of one: no parallelism), like the parallel runs: the optimized pipeline
     # imports Triton, which must not happen in the test process before the Triton interpreter tests choose
-    # their mode (tests/triton_interpreter.py).
+    # their mode (tests/triton_interpreter.py).  The golden files are looked up here first: a skip raised in
+    # a spawned process would reach the test as that process's failure.
+    golden_path("dit3b_weights.safetensors"), golden_path("vae_weights.safetensors")
     (result,) = run_ranks(1, tmp_path_factory.mktemp("single"), _ranks_upscale, "auto")
     return result
 
