@@ -211,7 +211,7 @@ def run_job(args, device, dit, vae, variant: str, iterations: int) -> dict:
     compile_settings = CompileSettings() if (variant == "compiled" or (optimized and args.compile)) else None
     swap = int(variant[4:]) if variant.startswith("swap") else 0
     if variant in ("fp8", "fp8all", "fp8all_offload"):  # a DiT quantized by an earlier variant has no Linear left
-        from src.optimization.fp4_quantization import quantize_linears
+        from src.optimization.linear_quantization import quantize_linears
 
         print(quantize_linears(dit, "fp8_e4m3fn", compute_dtype=compute_dtype(device), device=device).summary())
     dit_offload = "cpu" if variant in ("offload", "lowvram", "fp8all_offload") else args.dit_offload

@@ -78,8 +78,8 @@ def check_implemented(owner: str, names: tuple[str, ...], implemented) -> None:
 
 # Attention kernels and their aliases, "auto" first (optimization.matrix_ops registers a kernel for each).
 ATTENTION_MODES = declared("optimization.matrix_ops", "ATTENTION_MODES")
-# The DiT's quantization modes (optimization.fp4_quantization; "gguf": optimization.gguf).
-QUANTIZATION_MODES = declared("optimization.fp4_quantization", "QUANTIZATION_MODES")
+# The DiT's quantization modes (optimization.linear_quantization; "gguf": optimization.gguf).
+QUANTIZATION_MODES = declared("optimization.linear_quantization", "QUANTIZATION_MODES")
 # The VAE's quantization modes (optimization.vae_fp8).
 VAE_QUANTIZATIONS = declared("optimization.vae_fp8", "MODES")
 # Colour correction of the output against the input (pipeline.color_correction).

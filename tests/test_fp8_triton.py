@@ -17,8 +17,8 @@ import pytest
 import torch
 from triton_interpreter import DEVICE, choose_interpreter, kernel_module, run_in_fresh_interpreter
 
-from src.optimization import fp4_quantization, fused_kernels
-from src.optimization.fp4_quantization import FP8_MAX, quantize_fp8
+from src.optimization import linear_quantization, fused_kernels
+from src.optimization.linear_quantization import FP8_MAX, quantize_fp8
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -113,7 +113,7 @@ class _CudaLike:
 
 
 def test_the_quantizer_uses_the_kernel_only_where_it_applies(monkeypatch):
-    quantizer = fp4_quantization._RowQuantizer()
+    quantizer = linear_quantization._RowQuantizer()
     monkeypatch.setattr(fused_kernels, "triton_installed", lambda: True)
     monkeypatch.delenv(fused_kernels.TRITON_KERNELS_ENV, raising=False)
     assert quantizer._wanted(_CudaLike())
@@ -126,13 +126,13 @@ def test_the_quantizer_uses_the_kernel_only_where_it_applies(monkeypatch):
 
 
 def test_a_failing_kernel_falls_back_once_with_one_warning(monkeypatch, caplog):
-    quantizer = fp4_quantization._RowQuantizer()
+    quantizer = linear_quantization._RowQuantizer()
     monkeypatch.setattr(quantizer, "_wanted", lambda x: quantizer.failure is None)
 
     def broken(name, package=None):
         raise ImportError("No module named 'triton'\nsecond line")
 
-    monkeypatch.setattr(fp4_quantization.importlib, "import_module", broken)
+    monkeypatch.setattr(linear_quantization.importlib, "import_module", broken)
     x = torch.randn(6, 32)
     with caplog.at_level(logging.WARNING, logger="seedvr2"):
         results = [quantizer(x) for _ in range(3)]

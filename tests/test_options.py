@@ -10,12 +10,12 @@ import pytest
 
 from conftest import REPO_ROOT, import_pack
 from src import options
-from src.optimization import compile_settings, fp4_quantization, matrix_ops, vae_fp8
+from src.optimization import compile_settings, linear_quantization, matrix_ops, vae_fp8
 from src.pipeline import color_correction, tile_debug
 
 DECLARED = [
     (options.ATTENTION_MODES, matrix_ops.ATTENTION_MODES),
-    (options.QUANTIZATION_MODES, fp4_quantization.QUANTIZATION_MODES),
+    (options.QUANTIZATION_MODES, linear_quantization.QUANTIZATION_MODES),
     (options.VAE_QUANTIZATIONS, vae_fp8.MODES),
     (options.COLOR_CORRECTIONS, color_correction.METHODS),
     (options.TILE_DEBUG_MODES, tile_debug.TILE_DEBUG_MODES),

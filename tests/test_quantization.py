@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.optimization import fp4_quantization as fq
-from src.optimization.fp4_quantization import (
+from src.optimization import linear_quantization as fq
+from src.optimization.linear_quantization import (
     E2M1_VALUES,
     DeviceCapabilities,
     Fp8Matmul,
@@ -500,3 +500,10 @@ def test_documented_mlp_errors_hold():
 
     assert mlp_error(fp8_weight_only) == pytest.approx(3.8e-2, rel=0.05)
     assert mlp_error(nvfp4_weight_only) == pytest.approx(1.4e-1, rel=0.05)
+
+
+def test_the_seed_module_name_is_an_entry_point_to_the_same_layers():
+    from src.optimization import fp4_quantization, linear_quantization
+
+    for name in ("QUANTIZATION_MODES", "FP8Linear", "NVFP4Linear", "quantize_linears", "prepare_model_for_weights"):
+        assert getattr(fp4_quantization, name) is getattr(linear_quantization, name), name

@@ -8,8 +8,8 @@ import torch
 
 from conftest import golden_cases, golden_json, load_golden, rel_err
 from src.models.dit import NaDiT, NaDiTConfig
-from src.optimization import fp4_quantization as fq
-from src.optimization.fp4_quantization import FP8Linear, Fp8Matmul, NVFP4Linear, prepare_model_for_weights
+from src.optimization import linear_quantization as fq
+from src.optimization.linear_quantization import FP8Linear, Fp8Matmul, NVFP4Linear, prepare_model_for_weights
 
 CASE = "image"
 

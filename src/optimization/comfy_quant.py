@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import quant_formats as qf
-from . import fp4_quantization as fp4
+from . import linear_quantization as fp4
 from .switches import env_switch
 
 log = logging.getLogger("seedvr2")
@@ -128,7 +128,7 @@ class Int8Linear(nn.Module):
 
 # ------------------------------------------------------------------------------------------------- fp8
 class ScaledFP8Linear(fp4.FP8Linear):
-    """:class:`~.fp4_quantization.FP8Linear` loaded from a marked fp8 weight: the file's ``weight_scale``
+    """:class:`~.linear_quantization.FP8Linear` loaded from a marked fp8 weight: the file's ``weight_scale``
     (one value, or one per row) becomes the layer's per-row scale."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -147,7 +147,7 @@ class ScaledFP8Linear(fp4.FP8Linear):
 
 # ------------------------------------------------------------------------------------------------ nvfp4
 class ComfyNVFP4Linear(fp4.NVFP4Linear):
-    """:class:`~.fp4_quantization.NVFP4Linear` loaded from a ComfyUI nvfp4 weight without re-quantizing:
+    """:class:`~.linear_quantization.NVFP4Linear` loaded from a ComfyUI nvfp4 weight without re-quantizing:
     the nibbles are swapped into this pack's order (even element low) and the block scales untiled."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -6,11 +6,11 @@ width 2560-10240, it cost more than the FP8 GEMM saved, so the fp8 mode ran slow
 program loads a block of whole rows once, takes each row's absolute maximum, and writes the scaled, clamped,
 rounded values and the row's scale: one read of the activation, one write of half its size.
 
-Numerics: ``scale = max(amax, 1e-12) / 448`` in float32 as :func:`.fp4_quantization.quantize_fp8`; the values
+Numerics: ``scale = max(amax, 1e-12) / 448`` in float32 as :func:`.linear_quantization.quantize_fp8`; the values
 are ``x / scale`` computed in float32 and rounded once to e4m3 (the PyTorch path multiplies in the
 activation's own dtype first, a rounding this path skips).
 
-This module imports Triton; :mod:`.fp4_quantization` imports it only when it is about to use the kernel.
+This module imports Triton; :mod:`.linear_quantization` imports it only when it is about to use the kernel.
 """
 from __future__ import annotations
 

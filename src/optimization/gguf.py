@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp4_quantization import COMPUTE_DTYPES, QuantizationReport
+from .linear_quantization import COMPUTE_DTYPES, QuantizationReport
 
 # Reading and decoding GGUF files lives with the other checkpoint readers; these names stay importable here.
 from ..models.gguf_codecs import DEQUANTIZERS, PLAIN_TYPES, dequantize, packed_size  # noqa: E402

@@ -2,7 +2,7 @@
 ones before its weights are read (``models.load.load_dit``'s ``prepare_layers``).
 
 GGUF files get :class:`.gguf.GGUFLinear` layers, ComfyUI quantized files the layers of :mod:`.comfy_quant`,
-and float8 weights or a quantization mode the layers of :mod:`.fp4_quantization`.  Swapping on the meta
+and float8 weights or a quantization mode the layers of :mod:`.linear_quantization`.  Swapping on the meta
 model, before loading, means the full-precision weights never exist in memory.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def prepare_layers(model: torch.nn.Module, index: CheckpointIndex, dtype: torch.
                    quantization: str = "disabled"):
     """Swap Linear layers for quantized ones on the meta model before loading (GGUF files, fp8 weights,
     or a quantization mode); returns the rule saying which tensors must keep the file's dtype."""
-    from . import fp4_quantization
+    from . import linear_quantization
 
     if is_gguf(index.path):
         from . import gguf
@@ -45,7 +45,7 @@ def prepare_layers(model: torch.nn.Module, index: CheckpointIndex, dtype: torch.
         if quantization in ("disabled", "gguf") and not fp8_file:
             return lambda key, tensor: False
         mode = "disabled" if quantization == "gguf" else quantization
-        report = fp4_quantization.prepare_model_for_weights(
+        report = linear_quantization.prepare_model_for_weights(
             model, {k: v.dtype for k, v in index.tensors.items()}, mode, dtype, device=device
         )
     if report.layers:
