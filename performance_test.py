@@ -29,7 +29,7 @@ from src.benchmark.job import PrebuiltManager, dit_inputs, job_geometry, pattern
 from src.benchmark.random_weights import random_dit, random_vae
 from src.benchmark.results import device_name, write_json
 from src.benchmark.timer import cuda_time, event_time, peak_gb, reset_peak, sync
-from src.optimization import matrix_ops
+from src.optimization import attention_dispatch
 from src.options import VAE_QUANTIZATIONS
 from src.pipeline.model_manager import compute_dtype
 from src.progress import Progress
@@ -176,8 +176,8 @@ def section_attention(args, device, dit_config) -> dict:
         q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
         flops = 4 * shape[0] * shape[1] * shape[2] ** 2 * shape[3]
         reference = None
-        reference = matrix_ops.attention(q, k, v, backend=matrix_ops.PLAIN).float()
-        plain = cuda_time(lambda: matrix_ops.attention(q, k, v, backend=matrix_ops.PLAIN), device, repeat=5)
+        reference = attention_dispatch.attention(q, k, v, backend=attention_dispatch.PLAIN).float()
+        plain = cuda_time(lambda: attention_dispatch.attention(q, k, v, backend=attention_dispatch.PLAIN), device, repeat=5)
         rows = {"shape": list(shape), "plain_s": plain}
         if label == "dit_windows":
             # What the incumbent does: one SDPA call per window in a Python loop.
@@ -185,13 +185,13 @@ def section_attention(args, device, dit_config) -> dict:
                 for i in range(shape[0]):
                     torch.nn.functional.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1])
             rows["per_window_loop_s"] = cuda_time(per_window, device, repeat=3)
-        for name, reason in matrix_ops.available_backends(device, dtype, shape[-1]).items():
+        for name, reason in attention_dispatch.available_backends(device, dtype, shape[-1]).items():
             if reason is not None:
                 rows[name] = {"available": False, "reason": reason}
                 continue
             try:
-                out = matrix_ops.attention(q, k, v, backend=name).float()
-                seconds = cuda_time(lambda: matrix_ops.attention(q, k, v, backend=name), device, repeat=5)
+                out = attention_dispatch.attention(q, k, v, backend=name).float()
+                seconds = cuda_time(lambda: attention_dispatch.attention(q, k, v, backend=name), device, repeat=5)
             except Exception as exc:  # report and continue: the benchmark surveys every backend
                 rows[name] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"[:200]}
                 continue
@@ -478,7 +478,7 @@ def section_compile(args, device, dit) -> dict:
     dit_fused_modules.detach_fused_kernels(dit)
     dit_chunking.use_token_chunks(dit, None)
     previous = dit.blocks[0].attn.attention_backend   # later sections run the DiT with their own choice
-    matrix_ops.use_backend(dit, args.attention)
+    attention_dispatch.use_backend(dit, args.attention)
     eager = cuda_time(lambda: dit(*inputs), device, repeat=3)
     torch_compile.compile_repeated_blocks(dit, CompileSettings())
     sync(device)
@@ -488,7 +488,7 @@ def section_compile(args, device, dit) -> dict:
     first = time.perf_counter() - start
     compiled = cuda_time(lambda: dit(*inputs), device, repeat=3)
     torch_compile.uncompile(dit)
-    matrix_ops.use_backend(dit, previous)
+    attention_dispatch.use_backend(dit, previous)
     return {"eager_s": eager, "first_call_s": first, "compiled_s": compiled,
             "compile_overhead_s": first - compiled, "speedup": eager / compiled}
 
@@ -507,7 +507,7 @@ def section_precision(args, device) -> dict:
         dit16 = dit32.to(torch.bfloat16)
         del dit32
         reset_peak(device)
-        matrix_ops.use_backend(dit16, matrix_ops.PLAIN)
+        attention_dispatch.use_backend(dit16, attention_dispatch.PLAIN)
         seconds = cuda_time(lambda: dit16(*inputs), device, repeat=3)
         out = dit16(*inputs)
     result["dit"] = {"latent": list(geometry.latent), "rel_l2": ((out - ref).norm() / ref.norm()).item(),

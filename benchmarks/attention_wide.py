@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from src.benchmark.kernels import error_row, parse_args, run_shapes, time_call
-from src.optimization import matrix_ops
+from src.optimization import attention_dispatch
 from src.optimization.attention_triton import tuned_tiles, wide_attention
 
 SHAPES = {"1080p frame": (1, 1, 32640, 512), "4K image": (1, 1, 129600, 512)}
@@ -51,7 +51,7 @@ def rel_l2(result: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def matmul_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return matrix_ops.attention(q, k, v, backend="matmul_chunked")
+    return attention_dispatch.attention(q, k, v, backend="matmul_chunked")
 
 
 def sdpa_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def sdpa_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
         return F.scaled_dot_product_attention(q, k, v)
 
 
-# The Triton kernel is called directly, not through matrix_ops, whose fallback would hide a failure.
+# The Triton kernel is called directly, not through attention_dispatch, whose fallback would hide a failure.
 KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "triton_wide": wide_attention, "matmul_chunked": matmul_chunked, "sdpa_efficient": sdpa_efficient,
 }

@@ -28,7 +28,7 @@ from src.benchmark.random_weights import random_dit
 from src.benchmark.results import write_json
 from src.benchmark.timer import cuda_time
 from src.optimization.quantized_load import load_dit
-from src.optimization import comfy_quant, dit_fused_modules, matrix_ops
+from src.optimization import comfy_quant, dit_fused_modules, attention_dispatch
 from tools import comfy_quantize as tool
 
 ROWS = ("fp16", "fp8_e4m3fn", "fp8_e4m3fn+fp8mm", "int8_convrot", "int8_convrot+int8mm", "mxfp8", "nvfp4")
@@ -89,7 +89,7 @@ def _row(args, row, state, layers, emb, workdir, device, geometry, reference, re
     inputs = dit_inputs(geometry, dit.config, device)
     txt = dit.file_conditioning["positive"].to(device, torch.float32)
     call_args = (inputs[0], txt, inputs[2], torch.tensor([[txt.shape[0]]]), inputs[4])
-    matrix_ops.use_backend(dit, "auto")
+    attention_dispatch.use_backend(dit, "auto")
     dit_fused_modules.attach_fused_kernels(dit)
     with torch.no_grad():
         step_s = cuda_time(lambda: dit(*call_args), device, repeat=5)

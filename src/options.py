@@ -76,8 +76,8 @@ def check_implemented(owner: str, names: tuple[str, ...], implemented) -> None:
         )
 
 
-# Attention kernels and their aliases, "auto" first (optimization.matrix_ops registers a kernel for each).
-ATTENTION_MODES = declared("optimization.matrix_ops", "ATTENTION_MODES")
+# Attention kernels and their aliases, "auto" first (optimization.attention_dispatch registers a kernel for each).
+ATTENTION_MODES = declared("optimization.attention_dispatch", "ATTENTION_MODES")
 # The DiT's quantization modes (optimization.linear_quantization; "gguf": optimization.gguf).
 QUANTIZATION_MODES = declared("optimization.linear_quantization", "QUANTIZATION_MODES")
 # The VAE's quantization modes (optimization.vae_fp8).

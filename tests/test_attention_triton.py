@@ -23,7 +23,7 @@ from conftest import rel_err
 from triton_interpreter import (DEVICE, choose_interpreter, compute_as_the_gpu, kernel_module,
                                 run_in_fresh_interpreter, skip_unless_kernels_run_here)
 
-from src.optimization import matrix_ops
+from src.optimization import attention_dispatch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -69,7 +69,7 @@ def _float32_reference(q, k, v) -> torch.Tensor:
 
 
 def _matmul_chunked_error(q, k, v, reference) -> float:
-    return rel_err(matrix_ops.attention(q, k, v, backend="matmul_chunked"), reference)
+    return rel_err(attention_dispatch.attention(q, k, v, backend="matmul_chunked"), reference)
 
 
 # (batch, heads, q_len, k_len, head_dim) and tiles (block_m, block_n, slice, warps, stages)
@@ -222,7 +222,7 @@ def test_unsupported_reason_names_the_limit(wide, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The triton_wide backend in matrix_ops, on a mocked CUDA device (no Triton or GPU needed)
+# The triton_wide backend in attention_dispatch, on a mocked CUDA device (no Triton or GPU needed)
 # ---------------------------------------------------------------------------------------------------
 
 GPU = torch.device("cuda", 0)
@@ -232,33 +232,33 @@ GPU = torch.device("cuda", 0)
 def mocked_gpu(monkeypatch):
     """A Hopper GPU as far as backend resolution can tell; returns a setter for whether Triton imports and
     what its kernel module reports."""
-    monkeypatch.setattr(matrix_ops, "_BACKENDS", dict(matrix_ops._BACKENDS))
+    monkeypatch.setattr(attention_dispatch, "_BACKENDS", dict(attention_dispatch._BACKENDS))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    matrix_ops.clear_backend_cache()
+    attention_dispatch.clear_backend_cache()
 
     def set_triton(installed: bool, unsupported: str | None = None, kernel=None):
         # sys.modules entries decide what importing gives: None makes the import fail as if not installed.
         monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton") if installed else None)
         fake = types.SimpleNamespace(unsupported_reason=lambda device, head_dim: unsupported, wide_attention=kernel)
-        monkeypatch.setattr(matrix_ops, "_load_attention_triton", lambda: fake)
-        matrix_ops.clear_backend_cache()
+        monkeypatch.setattr(attention_dispatch, "_load_attention_triton", lambda: fake)
+        attention_dispatch.clear_backend_cache()
 
     yield set_triton
-    matrix_ops.clear_backend_cache()
+    attention_dispatch.clear_backend_cache()
 
 
 def _resolved(name: str, head_dim: int = 512, dtype=torch.bfloat16) -> str:
     like_q = types.SimpleNamespace(device=GPU, dtype=dtype, shape=(1, 1, 32640, head_dim))
-    return matrix_ops.resolve_backend(name, like_q)
+    return attention_dispatch.resolve_backend(name, like_q)
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == matrix_ops.__name__ and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == attention_dispatch.__name__ and r.levelno >= logging.WARNING]
 
 
 def test_auto_picks_the_triton_kernel_for_wide_half_heads_when_triton_imports(mocked_gpu, caplog):
     mocked_gpu(installed=True)
-    with caplog.at_level(logging.WARNING, logger=matrix_ops.__name__):
+    with caplog.at_level(logging.WARNING, logger=attention_dispatch.__name__):
         assert _resolved("auto") == "triton_wide"
         assert _resolved("auto", dtype=torch.float16) == "triton_wide"
         assert _resolved("auto", dtype=torch.float32) == "sdpa_efficient"  # the kernel takes half inputs only
@@ -268,7 +268,7 @@ def test_auto_picks_the_triton_kernel_for_wide_half_heads_when_triton_imports(mo
 
 def test_auto_keeps_matmul_chunked_without_triton(mocked_gpu, caplog):
     mocked_gpu(installed=False)
-    with caplog.at_level(logging.WARNING, logger=matrix_ops.__name__):
+    with caplog.at_level(logging.WARNING, logger=attention_dispatch.__name__):
         assert _resolved("auto") == "matmul_chunked"
         assert _warnings(caplog) == []  # auto's choice is silent
         assert _resolved("triton_wide") == "matmul_chunked"
@@ -278,10 +278,10 @@ def test_auto_keeps_matmul_chunked_without_triton(mocked_gpu, caplog):
 
 def test_auto_keeps_matmul_chunked_where_the_kernel_does_not_fit(mocked_gpu, caplog):
     mocked_gpu(installed=True, unsupported="needs 160 KiB of shared memory per block")
-    with caplog.at_level(logging.WARNING, logger=matrix_ops.__name__):
+    with caplog.at_level(logging.WARNING, logger=attention_dispatch.__name__):
         assert _resolved("auto") == "matmul_chunked"
         assert _warnings(caplog) == []
-    reasons = matrix_ops.available_backends(GPU, torch.bfloat16, 512)
+    reasons = attention_dispatch.available_backends(GPU, torch.bfloat16, 512)
     assert reasons["triton_wide"] == "needs 160 KiB of shared memory per block"
     assert reasons["matmul_chunked"] is None
 
@@ -292,19 +292,19 @@ def test_a_kernel_that_cannot_be_set_up_leaves_matmul_chunked(mocked_gpu, monkey
     def cannot_load():
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
-    monkeypatch.setattr(matrix_ops, "_load_attention_triton", cannot_load)
+    monkeypatch.setattr(attention_dispatch, "_load_attention_triton", cannot_load)
     assert _resolved("auto") == "matmul_chunked"
-    assert matrix_ops.available_backends(GPU, torch.bfloat16, 512)["triton_wide"] == (
+    assert attention_dispatch.available_backends(GPU, torch.bfloat16, 512)["triton_wide"] == (
         "its Triton kernel cannot be set up (RuntimeError: Failed to find C compiler. Please specify via CC "
         "environment variable.)")
 
 
 def test_too_wide_heads_and_old_gpus_do_not_get_the_kernel(mocked_gpu, monkeypatch):
     mocked_gpu(installed=True)
-    assert matrix_ops.available_backends(GPU, torch.bfloat16, 576)["triton_wide"] == \
+    assert attention_dispatch.available_backends(GPU, torch.bfloat16, 576)["triton_wide"] == \
         "supports head_dim up to 512, got 576"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    matrix_ops.clear_backend_cache()
+    attention_dispatch.clear_backend_cache()
     assert _resolved("auto") == "matmul_chunked"
 
 
@@ -319,14 +319,14 @@ def test_a_failing_kernel_falls_back_to_matmul_chunked_once(mocked_gpu, caplog):
     q, k, v = _qkv(1, 1, 24, 30, 512)
     key = ("auto", GPU, q.dtype, 512)
     assert _resolved("auto") == "triton_wide"
-    with caplog.at_level(logging.WARNING, logger=matrix_ops.__name__):
-        out = matrix_ops._run_with_fallback(matrix_ops._BACKENDS["triton_wide"], key, q, k, v)
+    with caplog.at_level(logging.WARNING, logger=attention_dispatch.__name__):
+        out = attention_dispatch._run_with_fallback(attention_dispatch._BACKENDS["triton_wide"], key, q, k, v)
         assert _resolved("auto") == "matmul_chunked"  # remembered: the kernel is not tried again
     assert len(calls) == 1
     (message,) = _warnings(caplog)
     assert "'triton_wide'" in message and "RuntimeError: PTX assembly failed" in message
     assert "second line" not in message and "using 'matmul_chunked'" in message
-    assert torch.equal(out, matrix_ops._matmul_query_chunks(q, k, v))
+    assert torch.equal(out, attention_dispatch._matmul_query_chunks(q, k, v))
 
 
 def test_kernels_in_a_fresh_interpreter():

@@ -2,7 +2,7 @@
 
 ``src/models/`` holds the reference networks; every speed or memory trick lives in ``src/optimization/`` and
 reaches the models from outside (e.g. ``optimize_vae`` attaching an executor).  The one import allowed from
-``optimization`` is the attention entry point (``matrix_ops.attention`` and its backend names), which the
+``optimization`` is the attention entry point (``attention_dispatch.attention`` and its backend names), which the
 models call.  Checked on the source with ``ast``, so imports under ``TYPE_CHECKING`` or inside functions
 count too.  Scope: every file under ``src/models/``; the video VAE's files also never name a ``runtime``.
 """
@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "src" / "models"
 VAE_PACKAGE = MODELS / "video_vae_v3"
-ALLOWED = {"src.optimization.matrix_ops": {"attention", "AUTO", "PLAIN"}}
+ALLOWED = {"src.optimization.attention_dispatch": {"attention", "AUTO", "PLAIN"}}
 
 
 def _module_name(path: Path) -> str:
@@ -78,7 +78,7 @@ def test_the_checker_sees_relative_and_type_checking_imports(monkeypatch):
     fake = ROOT / "src" / "models" / "video_vae_v3" / "_layering_probe.py"
     source = (
         "from typing import TYPE_CHECKING\n"
-        "from ...optimization.matrix_ops import AUTO, attention\n"
+        "from ...optimization.attention_dispatch import AUTO, attention\n"
         "if TYPE_CHECKING:\n"
         "    from ...optimization.vae_optimizer import VAERuntime\n"
         "def f():\n"

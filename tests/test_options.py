@@ -10,11 +10,11 @@ import pytest
 
 from conftest import REPO_ROOT, import_pack
 from src import options
-from src.optimization import compile_settings, linear_quantization, matrix_ops, vae_fp8
+from src.optimization import compile_settings, linear_quantization, attention_dispatch, vae_fp8
 from src.pipeline import color_correction, tile_debug
 
 DECLARED = [
-    (options.ATTENTION_MODES, matrix_ops.ATTENTION_MODES),
+    (options.ATTENTION_MODES, attention_dispatch.ATTENTION_MODES),
     (options.QUANTIZATION_MODES, linear_quantization.QUANTIZATION_MODES),
     (options.VAE_QUANTIZATIONS, vae_fp8.MODES),
     (options.COLOR_CORRECTIONS, color_correction.METHODS),
@@ -41,8 +41,8 @@ def test_every_attention_name_selects_a_registered_backend():
     import torch
 
     for name in options.ATTENTION_MODES:
-        matrix_ops.resolve_backend(name, torch.zeros(1, 1, 1, 8))  # raises for a name nothing registered
-    assert set(matrix_ops.available_backends("cpu")) == set(options.ATTENTION_MODES)
+        attention_dispatch.resolve_backend(name, torch.zeros(1, 1, 1, 8))  # raises for a name nothing registered
+    assert set(attention_dispatch.available_backends("cpu")) == set(options.ATTENTION_MODES)
 
 
 def test_every_colour_correction_runs():

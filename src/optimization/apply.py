@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from . import dit_chunking, dit_fused_modules, matrix_ops, torch_compile, vae_optimizer
+from . import dit_chunking, dit_fused_modules, attention_dispatch, torch_compile, vae_optimizer
 
 log = logging.getLogger("seedvr2")
 
@@ -37,7 +37,7 @@ def configure_dit(model, spec, chunk_rows: int | None) -> None:
     """This run's execution choices on the DiT's modules: the attention backend and the fused kernels (plain
     SDPA and plain modules with ``enable_optimizations`` off) and the memory plan's exact token chunks."""
     optimized = spec.enable_optimizations
-    matrix_ops.use_backend(model, spec.attention_mode if optimized else matrix_ops.PLAIN)
+    attention_dispatch.use_backend(model, spec.attention_mode if optimized else attention_dispatch.PLAIN)
     if optimized:
         dit_fused_modules.attach_fused_kernels(model)
     else:

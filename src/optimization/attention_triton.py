@@ -5,7 +5,7 @@ per block of queries it walks the keys with an online softmax in float32, and sp
 column slices that each recompute the scores, because a 512-wide float32 accumulator does not fit registers.
 Numerics are flash attention's (float32 statistics and accumulation, rounded once); launch configurations are
 autotuned per (head_dim, dtype).  CPU tensors run under Triton's interpreter (``TRITON_INTERPRET=1``, for
-tests) with explicit ``tiles``.  This module imports Triton; ``matrix_ops`` imports it only when the
+tests) with explicit ``tiles``.  This module imports Triton; ``attention_dispatch`` imports it only when the
 ``triton_wide`` backend runs.  Design notes: docs/performance.md.
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..models.dit import graph_breaks
-from . import matrix_ops
+from . import attention_dispatch
 from .compile_settings import CompileSettings
 from .switches import env_switch
 
@@ -130,7 +130,7 @@ def _prepare(settings: CompileSettings | None) -> dict[str, Any] | None:
         logger.info("torch.compile is disabled by %s=%s", ENABLE_COMPILE_ENV, os.environ[ENABLE_COMPILE_ENV])
         return None
     settings = settings or CompileSettings()
-    matrix_ops.prepare_for_compile()
+    attention_dispatch.prepare_for_compile()
     graph_breaks.apply()
     configure_compile_cache()
     _raise_dynamo_limits(settings)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import vae_fp8, vae_upsample
-from .matrix_ops import AUTO
+from .attention_dispatch import AUTO
 from .switches import env_switch
 from .vae_executor import VAEExecutor
 
@@ -318,7 +318,7 @@ class VAERuntime:
     # compute dtype.
     fp8: Optional[vae_fp8.Fp8Convolutions] = None
     # The mid-block attention's backend: "auto" picks, on CUDA, the Triton flash-attention kernel for the
-    # 512-wide head, which SDPA's fused kernels do not take (see matrix_ops).
+    # 512-wide head, which SDPA's fused kernels do not take (see attention_dispatch).
     attention_backend: str = AUTO
 
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...optimization.matrix_ops import PLAIN, attention
+from ...optimization.attention_dispatch import PLAIN, attention
 from . import graph_breaks
 from .config import NaDiTConfig
 from .normalization import RMSNorm
@@ -31,7 +31,7 @@ class JointWindowAttention(nn.Module):
         self.norm_q = StreamPair(lambda: RMSNorm(config.head_dim, config.norm_eps), shared)
         self.norm_k = StreamPair(lambda: RMSNorm(config.head_dim, config.norm_eps), shared)
         self.rope = WindowRope(config)
-        # Name of the matrix_ops kernel that computes the attention (any of them gives softmax(q kᵀ/√d) v).
+        # Name of the attention_dispatch kernel that computes the attention (any of them gives softmax(q kᵀ/√d) v).
         self.attention_backend = PLAIN
 
     def _qkv(self, vid: torch.Tensor, txt: torch.Tensor, plan: WindowPlan) -> tuple[torch.Tensor, ...]:

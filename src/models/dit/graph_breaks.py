@@ -2,7 +2,7 @@
 
 ``torch.compiler.disable`` imports ``torch._dynamo`` (and Triton with it), which costs every user seconds
 of start-up whether or not anything is compiled.  ``@eager`` marks a method instead; :func:`apply`, called by
-the compile manager before it compiles anything (next to ``matrix_ops.prepare_for_compile``), replaces each
+the compile manager before it compiles anything (next to ``attention_dispatch.prepare_for_compile``), replaces each
 marked method by its ``torch.compiler.disable``'d version.  Uncompiled, a marked method is the plain function.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...optimization.matrix_ops import PLAIN, attention
+from ...optimization.attention_dispatch import PLAIN, attention
 from .frame_norm import FrameGroupNorm
 from .resnet import NORM_EPS, ResnetBlock3D
 from .temporal_slicing import CausalMemory

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from src.optimization import matrix_ops
-from src.optimization.matrix_ops import (
+from src.optimization import attention_dispatch
+from src.optimization.attention_dispatch import (
     AttentionBackend,
     AttentionBackendUnavailableError,
     UnknownAttentionBackendError,
@@ -21,17 +21,17 @@ from src.optimization.matrix_ops import (
     verify_backend,
 )
 
-LOGGER = matrix_ops.__name__
+LOGGER = attention_dispatch.__name__
 CPU_BACKENDS = ("sdpa", "sdpa_flash", "sdpa_math", "sdpa_chunked", "matmul_chunked", "auto")
 
 
 @pytest.fixture(autouse=True)
 def _fresh_registry(monkeypatch):
     """Every test starts with no remembered resolutions and leaves the registry as it found it."""
-    monkeypatch.setattr(matrix_ops, "_BACKENDS", dict(matrix_ops._BACKENDS))
-    matrix_ops.clear_backend_cache()
+    monkeypatch.setattr(attention_dispatch, "_BACKENDS", dict(attention_dispatch._BACKENDS))
+    attention_dispatch.clear_backend_cache()
     yield
-    matrix_ops.clear_backend_cache()
+    attention_dispatch.clear_backend_cache()
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def test_the_torch_free_list_of_modes_is_exactly_what_is_registered():
     """The CLI offers options.ATTENTION_MODES (read without importing torch); it must match the registry."""
     from src import options
 
-    assert backend_names() == options.ATTENTION_MODES == matrix_ops.ATTENTION_MODES
+    assert backend_names() == options.ATTENTION_MODES == attention_dispatch.ATTENTION_MODES
 
 
 def test_every_backend_name_resolves_on_cpu():
@@ -154,7 +154,7 @@ def test_attention_matches_float64_softmax(name, shape):
 
 @pytest.mark.parametrize("name", ["sdpa_chunked", "matmul_chunked"])
 def test_chunked_queries_are_exact_across_chunk_boundaries(monkeypatch, name):
-    monkeypatch.setattr(matrix_ops, "CHUNK_SCORE_ELEMENTS", 2 * 1 * 50 * 7)  # 7 query rows per slice
+    monkeypatch.setattr(attention_dispatch, "CHUNK_SCORE_ELEMENTS", 2 * 1 * 50 * 7)  # 7 query rows per slice
     q, k, v = qkv(2, 1, 45, 50, 512)
     out = attention(q, k, v, backend=name)
     assert rel(out, reference_attention(q, k, v)) <= 1e-5
@@ -278,10 +278,17 @@ def test_use_backend_sets_the_backend_of_every_attention_module_of_a_model():
 
     config = NaDiTConfig.from_kwargs(golden_json("dit3b_config.json")["kwargs"])
     model, other = NaDiT(config), NaDiT(config)
-    assert {block.attn.attention_backend for block in model.blocks} == {matrix_ops.PLAIN}
-    assert matrix_ops.use_backend(model, "sdpa_math") == config.num_layers
+    assert {block.attn.attention_backend for block in model.blocks} == {attention_dispatch.PLAIN}
+    assert attention_dispatch.use_backend(model, "sdpa_math") == config.num_layers
     assert {block.attn.attention_backend for block in model.blocks} == {"sdpa_math"}
-    assert {block.attn.attention_backend for block in other.blocks} == {matrix_ops.PLAIN}
+    assert {block.attn.attention_backend for block in other.blocks} == {attention_dispatch.PLAIN}
     with pytest.raises(UnknownAttentionBackendError):
-        matrix_ops.use_backend(model, "flash4")
+        attention_dispatch.use_backend(model, "flash4")
     assert {block.attn.attention_backend for block in model.blocks} == {"sdpa_math"}
+
+
+def test_the_seed_module_name_is_an_entry_point_to_the_same_dispatcher():
+    from src.optimization import matrix_ops as seed_name
+
+    for name in ("attention", "use_backend", "register_backend", "resolve_backend", "ATTENTION_MODES", "PLAIN", "AUTO"):
+        assert getattr(seed_name, name) is getattr(attention_dispatch, name), name
