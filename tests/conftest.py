@@ -97,6 +97,26 @@ def single_thread():
 
 
 @pytest.fixture(scope="module")
+def specs():
+    """The golden 3B DiT and VAE on the CPU, cached by the module's :func:`manager`."""
+    from src.pipeline.settings import DiTSpec, VAESpec
+
+    dit = DiTSpec(model=str(golden_path("dit3b_weights.safetensors")), device="cpu", cache_model=True)
+    vae = VAESpec(model=str(golden_path("vae_weights.safetensors")), device="cpu", cache_model=True)
+    return dit, vae
+
+
+@pytest.fixture(scope="module")
+def manager():
+    """One model manager per test module (models loaded once), cleared at the module's end."""
+    from src.pipeline.model_manager import ModelManager
+
+    manager = ModelManager()
+    yield manager
+    manager.clear()
+
+
+@pytest.fixture(scope="module")
 def tiny_vae():
     """The golden tiny VAE, built from its released kwargs and loaded strictly."""
     from src.models.video_vae_v3 import VAEConfig, VideoAutoencoder

@@ -14,20 +14,6 @@ from src.pipeline.upscaler import upscale, upscale_stream
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def specs():
-    dit = DiTSpec(model=str(golden_path("dit3b_weights.safetensors")), device="cpu", cache_model=True)
-    vae = VAESpec(model=str(golden_path("vae_weights.safetensors")), device="cpu", cache_model=True)
-    return dit, vae
-
-
-@pytest.fixture(scope="module")
-def manager():
-    manager = ModelManager()
-    yield manager
-    manager.clear()
-
-
 def _clip(frames, channels=3, height=16, width=16):
     """Frames that differ from each other (a moving gradient), so a misplaced frame or blend shows."""
     generator = torch.Generator().manual_seed(frames)

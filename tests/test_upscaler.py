@@ -10,20 +10,6 @@ from src.pipeline.settings import DiTSpec, SettingsError, UpscaleSettings, VAESp
 from src.pipeline.upscaler import UpscaleError, upscale, upscale_stream
 
 
-@pytest.fixture(scope="module")
-def specs():
-    dit = DiTSpec(model=str(golden_path("dit3b_weights.safetensors")), device="cpu", cache_model=True)
-    vae = VAESpec(model=str(golden_path("vae_weights.safetensors")), device="cpu", cache_model=True)
-    return dit, vae
-
-
-@pytest.fixture(scope="module")
-def manager():
-    manager = ModelManager()
-    yield manager
-    manager.clear()
-
-
 def _clip(frames, height=24, width=40, channels=3, seed=0):
     generator = torch.Generator().manual_seed(seed)
     base = torch.rand(1, height // 4, width // 4, channels, generator=generator)

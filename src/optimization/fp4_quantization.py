@@ -3,4 +3,3 @@ imports it; the implementation is :mod:`.linear_quantization`."""
 from __future__ import annotations
 
 from .linear_quantization import *  # noqa: F401,F403  (the public names)
-from .linear_quantization import QUANTIZATION_MODES  # noqa: F401  (listed for readers of this entry point)

@@ -3,4 +3,3 @@ imports it; the implementation is :mod:`.attention_dispatch`."""
 from __future__ import annotations
 
 from .attention_dispatch import *  # noqa: F401,F403  (the public names)
-from .attention_dispatch import ATTENTION_MODES, AUTO, PLAIN  # noqa: F401  (listed for readers of this entry point)

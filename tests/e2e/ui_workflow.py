@@ -172,18 +172,17 @@ def video_upscale_workflow(node_classes: dict, video: str, dit_values: list, vae
 
 def _widget_slots(node_class) -> list:
     """The default value of every widgets_values slot the web UI gives one of our nodes, in order: one per
-    widget input, plus the seed's "control after generate" slot right after it."""
-    slots = []
+    widget input (as :func:`pack_node_layout` lays them out), plus the seed's "control after generate" slot
+    right after it."""
     spec = node_class.INPUT_TYPES()
-    for section in ("required", "optional"):
-        for name, (kind, *rest) in spec.get(section, {}).items():
-            options = rest[0] if rest else {}
-            if isinstance(kind, list):
-                slots.append(options.get("default", kind[0] if kind else None))
-            elif kind in WIDGET_TYPES and not options.get("forceInput"):
-                slots.append(options.get("default"))
-                if kind == "INT" and options.get("control_after_generate", name in ("seed", "noise_seed")):
-                    slots.append("fixed")
+    declared = {**spec.get("required", {}), **spec.get("optional", {})}
+    slots = []
+    for name, kind in pack_node_layout(node_class)[1]:
+        choices, *rest = declared[name]
+        options = rest[0] if rest else {}
+        slots.append(options.get("default", choices[0] if kind == "COMBO" and choices else None))
+        if kind == "INT" and options.get("control_after_generate", name in ("seed", "noise_seed")):
+            slots.append("fixed")
     return slots
 
 
